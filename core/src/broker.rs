@@ -1,0 +1,203 @@
+//! The broker traits: what jetq needs from a message system and a record store.
+//!
+//! `jetq-nats` implements them on NATS JetStream; [`crate::memory::MemoryBroker`]
+//! implements them in memory for unit tests. Everything here traffics in
+//! bytes: the JSON encoding of requests and records is core's business, so
+//! every broker speaks the same wire format.
+//!
+//! The traits are object-safe (futures are boxed) so workers and clients hold
+//! an `Arc<dyn Broker>` and users never see a generic parameter for it.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_core::Stream;
+
+use crate::error::Result;
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// A boxed, sendable stream.
+pub type BoxStream<'a, T> = Pin<Box<dyn Stream<Item = T> + Send + 'a>>;
+
+/// A request on its way to the broker.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct OutgoingRequest {
+    /// Request id; the broker uses it for deduplication (`Nats-Msg-Id`).
+    pub id: String,
+    /// Queue (validated).
+    pub queue: String,
+    /// Task name (validated).
+    pub task: String,
+    /// The encoded request envelope.
+    pub payload: Bytes,
+    /// Headers to send along (trace context and the like).
+    pub headers: Vec<(String, String)>,
+}
+
+impl OutgoingRequest {
+    /// A request to publish.
+    pub fn new(
+        id: impl Into<String>,
+        queue: impl Into<String>,
+        task: impl Into<String>,
+        payload: Bytes,
+    ) -> Self {
+        OutgoingRequest {
+            id: id.into(),
+            queue: queue.into(),
+            task: task.into(),
+            payload,
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// What the broker said about a stored request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishAck {
+    /// Position of the request in the broker's stream.
+    pub sequence: u64,
+    /// Whether the broker dropped it as a duplicate of a request with the same id.
+    pub duplicate: bool,
+}
+
+impl PublishAck {
+    /// A publish acknowledgement.
+    pub fn new(sequence: u64, duplicate: bool) -> Self {
+        PublishAck {
+            sequence,
+            duplicate,
+        }
+    }
+}
+
+/// A stored record: its bytes and the revision to pass to an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordEntry {
+    /// The encoded record.
+    pub value: Bytes,
+    /// Revision for optimistic concurrency.
+    pub revision: u64,
+}
+
+impl RecordEntry {
+    /// A record entry.
+    pub fn new(value: Bytes, revision: u64) -> Self {
+        RecordEntry { value, revision }
+    }
+}
+
+/// How a worker consumes a queue.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConsumeOptions {
+    /// Name of the worker, for the broker's bookkeeping.
+    pub worker: String,
+    /// Time a delivery may go unacknowledged before the broker redelivers it.
+    pub ack_wait: Duration,
+    /// Upper bound on deliveries of one message the broker should attempt.
+    pub max_deliver: Option<i64>,
+}
+
+impl ConsumeOptions {
+    /// Options with a worker name and the default ack wait (30 s).
+    pub fn new(worker: impl Into<String>) -> Self {
+        ConsumeOptions {
+            worker: worker.into(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: None,
+        }
+    }
+
+    /// Set the ack wait.
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
+    }
+}
+
+/// Facts about one delivery of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeliveryInfo {
+    /// Position of the message in the stream (the same on every redelivery).
+    pub sequence: u64,
+    /// How many times the broker has delivered it, this time included (1-based).
+    pub delivered: u64,
+}
+
+impl DeliveryInfo {
+    /// Delivery facts.
+    pub fn new(sequence: u64, delivered: u64) -> Self {
+        DeliveryInfo {
+            sequence,
+            delivered,
+        }
+    }
+}
+
+/// One delivered request, to be acknowledged exactly once.
+pub trait Delivery: Send + Sync + Debug {
+    /// The encoded request envelope.
+    fn payload(&self) -> &[u8];
+    /// Sequence and delivery count.
+    fn info(&self) -> DeliveryInfo;
+    /// Done: remove it from the queue.
+    fn ack(&self) -> BoxFuture<'_, Result<()>>;
+    /// Not done: deliver it again, after `delay` if given.
+    fn nak(&self, delay: Option<Duration>) -> BoxFuture<'_, Result<()>>;
+    /// Still working: reset the ack wait.
+    fn in_progress(&self) -> BoxFuture<'_, Result<()>>;
+    /// Never deliver it again; `reason` is for the broker's logs and advisories.
+    fn term(&self, reason: &str) -> BoxFuture<'_, Result<()>>;
+}
+
+/// A worker's subscription to one queue.
+pub trait Consumer: Send + Debug {
+    /// Pull up to `max` deliveries. The stream yields them as they arrive and
+    /// ends when `max` were yielded or `expires` has passed.
+    fn pull(
+        &mut self,
+        max: usize,
+        expires: Duration,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<Box<dyn Delivery>>>>>;
+}
+
+/// The message system and record store behind jetq.
+pub trait Broker: Send + Sync + Debug + 'static {
+    /// Create whatever the queue needs (stream subjects, consumer), idempotently.
+    fn ensure_queue(&self, queue: &str) -> BoxFuture<'_, Result<()>>;
+
+    /// Store a request durably; return only once it is stored.
+    fn publish(&self, request: OutgoingRequest) -> BoxFuture<'_, Result<PublishAck>>;
+
+    /// Start consuming a queue.
+    fn consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> BoxFuture<'_, Result<Box<dyn Consumer>>>;
+
+    /// Read a record.
+    fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>>;
+
+    /// Create a record if none exists; fails with
+    /// [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists) otherwise.
+    fn create_record(&self, id: &str, value: Bytes) -> BoxFuture<'_, Result<u64>>;
+
+    /// Replace a record if its revision is still `revision`; fails with
+    /// [`ErrorKind::Conflict`](crate::ErrorKind::Conflict) otherwise.
+    fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>>;
+
+    /// Watch a record: the stream yields the current entry (if any) and then
+    /// every later one. Implementations must not miss an update made between
+    /// the read of the current entry and the start of the watch.
+    fn watch_record(&self, id: &str) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>>;
+}

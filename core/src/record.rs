@@ -1,0 +1,169 @@
+//! The record: a request's status, value or error, metadata and timings, as
+//! stored in the result store (a JetStream KV bucket, key = request id).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::error::{Error, Result};
+use crate::request::Request;
+
+/// Version of the record written by this crate.
+pub const RECORD_VERSION: u32 = 1;
+
+/// Where a request is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Status {
+    /// Stored, waiting for a worker.
+    Pending,
+    /// A worker is running it.
+    Running,
+    /// An attempt failed; another is due.
+    Retrying,
+    /// Finished with a value. Terminal.
+    Succeeded,
+    /// Failed for good. Terminal.
+    Failed,
+    /// Cancelled. Terminal.
+    Cancelled,
+}
+
+impl Status {
+    /// Whether the request is done (`succeeded`, `failed` or `cancelled`).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
+    }
+
+    /// The lowercase name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Retrying => "retrying",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a request failed: a machine-readable kind and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// e.g. `unknown_task`, `invalid_args`, `panic`, `error`; see [`crate::task_error::kinds`].
+    pub kind: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// How far a running task has come.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Units done.
+    pub current: u64,
+    /// Units in all, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// What the task is doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The versioned JSON record of one request. See `docs/wire-format.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Record {
+    /// Record version (`1`).
+    pub v: u32,
+    /// Request id (also the KV key).
+    pub id: String,
+    /// Task name.
+    pub task: String,
+    /// Queue.
+    pub queue: String,
+    /// Status.
+    pub status: Status,
+    /// The task's return value once `succeeded`.
+    #[serde(default)]
+    pub value: Option<Value>,
+    /// The last error: the reason of a `failed` record, the last failed attempt of a `retrying` one.
+    #[serde(default)]
+    pub error: Option<ErrorInfo>,
+    /// The request's metadata, merged with what the task set.
+    #[serde(default)]
+    pub metadata: Map<String, Value>,
+    /// Progress reported by the task.
+    #[serde(default)]
+    pub progress: Option<Progress>,
+    /// Attempts started so far.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Retries allowed after the first attempt.
+    #[serde(default)]
+    pub max_retries: u32,
+    /// When the request was published.
+    #[serde(with = "time::serde::rfc3339")]
+    pub enqueued_at: OffsetDateTime,
+    /// When the current (or last) attempt started.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    /// When the request reached a terminal status.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    /// Name of the worker that ran (or runs) the last attempt.
+    #[serde(default)]
+    pub worker: Option<String>,
+    /// Broker sequence of the message that owns this record: a second
+    /// message with the same id (published after the dedup window) is a
+    /// duplicate and is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+impl Record {
+    /// The `pending` record of a request just published.
+    pub fn pending(req: &Request) -> Self {
+        Record {
+            v: RECORD_VERSION,
+            id: req.id.clone(),
+            task: req.task.clone(),
+            queue: req.queue.clone(),
+            status: Status::Pending,
+            value: None,
+            error: None,
+            metadata: req.metadata.clone(),
+            progress: None,
+            attempts: 0,
+            max_retries: req.max_retries,
+            enqueued_at: req.enqueued_at,
+            started_at: None,
+            finished_at: None,
+            worker: None,
+            seq: None,
+        }
+    }
+
+    /// Encode as JSON.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| Error::serialization("encoding the record", e))
+    }
+
+    /// Decode from JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| Error::serialization("malformed record", e))
+    }
+
+    /// Decode the value of a `succeeded` record into `T`.
+    pub fn value_as<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        T::deserialize(self.value.as_ref().unwrap_or(&Value::Null))
+            .map_err(|e| Error::serialization("decoding the task's value", e))
+    }
+}

@@ -1,0 +1,97 @@
+//! The request envelope: what a producer publishes and a worker runs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use crate::error::{Error, Result};
+use crate::names;
+
+/// Version of the request envelope written by this crate.
+pub const REQUEST_VERSION: u32 = 1;
+
+/// The queue used when none is given.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// Retries allowed when neither the request nor the task says otherwise.
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+
+/// A request to run a task: the versioned JSON envelope published to the
+/// task stream. See `docs/wire-format.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Request {
+    /// Envelope version (`1`).
+    pub v: u32,
+    /// Request id: a UUID, or the caller's idempotency key.
+    pub id: String,
+    /// Task name, e.g. `images.resize`.
+    pub task: String,
+    /// Queue the request was published to.
+    pub queue: String,
+    /// The task's arguments.
+    #[serde(default)]
+    pub args: Value,
+    /// Free-form metadata (a JSON object), readable in the task and copied to the record.
+    #[serde(default)]
+    pub metadata: Map<String, Value>,
+    /// When the producer published it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub enqueued_at: OffsetDateTime,
+    /// Retries allowed after the first attempt.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Propagated headers: trace context (`traceparent`, `tracestate`) and
+    /// auth (`authorization`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_max_retries() -> u32 {
+    DEFAULT_MAX_RETRIES
+}
+
+impl Request {
+    /// A request for `task` on the default queue with a fresh id and `null` arguments.
+    pub fn new(task: impl Into<String>) -> Self {
+        Request {
+            v: REQUEST_VERSION,
+            id: new_id(),
+            task: task.into(),
+            queue: DEFAULT_QUEUE.to_owned(),
+            args: Value::Null,
+            metadata: Map::new(),
+            enqueued_at: OffsetDateTime::now_utc(),
+            max_retries: DEFAULT_MAX_RETRIES,
+            headers: BTreeMap::new(),
+        }
+    }
+
+    /// Check every name that will become part of a subject or key.
+    pub fn validate(&self) -> Result<()> {
+        names::validate_id(&self.id)?;
+        names::validate_queue(&self.queue)?;
+        names::validate_task(&self.task)?;
+        Ok(())
+    }
+
+    /// Encode as JSON.
+    pub fn to_json(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| Error::serialization("encoding the request", e))
+    }
+
+    /// Decode from JSON and validate its names.
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        let req: Request = serde_json::from_slice(bytes)
+            .map_err(|e| Error::serialization("malformed request envelope", e))?;
+        req.validate()?;
+        Ok(req)
+    }
+}
+
+/// A new request id: a UUID v7 (time-ordered, so ids sort by creation).
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}

@@ -1,0 +1,132 @@
+//! The error a task returns, and whether it is worth retrying.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::record::ErrorInfo;
+
+/// The `kind` strings jetq writes into a record's `error`.
+pub mod kinds {
+    /// The handler returned an error.
+    pub const ERROR: &str = "error";
+    /// No handler is registered for the task on this queue.
+    pub const UNKNOWN_TASK: &str = "unknown_task";
+    /// The request envelope could not be decoded or broke a naming rule.
+    pub const INVALID_REQUEST: &str = "invalid_request";
+    /// The arguments did not deserialize into the handler's type.
+    pub const INVALID_ARGS: &str = "invalid_args";
+    /// The metadata did not deserialize into the handler's type.
+    pub const INVALID_METADATA: &str = "invalid_metadata";
+    /// An extractor (dependency, resource) failed.
+    pub const EXTRACTOR: &str = "extractor";
+    /// The handler panicked.
+    pub const PANIC: &str = "panic";
+    /// The attempt ran past its time limit.
+    pub const TIMEOUT: &str = "timeout";
+    /// The task was cancelled.
+    pub const CANCELLED: &str = "cancelled";
+}
+
+/// Whether and when a failed attempt should be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Retry {
+    /// Retry per the task's policy.
+    Default,
+    /// Do not retry: the failure is permanent.
+    Never,
+    /// Retry after this delay (still bounded by max retries).
+    After(Duration),
+}
+
+/// The error of a task: a kind, a message, and whether to retry.
+///
+/// Any `std::error::Error` converts into a retryable `TaskError`, so `?`
+/// works in handlers; use [`TaskError::permanent`] for failures that another
+/// attempt cannot fix.
+pub struct TaskError {
+    kind: String,
+    message: String,
+    retry: Retry,
+}
+
+impl TaskError {
+    /// A retryable error.
+    pub fn new(message: impl Into<String>) -> Self {
+        TaskError {
+            kind: kinds::ERROR.to_owned(),
+            message: message.into(),
+            retry: Retry::Default,
+        }
+    }
+
+    /// An error that retrying cannot fix: the request fails at once.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        TaskError::new(message).with_retry(Retry::Never)
+    }
+
+    /// Set the machine-readable kind written to the record (default `error`).
+    pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
+        self.kind = kind.into();
+        self
+    }
+
+    /// Set the retry decision.
+    pub fn with_retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The retry decision.
+    pub fn retry(&self) -> Retry {
+        self.retry
+    }
+
+    /// Whether another attempt may help.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self.retry, Retry::Never)
+    }
+
+    /// The record's view of this error.
+    pub fn info(&self) -> ErrorInfo {
+        ErrorInfo {
+            kind: self.kind.clone(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskError")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl<E> From<E> for TaskError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(err: E) -> Self {
+        TaskError::new(err.to_string())
+    }
+}
