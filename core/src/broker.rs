@@ -199,5 +199,8 @@ pub trait Broker: Send + Sync + Debug + 'static {
     /// Watch a record: the stream yields the current entry (if any) and then
     /// every later one. Implementations must not miss an update made between
     /// the read of the current entry and the start of the watch.
-    fn watch_record(&self, id: &str) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>>;
+    fn watch_record(
+        &self,
+        id: &str,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>>;
 }

@@ -5,15 +5,53 @@
 //! model, handlers and extractors, the worker and the client. The NATS
 //! implementation lives in `jetq-nats`; an in-memory broker for unit tests
 //! lives here in [`memory`].
+//!
+//! A task is an `async fn` whose parameters are extractors:
+//!
+//! ```
+//! use jetq::{Args, Context, Meta, TaskError};
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Resize { url: String, width: u32 }
+//!
+//! #[derive(Deserialize)]
+//! struct Who { user: String }
+//!
+//! async fn resize(ctx: Context, Meta(who): Meta<Who>, Args(job): Args<Resize>) -> Result<String, TaskError> {
+//!     ctx.set_metadata("resized_by", &who.user).await?;
+//!     Ok(format!("{}@{}", job.url, job.width))
+//! }
+//! ```
+//!
+//! See [`Worker`] to serve tasks and [`Client`] to publish requests.
 
 pub mod broker;
+pub mod client;
+pub mod context;
 pub mod error;
+pub mod extract;
+pub mod handler;
+pub mod memory;
 pub mod names;
 pub mod record;
 pub mod request;
+pub mod retry;
 pub mod task_error;
+pub mod worker;
 
+pub use client::{Client, RequestBuilder, TaskHandle};
+pub use context::Context;
 pub use error::{Error, ErrorKind, Result};
+pub use extract::{Args, FromContext, Meta, Requirements, Resource, State};
+pub use handler::{BlockingHandler, Handler, IntoTaskResult};
 pub use record::{ErrorInfo, Progress, Record, Status};
 pub use request::Request;
+pub use retry::RetryPolicy;
 pub use task_error::{Retry, TaskError};
+pub use worker::{shutdown_signal, Task, Worker, WorkerBuilder};
+
+/// Re-exported so users and brokers name the same versions.
+pub use serde_json;
+pub use time;
+pub use tokio_util::sync::CancellationToken;

@@ -138,7 +138,9 @@ mod tests {
         for ok in ["add", "images.resize", "a.b-c.d_e"] {
             assert!(validate_task(ok).is_ok(), "{ok:?}");
         }
-        for bad in ["", ".", "a.", ".a", "a..b", "a.*", "a.>", "a b", "a.b c", "*", ">"] {
+        for bad in [
+            "", ".", "a.", ".a", "a..b", "a.*", "a.>", "a b", "a.b c", "*", ">",
+        ] {
             assert_eq!(
                 validate_task(bad).unwrap_err().kind(),
                 ErrorKind::InvalidName,

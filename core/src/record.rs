@@ -118,6 +118,9 @@ pub struct Record {
     /// When the request reached a terminal status.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
+    /// When the next attempt is due (a `retrying` record).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
     /// Name of the worker that ran (or runs) the last attempt.
     #[serde(default)]
     pub worker: Option<String>,
@@ -142,10 +145,13 @@ impl Record {
             metadata: req.metadata.clone(),
             progress: None,
             attempts: 0,
-            max_retries: req.max_retries,
+            max_retries: req
+                .max_retries
+                .unwrap_or(crate::request::DEFAULT_MAX_RETRIES),
             enqueued_at: req.enqueued_at,
             started_at: None,
             finished_at: None,
+            next_attempt_at: None,
             worker: None,
             seq: None,
         }

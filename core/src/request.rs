@@ -40,17 +40,14 @@ pub struct Request {
     /// When the producer published it.
     #[serde(with = "time::serde::rfc3339")]
     pub enqueued_at: OffsetDateTime,
-    /// Retries allowed after the first attempt.
-    #[serde(default = "default_max_retries")]
-    pub max_retries: u32,
+    /// Retries allowed after the first attempt; absent means the task's own
+    /// policy (the worker's default is [`DEFAULT_MAX_RETRIES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
     /// Propagated headers: trace context (`traceparent`, `tracestate`) and
     /// auth (`authorization`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
-}
-
-fn default_max_retries() -> u32 {
-    DEFAULT_MAX_RETRIES
 }
 
 impl Request {
@@ -64,7 +61,7 @@ impl Request {
             args: Value::Null,
             metadata: Map::new(),
             enqueued_at: OffsetDateTime::now_utc(),
-            max_retries: DEFAULT_MAX_RETRIES,
+            max_retries: None,
             headers: BTreeMap::new(),
         }
     }

@@ -1,0 +1,198 @@
+//! The task's view of its request: ids, attempt counts, metadata, progress,
+//! cancellation, and the worker's shared state and resources.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::BoxFuture;
+use crate::error::{Error, Result};
+use crate::record::{Progress, Record};
+use crate::request::Request;
+
+/// Writes changes of a running task's record (metadata, progress).
+pub(crate) trait RecordSink: Send + Sync {
+    fn update(&self, change: Box<dyn Fn(&mut Record) + Send + Sync>) -> BoxFuture<'_, Result<()>>;
+}
+
+/// What a worker shares with every task: typed state and lazily built resources.
+#[derive(Default)]
+pub(crate) struct Shared {
+    pub(crate) states: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    pub(crate) resources: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("states", &self.states.len())
+            .field("resources", &self.resources.len())
+            .finish()
+    }
+}
+
+pub(crate) struct ContextInner {
+    pub(crate) request: Request,
+    pub(crate) attempt: u32,
+    pub(crate) max_retries: u32,
+    pub(crate) worker: String,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) sink: Arc<dyn RecordSink>,
+}
+
+/// The context of one attempt of a task, given to extractors and, as an
+/// extractor itself, to the handler. Cheap to clone.
+#[derive(Clone)]
+pub struct Context {
+    pub(crate) inner: Arc<ContextInner>,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("id", &self.id())
+            .field("task", &self.task())
+            .field("queue", &self.queue())
+            .field("attempt", &self.attempt())
+            .field("max_retries", &self.max_retries())
+            .finish()
+    }
+}
+
+impl Context {
+    /// The request id.
+    pub fn id(&self) -> &str {
+        &self.inner.request.id
+    }
+
+    /// The task name.
+    pub fn task(&self) -> &str {
+        &self.inner.request.task
+    }
+
+    /// The queue the request came from.
+    pub fn queue(&self) -> &str {
+        &self.inner.request.queue
+    }
+
+    /// This attempt's number, starting at 1.
+    pub fn attempt(&self) -> u32 {
+        self.inner.attempt
+    }
+
+    /// Retries before this attempt (`attempt - 1`).
+    pub fn retries(&self) -> u32 {
+        self.inner.attempt.saturating_sub(1)
+    }
+
+    /// Retries allowed after the first attempt.
+    pub fn max_retries(&self) -> u32 {
+        self.inner.max_retries
+    }
+
+    /// When the producer published the request.
+    pub fn enqueued_at(&self) -> OffsetDateTime {
+        self.inner.request.enqueued_at
+    }
+
+    /// The name of the worker running this attempt.
+    pub fn worker(&self) -> &str {
+        &self.inner.worker
+    }
+
+    /// The request's metadata as published (read-only; see [`set_metadata`](Self::set_metadata)).
+    pub fn metadata(&self) -> &Map<String, Value> {
+        &self.inner.request.metadata
+    }
+
+    /// The raw arguments.
+    pub fn args(&self) -> &Value {
+        &self.inner.request.args
+    }
+
+    /// A propagated header (trace context, auth), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.inner.request.headers.get(name).map(String::as_str)
+    }
+
+    /// The whole request.
+    pub fn request(&self) -> &Request {
+        &self.inner.request
+    }
+
+    /// Merge `key = value` into the record's metadata and store it, so that
+    /// clients can read it while the task still runs.
+    pub async fn set_metadata(&self, key: impl Into<String>, value: impl Serialize) -> Result<()> {
+        let value = serde_json::to_value(value)
+            .map_err(|e| Error::serialization("encoding metadata", e))?;
+        let mut map = Map::new();
+        map.insert(key.into(), value);
+        self.merge_metadata(map).await
+    }
+
+    /// Merge several keys into the record's metadata and store it.
+    pub async fn merge_metadata(&self, entries: Map<String, Value>) -> Result<()> {
+        self.inner
+            .sink
+            .update(Box::new(move |record: &mut Record| {
+                for (k, v) in &entries {
+                    record.metadata.insert(k.clone(), v.clone());
+                }
+            }))
+            .await
+    }
+
+    /// Report progress (`current` of `total` units) and store it in the record.
+    pub async fn set_progress(&self, current: u64, total: Option<u64>) -> Result<()> {
+        self.store_progress(Progress {
+            current,
+            total,
+            message: None,
+        })
+        .await
+    }
+
+    /// Report progress with a message.
+    pub async fn store_progress(&self, progress: Progress) -> Result<()> {
+        self.inner
+            .sink
+            .update(Box::new(move |record: &mut Record| {
+                record.progress = Some(progress.clone());
+            }))
+            .await
+    }
+
+    /// The attempt's cancellation token. It fires when the worker shuts down;
+    /// a task that sees it should stop soon (its attempt is then released for
+    /// another worker rather than counted as failed).
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.inner.cancel
+    }
+
+    /// Whether cancellation was requested.
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
+    /// Completes when cancellation is requested.
+    pub async fn cancelled(&self) {
+        self.inner.cancel.cancelled().await
+    }
+
+    /// Shared state of type `T`, if the worker was given one.
+    pub fn state<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.inner
+            .shared
+            .states
+            .get(&TypeId::of::<T>())
+            .and_then(|b| b.downcast_ref::<T>())
+            .cloned()
+    }
+}

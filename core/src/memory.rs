@@ -1,0 +1,372 @@
+//! An in-memory broker, for unit-testing handlers without NATS.
+//!
+//! It keeps the semantics the worker relies on (deduplication by id, nak with
+//! a delay, revision-checked records, watches) in one process. It has no ack
+//! wait: a delivery dropped without being settled is requeued at once. It is
+//! not a substitute for testing against a real nats-server.
+//!
+//! ```
+//! use jetq::{memory::MemoryBroker, Args, Client, TaskError, Worker};
+//! use std::time::Duration;
+//!
+//! async fn add(Args((a, b)): Args<(i64, i64)>) -> Result<i64, TaskError> {
+//!     Ok(a + b)
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> jetq::Result<()> {
+//! let broker = MemoryBroker::new();
+//! let stop = tokio_util::sync::CancellationToken::new();
+//! let worker = Worker::builder(broker.clone()).task("add", add).build()?;
+//! let running = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
+//!
+//! let client = Client::new(broker);
+//! let handle = client.task("add").args(&(2, 40)).publish().await?;
+//! assert_eq!(handle.result::<i64>(Duration::from_secs(5)).await?, 42);
+//!
+//! stop.cancel();
+//! running.await.unwrap()?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, Notify};
+
+use crate::broker::{
+    BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, Delivery, DeliveryInfo,
+    OutgoingRequest, PublishAck, RecordEntry,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::names;
+
+/// A broker that lives in memory. Clones share the same queues and records.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: Mutex<State>,
+    notify: Notify,
+    records: broadcast::Sender<(String, RecordEntry)>,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            records: broadcast::channel(1024).0,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_seq: u64,
+    next_revision: u64,
+    queues: HashMap<String, VecDeque<Msg>>,
+    ids: HashSet<String>,
+    records: HashMap<String, RecordEntry>,
+}
+
+#[derive(Debug, Clone)]
+struct Msg {
+    seq: u64,
+    payload: Bytes,
+    delivered: u64,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere; the data is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn requeue(&self, queue: &str, msg: Msg) {
+        self.lock()
+            .queues
+            .entry(queue.to_owned())
+            .or_default()
+            .push_back(msg);
+        self.notify.notify_waiters();
+    }
+}
+
+impl MemoryBroker {
+    /// An empty broker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requests waiting on `queue` (not counting those being worked on).
+    pub fn queued(&self, queue: &str) -> usize {
+        self.inner.lock().queues.get(queue).map_or(0, VecDeque::len)
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn ensure_queue(&self, queue: &str) -> BoxFuture<'_, Result<()>> {
+        let res = names::validate_queue(queue).map(|()| {
+            self.inner
+                .lock()
+                .queues
+                .entry(queue.to_owned())
+                .or_default();
+        });
+        Box::pin(async move { res })
+    }
+
+    fn publish(&self, request: OutgoingRequest) -> BoxFuture<'_, Result<PublishAck>> {
+        Box::pin(async move {
+            names::validate_queue(&request.queue)?;
+            names::validate_task(&request.task)?;
+            names::validate_id(&request.id)?;
+            let ack = {
+                let mut st = self.inner.lock();
+                if !st.ids.insert(request.id.clone()) {
+                    PublishAck::new(st.next_seq, true)
+                } else {
+                    st.next_seq += 1;
+                    let seq = st.next_seq;
+                    st.queues
+                        .entry(request.queue.clone())
+                        .or_default()
+                        .push_back(Msg {
+                            seq,
+                            payload: request.payload,
+                            delivered: 0,
+                        });
+                    PublishAck::new(seq, false)
+                }
+            };
+            self.inner.notify.notify_waiters();
+            Ok(ack)
+        })
+    }
+
+    fn consume(
+        &self,
+        queue: &str,
+        _options: ConsumeOptions,
+    ) -> BoxFuture<'_, Result<Box<dyn Consumer>>> {
+        let queue = queue.to_owned();
+        Box::pin(async move {
+            names::validate_queue(&queue)?;
+            Ok(Box::new(MemoryConsumer {
+                inner: Arc::clone(&self.inner),
+                queue,
+            }) as Box<dyn Consumer>)
+        })
+    }
+
+    fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
+        let res = names::validate_id(id).map(|()| self.inner.lock().records.get(id).cloned());
+        Box::pin(async move { res })
+    }
+
+    fn create_record(&self, id: &str, value: Bytes) -> BoxFuture<'_, Result<u64>> {
+        let res = names::validate_id(id).and_then(|()| {
+            let mut st = self.inner.lock();
+            if st.records.contains_key(id) {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("record `{id}` already exists"),
+                ));
+            }
+            st.next_revision += 1;
+            let entry = RecordEntry::new(value, st.next_revision);
+            st.records.insert(id.to_owned(), entry.clone());
+            let _ = self.inner.records.send((id.to_owned(), entry.clone()));
+            Ok(entry.revision)
+        });
+        Box::pin(async move { res })
+    }
+
+    fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>> {
+        let res = names::validate_id(id).and_then(|()| {
+            let mut st = self.inner.lock();
+            let current = st.records.get(id).map(|e| e.revision);
+            if current != Some(revision) {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("record `{id}` is at revision {current:?}, not {revision}"),
+                ));
+            }
+            st.next_revision += 1;
+            let entry = RecordEntry::new(value, st.next_revision);
+            st.records.insert(id.to_owned(), entry.clone());
+            let _ = self.inner.records.send((id.to_owned(), entry.clone()));
+            Ok(entry.revision)
+        });
+        Box::pin(async move { res })
+    }
+
+    fn watch_record(
+        &self,
+        id: &str,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            names::validate_id(&id)?;
+            // Subscribe before reading, so no update falls in between.
+            let rx = self.inner.records.subscribe();
+            let current = self.inner.lock().records.get(&id).cloned();
+            let inner = Arc::clone(&self.inner);
+            let first = futures_util::stream::iter(current.map(Ok));
+            let rest =
+                futures_util::stream::unfold((rx, id, inner), |(mut rx, id, inner)| async move {
+                    loop {
+                        match rx.recv().await {
+                            Ok((key, entry)) if key == id => {
+                                return Some((Ok(entry), (rx, id, inner)))
+                            }
+                            Ok(_) => continue,
+                            Err(broadcast::error::RecvError::Lagged(_)) => {
+                                let current = inner.lock().records.get(&id).cloned();
+                                if let Some(entry) = current {
+                                    return Some((Ok(entry), (rx, id, inner)));
+                                }
+                            }
+                            Err(broadcast::error::RecvError::Closed) => return None,
+                        }
+                    }
+                });
+            let stream: BoxStream<'static, Result<RecordEntry>> =
+                Box::pin(futures_util::StreamExt::chain(first, rest));
+            Ok(stream)
+        })
+    }
+}
+
+#[derive(Debug)]
+struct MemoryConsumer {
+    inner: Arc<Inner>,
+    queue: String,
+}
+
+impl Consumer for MemoryConsumer {
+    fn pull(
+        &mut self,
+        max: usize,
+        expires: Duration,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<Box<dyn Delivery>>>>> {
+        let inner = Arc::clone(&self.inner);
+        let queue = self.queue.clone();
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + expires;
+            let stream = futures_util::stream::unfold(
+                (inner, queue, max),
+                move |(inner, queue, left)| async move {
+                    if left == 0 {
+                        return None;
+                    }
+                    loop {
+                        let msg = {
+                            let notified = inner.notify.notified();
+                            tokio::pin!(notified);
+                            notified.as_mut().enable();
+                            let next = inner
+                                .lock()
+                                .queues
+                                .get_mut(&queue)
+                                .and_then(VecDeque::pop_front);
+                            match next {
+                                Some(msg) => msg,
+                                None => {
+                                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                                        return None;
+                                    }
+                                    continue;
+                                }
+                            }
+                        };
+                        let mut msg = msg;
+                        msg.delivered += 1;
+                        let delivery = MemoryDelivery {
+                            inner: Arc::clone(&inner),
+                            queue: queue.clone(),
+                            msg,
+                            settled: AtomicBool::new(false),
+                        };
+                        let item: Result<Box<dyn Delivery>> = Ok(Box::new(delivery));
+                        return Some((item, (inner, queue, left - 1)));
+                    }
+                },
+            );
+            let stream: BoxStream<'static, Result<Box<dyn Delivery>>> = Box::pin(stream);
+            Ok(stream)
+        })
+    }
+}
+
+#[derive(Debug)]
+struct MemoryDelivery {
+    inner: Arc<Inner>,
+    queue: String,
+    msg: Msg,
+    settled: AtomicBool,
+}
+
+impl MemoryDelivery {
+    fn settle(&self) -> bool {
+        !self.settled.swap(true, Ordering::SeqCst)
+    }
+}
+
+impl Delivery for MemoryDelivery {
+    fn payload(&self) -> &[u8] {
+        &self.msg.payload
+    }
+
+    fn info(&self) -> DeliveryInfo {
+        DeliveryInfo::new(self.msg.seq, self.msg.delivered)
+    }
+
+    fn ack(&self) -> BoxFuture<'_, Result<()>> {
+        self.settle();
+        Box::pin(async { Ok(()) })
+    }
+
+    fn nak(&self, delay: Option<Duration>) -> BoxFuture<'_, Result<()>> {
+        if self.settle() {
+            let inner = Arc::clone(&self.inner);
+            let queue = self.queue.clone();
+            let msg = self.msg.clone();
+            match delay {
+                Some(d) if !d.is_zero() => {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(d).await;
+                        inner.requeue(&queue, msg);
+                    });
+                }
+                _ => inner.requeue(&queue, msg),
+            }
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn in_progress(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn term(&self, _reason: &str) -> BoxFuture<'_, Result<()>> {
+        self.settle();
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Drop for MemoryDelivery {
+    fn drop(&mut self) {
+        if self.settle() {
+            self.inner.requeue(&self.queue, self.msg.clone());
+        }
+    }
+}

@@ -1,0 +1,941 @@
+//! The worker: pulls requests, runs their handlers, writes records, acks.
+
+use std::any::{Any, TypeId};
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::Value;
+use time::OffsetDateTime;
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::broker::{BoxFuture, Broker, ConsumeOptions, Consumer, Delivery};
+use crate::context::{Context, ContextInner, RecordSink, Shared};
+use crate::error::{Error, ErrorKind, Result};
+use crate::extract::{Requirements, ResourceCell};
+use crate::handler::{call_catching, BlockingHandler, ErasedHandler, Handler};
+use crate::names;
+use crate::record::{ErrorInfo, Record, Status};
+use crate::request::{Request, DEFAULT_QUEUE};
+use crate::retry::RetryPolicy;
+use crate::task_error::{kinds, Retry, TaskError};
+
+/// How long one pull waits for messages before asking again.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long record writes are retried through a broker outage (a leader
+/// election takes up to ~20 s) before the attempt is released.
+const RECORD_WRITE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A task registration: name, handler, queues and policy.
+pub struct Task {
+    name: String,
+    queues: Vec<String>,
+    handler: ErasedHandler,
+    requirements: Requirements,
+    retry: RetryPolicy,
+    timeout: Option<Duration>,
+}
+
+impl fmt::Debug for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Task")
+            .field("name", &self.name)
+            .field("queues", &self.queues)
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Task {
+    /// A task served by an async handler.
+    pub fn new<H, P>(name: impl Into<String>, handler: H) -> Self
+    where
+        H: Handler<P>,
+        P: 'static,
+    {
+        let mut requirements = Requirements::default();
+        H::requirements(&mut requirements);
+        let erased: ErasedHandler = Arc::new(move |ctx| handler.call(ctx));
+        Self::from_parts(name.into(), erased, requirements)
+    }
+
+    /// A task served by a blocking handler, run off the async threads.
+    pub fn blocking<H, P>(name: impl Into<String>, handler: H) -> Self
+    where
+        H: BlockingHandler<P>,
+        P: 'static,
+    {
+        let mut requirements = Requirements::default();
+        H::requirements(&mut requirements);
+        let erased: ErasedHandler = Arc::new(move |ctx| BlockingHandler::call(&handler, ctx));
+        Self::from_parts(name.into(), erased, requirements)
+    }
+
+    fn from_parts(name: String, handler: ErasedHandler, requirements: Requirements) -> Self {
+        Task {
+            name,
+            queues: Vec::new(),
+            handler,
+            requirements,
+            retry: RetryPolicy::default(),
+            timeout: None,
+        }
+    }
+
+    /// Serve the task on `queue` (may be called several times; default: the
+    /// worker's default queue).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queues.push(queue.into());
+        self
+    }
+
+    /// Retries allowed when the request does not say.
+    pub fn max_retries(mut self, max_retries: u32) -> Self {
+        self.retry.max_retries = max_retries;
+        self
+    }
+
+    /// The whole retry policy.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Fail an attempt (kind `timeout`, retryable) that runs longer than this.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+struct TaskEntry {
+    handler: ErasedHandler,
+    retry: RetryPolicy,
+    timeout: Option<Duration>,
+}
+
+/// Builds a [`Worker`].
+pub struct WorkerBuilder {
+    broker: Arc<dyn Broker>,
+    name: Option<String>,
+    default_queue: String,
+    tasks: Vec<Task>,
+    shared: Shared,
+    concurrency: usize,
+    ack_wait: Duration,
+    shutdown_timeout: Duration,
+}
+
+impl fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("name", &self.name)
+            .field("default_queue", &self.default_queue)
+            .field("tasks", &self.tasks)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+impl WorkerBuilder {
+    /// Name the worker (default: `<host>-<pid>`); it appears in records.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The queue of tasks registered without one (default `default`).
+    pub fn default_queue(mut self, queue: impl Into<String>) -> Self {
+        self.default_queue = queue.into();
+        self
+    }
+
+    /// Register an async task on the default queue.
+    pub fn task<H, P>(self, name: impl Into<String>, handler: H) -> Self
+    where
+        H: Handler<P>,
+        P: 'static,
+    {
+        self.register(Task::new(name, handler))
+    }
+
+    /// Register a blocking task on the default queue.
+    pub fn blocking_task<H, P>(self, name: impl Into<String>, handler: H) -> Self
+    where
+        H: BlockingHandler<P>,
+        P: 'static,
+    {
+        self.register(Task::blocking(name, handler))
+    }
+
+    /// Register a task with its options.
+    pub fn register(mut self, task: Task) -> Self {
+        self.tasks.push(task);
+        self
+    }
+
+    /// Give the worker shared state, extracted with `State<T>`.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, state: T) -> Self {
+        self.shared
+            .states
+            .insert(TypeId::of::<T>(), Box::new(state));
+        self
+    }
+
+    /// Give the worker a resource, built by `init` on first use and shared by
+    /// every task it runs; extracted with `Resource<T>`.
+    pub fn resource<T, F, Fut, E>(mut self, init: F) -> Self
+    where
+        T: Send + Sync + 'static,
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+        E: Into<TaskError> + 'static,
+    {
+        let init = Box::new(
+            move || -> BoxFuture<'static, std::result::Result<T, TaskError>> {
+                let fut = init();
+                Box::pin(async move { fut.await.map_err(Into::into) })
+            },
+        );
+        let cell: Arc<dyn Any + Send + Sync> = Arc::new(ResourceCell::new(init));
+        self.shared.resources.insert(TypeId::of::<T>(), cell);
+        self
+    }
+
+    /// How many tasks run at once (default 16).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// How long a delivery may go unacknowledged before the broker gives it
+    /// to another worker (default 30 s). Running tasks send keep-alives every
+    /// third of it, so it bounds crash recovery, not task length.
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait.max(Duration::from_millis(300));
+        self
+    }
+
+    /// How long running tasks may finish after shutdown begins (default 30 s);
+    /// then they are stopped and released for immediate redelivery.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Check the registrations and build the worker: names must be valid,
+    /// no task registered twice on a queue, every state and resource a
+    /// handler asks for given.
+    pub fn build(self) -> Result<Worker> {
+        names::validate_queue(&self.default_queue)?;
+        if self.tasks.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "the worker has no tasks; register one with `.task(name, handler)`",
+            ));
+        }
+        let mut registry: HashMap<String, HashMap<String, Arc<TaskEntry>>> = HashMap::new();
+        for task in self.tasks {
+            names::validate_task(&task.name)?;
+            for (id, ty) in &task.requirements.states {
+                if !self.shared.states.contains_key(id) {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "task `{}` needs state {ty}; give it with `.state(...)`",
+                            task.name
+                        ),
+                    ));
+                }
+            }
+            for (id, ty) in &task.requirements.resources {
+                if !self.shared.resources.contains_key(id) {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "task `{}` needs resource {ty}; give it with `.resource(...)`",
+                            task.name
+                        ),
+                    ));
+                }
+            }
+            let queues = if task.queues.is_empty() {
+                vec![self.default_queue.clone()]
+            } else {
+                task.queues.clone()
+            };
+            let entry = Arc::new(TaskEntry {
+                handler: task.handler,
+                retry: task.retry,
+                timeout: task.timeout,
+            });
+            for queue in queues {
+                names::validate_queue(&queue)?;
+                let tasks = registry.entry(queue.clone()).or_default();
+                if tasks
+                    .insert(task.name.clone(), Arc::clone(&entry))
+                    .is_some()
+                {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "task `{}` is registered twice on queue `{queue}`",
+                            task.name
+                        ),
+                    ));
+                }
+            }
+        }
+        let name = self.name.unwrap_or_else(default_worker_name);
+        Ok(Worker {
+            env: Arc::new(Env {
+                broker: self.broker,
+                name,
+                registry,
+                shared: Arc::new(self.shared),
+                ack_wait: self.ack_wait,
+            }),
+            concurrency: self.concurrency,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+
+    /// Build and run until SIGINT or SIGTERM; see [`Worker::run`].
+    pub async fn run(self) -> Result<()> {
+        self.build()?.run().await
+    }
+
+    /// Build and run until `signal` completes; see [`Worker::run_until`].
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<()> {
+        self.build()?.run_until(signal).await
+    }
+}
+
+fn default_worker_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+struct Env {
+    broker: Arc<dyn Broker>,
+    name: String,
+    registry: HashMap<String, HashMap<String, Arc<TaskEntry>>>,
+    shared: Arc<Shared>,
+    ack_wait: Duration,
+}
+
+/// A worker: serves registered tasks on their queues until shut down.
+pub struct Worker {
+    env: Arc<Env>,
+    concurrency: usize,
+    shutdown_timeout: Duration,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("name", &self.env.name)
+            .field("queues", &self.queues())
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// Start building a worker on `broker`.
+    pub fn builder(broker: impl Broker) -> WorkerBuilder {
+        Self::builder_arc(Arc::new(broker))
+    }
+
+    /// Start building a worker on a shared broker.
+    pub fn builder_arc(broker: Arc<dyn Broker>) -> WorkerBuilder {
+        WorkerBuilder {
+            broker,
+            name: None,
+            default_queue: DEFAULT_QUEUE.to_owned(),
+            tasks: Vec::new(),
+            shared: Shared::default(),
+            concurrency: 16,
+            ack_wait: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The worker's name.
+    pub fn name(&self) -> &str {
+        &self.env.name
+    }
+
+    /// The queues it serves.
+    pub fn queues(&self) -> Vec<String> {
+        let set: BTreeSet<&String> = self.env.registry.keys().collect();
+        set.into_iter().cloned().collect()
+    }
+
+    /// Run until SIGINT or SIGTERM, then shut down gracefully.
+    pub async fn run(self) -> Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Run until `signal` completes, then shut down gracefully: stop pulling,
+    /// fire the tasks' cancellation tokens, let running tasks finish within
+    /// the shutdown timeout, and release the rest for immediate redelivery.
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<()> {
+        let stop = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let tracker = TaskTracker::new();
+        let mut loops = Vec::new();
+        for queue in self.queues() {
+            self.env.broker.ensure_queue(&queue).await?;
+            let options = ConsumeOptions::new(self.env.name.clone()).ack_wait(self.env.ack_wait);
+            let consumer = self.env.broker.consume(&queue, options).await?;
+            loops.push(tokio::spawn(pull_loop(
+                queue,
+                consumer,
+                Arc::clone(&self.env),
+                Arc::clone(&permits),
+                tracker.clone(),
+                stop.clone(),
+                hard_stop.clone(),
+            )));
+        }
+        info!(worker = %self.env.name, queues = ?self.queues(), concurrency = self.concurrency, "worker started");
+        signal.await;
+        info!(worker = %self.env.name, "shutting down: no new tasks; waiting for running ones");
+        stop.cancel();
+        for l in loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        if tokio::time::timeout(self.shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(worker = %self.env.name, "shutdown timeout passed; releasing unfinished tasks for redelivery");
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+        info!(worker = %self.env.name, "worker stopped");
+        Ok(())
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+async fn pull_loop(
+    queue: String,
+    mut consumer: Box<dyn Consumer>,
+    env: Arc<Env>,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // Wait for at least one free slot, then take all free slots.
+        let first = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let mut held = first;
+        let extra = permits.available_permits();
+        if extra > 0 {
+            if let Ok(more) = Arc::clone(&permits).try_acquire_many_owned(extra as u32) {
+                held.merge(more);
+            }
+        }
+        let want = held.num_permits();
+        let pulled = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = consumer.pull(want, PULL_EXPIRES) => s,
+        };
+        let mut stream = match pulled {
+            Ok(s) => {
+                backoff = Duration::from_millis(100);
+                s
+            }
+            Err(e) => {
+                warn!(queue = %queue, error = %e, "pull failed; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {},
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let item = tokio::select! {
+                _ = stop.cancelled() => return,
+                item = stream.next() => item,
+            };
+            match item {
+                None => break,
+                Some(Ok(delivery)) => {
+                    let Some(permit) = held.split(1) else {
+                        // The broker sent more than asked for: release it at once.
+                        let _ = delivery.nak(None).await;
+                        continue;
+                    };
+                    let env = Arc::clone(&env);
+                    let queue = queue.clone();
+                    let stop = stop.clone();
+                    let hard_stop = hard_stop.clone();
+                    tracker.spawn(async move {
+                        process(env, queue, delivery, stop, hard_stop).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(e)) => {
+                    debug!(queue = %queue, error = %e, "pull ended with an error");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Writes a task's record with optimistic concurrency; the attempt owns the
+/// record while `seq` and `attempts` match.
+struct RecordWriter {
+    broker: Arc<dyn Broker>,
+    id: String,
+    state: Mutex<(Record, u64)>,
+}
+
+impl RecordWriter {
+    async fn apply(&self, change: &(dyn Fn(&mut Record) + Send + Sync)) -> Result<()> {
+        let mut guard = self.state.lock().await;
+        let (seq, attempts) = (guard.0.seq, guard.0.attempts);
+        let deadline = tokio::time::Instant::now() + RECORD_WRITE_PATIENCE;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let mut next = guard.0.clone();
+            change(&mut next);
+            let bytes = Bytes::from(next.to_json()?);
+            match self.broker.update_record(&self.id, bytes, guard.1).await {
+                Ok(revision) => {
+                    *guard = (next, revision);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == ErrorKind::Conflict => {
+                    let Some(entry) = self.broker.get_record(&self.id).await? else {
+                        return Err(Error::new(
+                            ErrorKind::Conflict,
+                            format!("record `{}` was deleted while its task ran", self.id),
+                        ));
+                    };
+                    let current = Record::from_json(&entry.value)?;
+                    if current.seq != seq
+                        || current.attempts != attempts
+                        || current.status.is_terminal()
+                    {
+                        return Err(Error::new(
+                            ErrorKind::Conflict,
+                            format!("record `{}` was taken over by another attempt", self.id),
+                        ));
+                    }
+                    *guard = (current, entry.revision);
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    warn!(id = %self.id, error = %e, "record write failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl RecordSink for RecordWriter {
+    fn update(&self, change: Box<dyn Fn(&mut Record) + Send + Sync>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { self.apply(&*change).await })
+    }
+}
+
+/// What became of one delivery.
+enum Claim {
+    /// This attempt owns the record.
+    Run(RecordWriter, u32),
+    /// A duplicate or finished request: acknowledge and drop.
+    Skip(&'static str),
+    /// The request has used up its attempts (its workers died each time).
+    GiveUp(RecordWriter, u32),
+}
+
+async fn process(
+    env: Arc<Env>,
+    queue: String,
+    delivery: Box<dyn Delivery>,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    let info = delivery.info();
+    let request = match Request::from_json(delivery.payload()) {
+        Ok(r) => r,
+        Err(e) => return poison(&env, &queue, &*delivery, e).await,
+    };
+    let span = info_span!("jetq.task", task = %request.task, id = %request.id, queue = %queue, seq = info.sequence);
+    async move {
+        let entry = env
+            .registry
+            .get(&queue)
+            .and_then(|tasks| tasks.get(&request.task))
+            .cloned();
+        let max_retries = request
+            .max_retries
+            .or(entry.as_ref().map(|e| e.retry.max_retries))
+            .unwrap_or(crate::request::DEFAULT_MAX_RETRIES);
+        let claim = match claim(&env, &request, info.sequence, max_retries).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot claim the record; releasing the request");
+                let _ = delivery.nak(Some(Duration::from_secs(1))).await;
+                return;
+            }
+        };
+        let (writer, attempt) = match claim {
+            Claim::Skip(why) => {
+                debug!("dropping delivery: {why}");
+                let _ = delivery.ack().await;
+                return;
+            }
+            Claim::GiveUp(writer, attempt) => {
+                let err = TaskError::permanent(format!(
+                    "gave up after {} attempts: the worker running it stopped or died each time",
+                    attempt - 1
+                ))
+                .with_kind(kinds::ERROR);
+                finish_failed(&writer, &*delivery, &err).await;
+                return;
+            }
+            Claim::Run(writer, attempt) => (writer, attempt),
+        };
+        let Some(entry) = entry else {
+            let registered: Vec<&String> = env
+                .registry
+                .get(&queue)
+                .map(|t| t.keys().collect::<BTreeSet<_>>().into_iter().collect())
+                .unwrap_or_default();
+            let err = TaskError::permanent(format!(
+                "task `{}` is not registered on queue `{queue}` (registered: {})",
+                request.task,
+                registered
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .with_kind(kinds::UNKNOWN_TASK);
+            finish_failed(&writer, &*delivery, &err).await;
+            return;
+        };
+
+        let writer = Arc::new(writer);
+        let cancel = stop.child_token();
+        let ctx = Context {
+            inner: Arc::new(ContextInner {
+                request,
+                attempt,
+                max_retries,
+                worker: env.name.clone(),
+                cancel: cancel.clone(),
+                shared: Arc::clone(&env.shared),
+                sink: Arc::clone(&writer) as Arc<dyn RecordSink>,
+            }),
+        };
+        debug!(attempt, "running");
+        let run = async {
+            match entry.timeout {
+                Some(limit) => {
+                    match tokio::time::timeout(limit, call_catching(&entry.handler, ctx)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(TaskError::new(format!(
+                            "the attempt ran longer than its {limit:?} limit"
+                        ))
+                        .with_kind(kinds::TIMEOUT)),
+                    }
+                }
+                None => call_catching(&entry.handler, ctx).await,
+            }
+        };
+        let keepalive = async {
+            let mut tick = tokio::time::interval(env.ack_wait / 3);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = delivery.in_progress().await {
+                    debug!(error = %e, "keep-alive failed");
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            r = run => Some(r),
+            _ = keepalive => None,
+            _ = hard_stop.cancelled() => None,
+        };
+        match outcome {
+            Some(Ok(value)) => {
+                let now = OffsetDateTime::now_utc();
+                let res = writer
+                    .apply(&|r: &mut Record| {
+                        r.status = Status::Succeeded;
+                        r.value = Some(value.clone());
+                        r.error = None;
+                        r.finished_at = Some(now);
+                        r.next_attempt_at = None;
+                    })
+                    .await;
+                settle(res, &*delivery, Settle::Ack).await;
+            }
+            Some(Err(_)) | None if cancel.is_cancelled() => {
+                release(&writer, &*delivery, &env.name).await
+            }
+            None => release(&writer, &*delivery, &env.name).await,
+            Some(Err(err)) => {
+                let retry_no = attempt; // retries done after this attempt
+                if err.is_retryable() && retry_no <= max_retries {
+                    let delay = match err.retry() {
+                        Retry::After(d) => d,
+                        _ => entry.retry.delay(retry_no),
+                    };
+                    let due = OffsetDateTime::now_utc() + delay;
+                    let info = err.info();
+                    info!(attempt, error = %err, "attempt failed; retrying in {delay:?}");
+                    let res = writer
+                        .apply(&|r: &mut Record| {
+                            r.status = Status::Retrying;
+                            r.error = Some(info.clone());
+                            r.next_attempt_at = Some(due);
+                        })
+                        .await;
+                    settle(res, &*delivery, Settle::Nak(delay)).await;
+                } else {
+                    finish_failed(&writer, &*delivery, &err).await;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+#[derive(Clone, Copy)]
+enum Settle {
+    Ack,
+    Nak(Duration),
+    Term,
+}
+
+/// Acknowledge per `how` once the record is written; if it could not be
+/// written, release the message so the request runs again later; if another
+/// attempt took the record over, leave the message to it.
+async fn settle(written: Result<()>, delivery: &dyn Delivery, how: Settle) {
+    let result = match written {
+        Ok(()) => match how {
+            Settle::Ack => delivery.ack().await,
+            Settle::Nak(d) => delivery.nak(Some(d)).await,
+            Settle::Term => delivery.term("jetq: failed").await,
+        },
+        Err(e) if e.kind() == ErrorKind::Conflict => {
+            warn!(error = %e, "leaving the message to the attempt that owns the record");
+            Ok(())
+        }
+        Err(e) => {
+            error!(error = %e, "cannot write the record; releasing the request for another attempt");
+            delivery.nak(Some(Duration::from_secs(1))).await
+        }
+    };
+    if let Err(e) = result {
+        warn!(error = %e, "acknowledgement failed; the request may run again");
+    }
+}
+
+async fn finish_failed(writer: &RecordWriter, delivery: &dyn Delivery, err: &TaskError) {
+    warn!(error = %err, "request failed");
+    let now = OffsetDateTime::now_utc();
+    let info = err.info();
+    let res = writer
+        .apply(&|r: &mut Record| {
+            r.status = Status::Failed;
+            r.error = Some(info.clone());
+            r.finished_at = Some(now);
+            r.next_attempt_at = None;
+        })
+        .await;
+    settle(res, delivery, Settle::Term).await;
+}
+
+/// Give the request back for immediate redelivery (worker shutting down).
+async fn release(writer: &RecordWriter, delivery: &dyn Delivery, worker: &str) {
+    let info = ErrorInfo {
+        kind: "interrupted".to_owned(),
+        message: format!("worker `{worker}` shut down during the attempt; released for redelivery"),
+    };
+    let res = writer
+        .apply(&|r: &mut Record| {
+            r.status = Status::Retrying;
+            r.error = Some(info.clone());
+            r.next_attempt_at = Some(OffsetDateTime::now_utc());
+        })
+        .await;
+    settle(res, delivery, Settle::Nak(Duration::ZERO)).await;
+}
+
+/// Take ownership of the request's record for this attempt.
+async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Result<Claim> {
+    for _ in 0..16 {
+        let existing = env.broker.get_record(&request.id).await?;
+        let (mut record, revision) = match existing {
+            None => (Record::pending(request), None),
+            Some(entry) => (Record::from_json(&entry.value)?, Some(entry.revision)),
+        };
+        if record.status.is_terminal() {
+            return Ok(Claim::Skip(
+                "the request has already finished (a duplicate)",
+            ));
+        }
+        if record.seq.is_some_and(|s| s != seq) {
+            return Ok(Claim::Skip(
+                "another message owns this request (a duplicate)",
+            ));
+        }
+        let attempt = record.attempts + 1;
+        record.seq = Some(seq);
+        record.attempts = attempt;
+        record.max_retries = max_retries;
+        record.status = Status::Running;
+        record.started_at = Some(OffsetDateTime::now_utc());
+        record.next_attempt_at = None;
+        record.worker = Some(env.name.clone());
+        if record.task.is_empty() {
+            record.task = request.task.clone();
+        }
+        let bytes = Bytes::from(record.to_json()?);
+        let written = match revision {
+            None => env.broker.create_record(&request.id, bytes).await,
+            Some(rev) => env.broker.update_record(&request.id, bytes, rev).await,
+        };
+        match written {
+            Ok(rev) => {
+                let writer = RecordWriter {
+                    broker: Arc::clone(&env.broker),
+                    id: request.id.clone(),
+                    state: Mutex::new((record, rev)),
+                };
+                return Ok(if attempt > max_retries + 1 {
+                    Claim::GiveUp(writer, attempt)
+                } else {
+                    Claim::Run(writer, attempt)
+                });
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
+                continue
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::new(
+        ErrorKind::Conflict,
+        format!("record `{}` keeps changing; cannot claim it", request.id),
+    ))
+}
+
+/// A delivery whose envelope cannot be decoded: fail its record if its id is
+/// readable, and stop its redelivery.
+async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, err: Error) {
+    let reason = format!("invalid request envelope: {err}");
+    let loose: Option<serde_json::Map<String, Value>> =
+        serde_json::from_slice(delivery.payload()).ok();
+    let field = |k: &str| {
+        loose
+            .as_ref()
+            .and_then(|m| m.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let id = field("id").filter(|id| names::validate_id(id).is_ok());
+    warn!(queue, id = id.as_deref().unwrap_or("?"), "{reason}");
+    if let Some(id) = id {
+        let now = OffsetDateTime::now_utc();
+        let mut req = Request::new(field("task").unwrap_or_default());
+        req.id = id.clone();
+        req.queue = queue.to_owned();
+        let write = async {
+            let existing = env.broker.get_record(&id).await?;
+            let mut record = match &existing {
+                Some(entry) => {
+                    Record::from_json(&entry.value).unwrap_or_else(|_| Record::pending(&req))
+                }
+                None => Record::pending(&req),
+            };
+            if record.status.is_terminal() {
+                return Ok(());
+            }
+            record.status = Status::Failed;
+            record.error = Some(ErrorInfo {
+                kind: kinds::INVALID_REQUEST.to_owned(),
+                message: reason.clone(),
+            });
+            record.finished_at = Some(now);
+            record.worker = Some(env.name.clone());
+            let bytes = Bytes::from(record.to_json()?);
+            match existing {
+                Some(entry) => env
+                    .broker
+                    .update_record(&id, bytes, entry.revision)
+                    .await
+                    .map(|_| ()),
+                None => env.broker.create_record(&id, bytes).await.map(|_| ()),
+            }
+        };
+        if let Err(e) = write.await {
+            warn!(id = %id, error = %e, "cannot write the failed record of an invalid request");
+        }
+    }
+    if let Err(e) = delivery.term(&reason).await {
+        warn!(error = %e, "cannot terminate an invalid request");
+    }
+}
