@@ -1,0 +1,511 @@
+//! Core's fast tests: the worker and client against the in-memory broker.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use jetq::broker::{Broker, OutgoingRequest};
+use jetq::memory::MemoryBroker;
+use jetq::{
+    Args, Client, Context, ErrorKind, FromContext, Meta, Resource, RetryPolicy, State, Status,
+    Task, TaskError, Worker, WorkerBuilder,
+};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Running {
+    stop: CancellationToken,
+    join: tokio::task::JoinHandle<jetq::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.join.await.unwrap().unwrap();
+    }
+}
+
+fn start(builder: WorkerBuilder) -> Running {
+    let stop = CancellationToken::new();
+    let worker = builder.build().unwrap();
+    let join = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
+    Running { stop, join }
+}
+
+fn fast_retries(max: u32) -> RetryPolicy {
+    RetryPolicy::new(max)
+        .base(Duration::from_millis(5))
+        .max(Duration::from_millis(20))
+}
+
+#[derive(Deserialize)]
+struct AddArgs {
+    a: i64,
+    b: i64,
+}
+
+async fn add(Args(args): Args<AddArgs>) -> Result<i64, TaskError> {
+    Ok(args.a + args.b)
+}
+
+#[tokio::test]
+async fn runs_a_task_and_records_its_value_and_metadata() {
+    let broker = MemoryBroker::new();
+    let w = start(
+        Worker::builder(broker.clone())
+            .name("w1")
+            .task("demo.add", add),
+    );
+    let client = Client::new(broker);
+    let handle = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 2, "b": 40}))
+        .metadata("tenant", "acme")
+        .publish()
+        .await
+        .unwrap();
+    assert_eq!(handle.result::<i64>(WAIT).await.unwrap(), 42);
+    let rec = client.record(handle.id()).await.unwrap();
+    assert_eq!(rec.status, Status::Succeeded);
+    assert_eq!(rec.attempts, 1);
+    assert_eq!(rec.worker.as_deref(), Some("w1"));
+    assert_eq!(rec.metadata["tenant"], "acme");
+    assert!(rec.started_at.is_some() && rec.finished_at.is_some());
+    assert!(rec.error.is_none());
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_argument_types_fail_at_once_without_retries() {
+    let broker = MemoryBroker::new();
+    let w = start(
+        Worker::builder(broker.clone())
+            .register(Task::new("demo.add", add).retry_policy(fast_retries(5))),
+    );
+    let client = Client::new(broker);
+    let handle = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": "x"}))
+        .publish()
+        .await
+        .unwrap();
+    let rec = handle.wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Failed);
+    assert_eq!(rec.attempts, 1);
+    let err = rec.error.unwrap();
+    assert_eq!(err.kind, "invalid_args");
+    let e = handle.result::<i64>(WAIT).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TaskFailed);
+    // The worker is still alive.
+    let ok = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 1, "b": 1}))
+        .publish()
+        .await
+        .unwrap();
+    assert_eq!(ok.result::<i64>(WAIT).await.unwrap(), 2);
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_task_fails_with_a_clear_error() {
+    let broker = MemoryBroker::new();
+    let w = start(Worker::builder(broker.clone()).task("demo.add", add));
+    let client = Client::new(broker);
+    let handle = client.task("nope.missing").publish().await.unwrap();
+    let rec = handle.wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Failed);
+    assert_eq!(rec.attempts, 1);
+    let err = rec.error.unwrap();
+    assert_eq!(err.kind, "unknown_task");
+    assert!(
+        err.message.contains("nope.missing") && err.message.contains("demo.add"),
+        "{}",
+        err.message
+    );
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_envelope_fails_its_record_and_the_worker_lives_on() {
+    let broker = MemoryBroker::new();
+    let w = start(Worker::builder(broker.clone()).task("demo.add", add));
+    // Valid JSON with a readable id but a broken envelope (no enqueued_at, args of wrong type fine).
+    let bad = br#"{"v":1,"id":"broken-1","task":"demo.add","queue":"default"}"#;
+    broker
+        .publish(OutgoingRequest::new(
+            "broken-1",
+            "default",
+            "demo.add",
+            Bytes::from_static(bad),
+        ))
+        .await
+        .unwrap();
+    // Not JSON at all.
+    broker
+        .publish(OutgoingRequest::new(
+            "broken-2",
+            "default",
+            "demo.add",
+            Bytes::from_static(b"{not json"),
+        ))
+        .await
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let rec = client.wait("broken-1", WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Failed);
+    assert_eq!(rec.error.unwrap().kind, "invalid_request");
+    let ok = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 1, "b": 2}))
+        .publish()
+        .await
+        .unwrap();
+    assert_eq!(ok.result::<i64>(WAIT).await.unwrap(), 3);
+    assert_eq!(
+        broker.queued("default"),
+        0,
+        "poison messages must not be redelivered"
+    );
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn retryable_errors_are_retried_until_success() {
+    let broker = MemoryBroker::new();
+    async fn flaky(ctx: Context, Args(times): Args<u32>) -> Result<u32, TaskError> {
+        if ctx.attempt() <= times {
+            Err(TaskError::new(format!("attempt {} fails", ctx.attempt())))
+        } else {
+            Ok(ctx.retries())
+        }
+    }
+    let w = start(
+        Worker::builder(broker.clone())
+            .register(Task::new("flaky", flaky).retry_policy(fast_retries(3))),
+    );
+    let client = Client::new(broker);
+    let h = client.task("flaky").args(&2).publish().await.unwrap();
+    assert_eq!(h.result::<u32>(WAIT).await.unwrap(), 2);
+    assert_eq!(h.record().await.unwrap().attempts, 3);
+    // Too many failures: ends failed after 1 + max_retries attempts.
+    let h = client
+        .task("flaky")
+        .args(&9)
+        .max_retries(1)
+        .publish()
+        .await
+        .unwrap();
+    let rec = h.wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Failed);
+    assert_eq!(rec.attempts, 2);
+    assert_eq!(rec.max_retries, 1);
+    assert_eq!(rec.error.unwrap().message, "attempt 2 fails");
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn permanent_errors_and_panics() {
+    let broker = MemoryBroker::new();
+    async fn permanent() -> Result<(), TaskError> {
+        Err(TaskError::permanent("no way"))
+    }
+    async fn boom() -> Result<(), TaskError> {
+        panic!("kaboom")
+    }
+    let w = start(
+        Worker::builder(broker.clone())
+            .register(Task::new("permanent", permanent).retry_policy(fast_retries(3)))
+            .register(Task::new("boom", boom).retry_policy(fast_retries(1))),
+    );
+    let client = Client::new(broker);
+    let rec = client
+        .task("permanent")
+        .publish()
+        .await
+        .unwrap()
+        .wait(WAIT)
+        .await
+        .unwrap();
+    assert_eq!((rec.status, rec.attempts), (Status::Failed, 1));
+    let rec = client
+        .task("boom")
+        .publish()
+        .await
+        .unwrap()
+        .wait(WAIT)
+        .await
+        .unwrap();
+    assert_eq!((rec.status, rec.attempts), (Status::Failed, 2));
+    let err = rec.error.unwrap();
+    assert_eq!(err.kind, "panic");
+    assert!(err.message.contains("kaboom"));
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn same_id_runs_once() {
+    let broker = MemoryBroker::new();
+    let runs = Arc::new(AtomicUsize::new(0));
+    async fn count(State(runs): State<Arc<AtomicUsize>>) -> Result<usize, TaskError> {
+        Ok(runs.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+    let w = start(
+        Worker::builder(broker.clone())
+            .state(Arc::clone(&runs))
+            .task("count", count),
+    );
+    let client = Client::new(broker);
+    let a = client.task("count").id("order-42").publish().await.unwrap();
+    assert_eq!(a.result::<usize>(WAIT).await.unwrap(), 1);
+    let b = client.task("count").id("order-42").publish().await.unwrap();
+    assert_eq!(b.id(), "order-42");
+    assert_eq!(b.result::<usize>(WAIT).await.unwrap(), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_names_are_refused_at_publish() {
+    let client = Client::new(MemoryBroker::new());
+    for id in ["a.b>", "a b", "*", "x.y"] {
+        let e = client.task("demo.add").id(id).publish().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidName, "{id}");
+    }
+    let e = client
+        .task("demo.add")
+        .queue("q.>")
+        .publish()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidName);
+    let e = client.task("demo..add").publish().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidName);
+    assert_eq!(
+        client.record("a.b").await.unwrap_err().kind(),
+        ErrorKind::InvalidName
+    );
+}
+
+#[derive(Clone)]
+struct Http(&'static str);
+
+#[tokio::test]
+async fn missing_state_or_resource_is_a_build_error() {
+    async fn needs_state(State(_h): State<Http>) -> Result<(), TaskError> {
+        Ok(())
+    }
+    async fn needs_res(_r: Resource<String>) -> Result<(), TaskError> {
+        Ok(())
+    }
+    let e = Worker::builder(MemoryBroker::new())
+        .task("t", needs_state)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(e.message().contains("Http"), "{e}");
+    let e = Worker::builder(MemoryBroker::new())
+        .task("t", needs_res)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(Worker::builder(MemoryBroker::new())
+        .state(Http("x"))
+        .task("t", needs_state)
+        .build()
+        .is_ok());
+    let e = Worker::builder(MemoryBroker::new())
+        .task("t", add)
+        .task("t", add)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    let e = Worker::builder(MemoryBroker::new())
+        .task("bad name", add)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidName);
+}
+
+#[derive(Deserialize)]
+struct UserContext {
+    triggered_by: String,
+}
+
+struct Now(time::OffsetDateTime);
+
+impl FromContext for Now {
+    async fn from_context(_ctx: &Context) -> Result<Self, TaskError> {
+        Ok(Now(time::OffsetDateTime::now_utc()))
+    }
+}
+
+struct Pool {
+    id: usize,
+}
+
+#[tokio::test]
+async fn extractors_meta_custom_resource_and_metadata_writes() {
+    let broker = MemoryBroker::new();
+    let built = Arc::new(AtomicUsize::new(0));
+    async fn task(
+        ctx: Context,
+        Meta(user): Meta<UserContext>,
+        now: Now,
+        pool: Resource<Pool>,
+        Args(n): Args<u32>,
+    ) -> Result<String, TaskError> {
+        assert!(now.0 >= ctx.enqueued_at());
+        ctx.set_metadata("seen_by", format!("pool-{}", pool.id))
+            .await?;
+        ctx.set_progress(1, Some(2)).await?;
+        Ok(format!("{}:{n}", user.triggered_by))
+    }
+    let counter = Arc::clone(&built);
+    let w = start(
+        Worker::builder(broker.clone())
+            .resource(move || {
+                let counter = Arc::clone(&counter);
+                async move {
+                    Ok::<_, std::convert::Infallible>(Pool {
+                        id: counter.fetch_add(1, Ordering::SeqCst),
+                    })
+                }
+            })
+            .task("t", task),
+    );
+    let client = Client::new(broker);
+    let mut handles = Vec::new();
+    for n in 0..5 {
+        handles.push(
+            client
+                .task("t")
+                .args(&n)
+                .metadata("triggered_by", "alice")
+                .publish()
+                .await
+                .unwrap(),
+        );
+    }
+    for (n, h) in handles.iter().enumerate() {
+        assert_eq!(
+            h.result::<String>(WAIT).await.unwrap(),
+            format!("alice:{n}")
+        );
+        let meta = h.metadata().await.unwrap();
+        assert_eq!(meta["seen_by"], "pool-0");
+        assert_eq!(meta["triggered_by"], "alice");
+        assert_eq!(h.record().await.unwrap().progress.unwrap().current, 1);
+    }
+    assert_eq!(
+        built.load(Ordering::SeqCst),
+        1,
+        "the resource is built once per worker"
+    );
+    // Metadata of the wrong shape fails at once.
+    let h = client.task("t").args(&1).publish().await.unwrap();
+    let rec = h.wait(WAIT).await.unwrap();
+    assert_eq!(rec.error.unwrap().kind, "invalid_metadata");
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn blocking_tasks_run_off_the_async_threads() {
+    let broker = MemoryBroker::new();
+    // The test runtime is single-threaded: async tasks run on this thread.
+    #[derive(Clone)]
+    struct RuntimeThread(std::thread::ThreadId);
+    fn fib(State(rt): State<RuntimeThread>, Args(n): Args<u64>) -> Result<u64, TaskError> {
+        assert_ne!(
+            std::thread::current().id(),
+            rt.0,
+            "must not run on the runtime's thread"
+        );
+        let (mut a, mut b) = (0u64, 1u64);
+        for _ in 0..n {
+            (a, b) = (b, a + b);
+        }
+        Ok(a)
+    }
+    let w = start(
+        Worker::builder(broker.clone())
+            .state(RuntimeThread(std::thread::current().id()))
+            .blocking_task("fib", fib),
+    );
+    let client = Client::new(broker);
+    let h = client.task("fib").args(&50).publish().await.unwrap();
+    assert_eq!(h.result::<u64>(WAIT).await.unwrap(), 12_586_269_025);
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_running_tasks_finish_and_fires_cancellation() {
+    let broker = MemoryBroker::new();
+    let started = Arc::new(tokio::sync::Notify::new());
+    async fn slow(
+        ctx: Context,
+        State(started): State<Arc<tokio::sync::Notify>>,
+    ) -> Result<&'static str, TaskError> {
+        started.notify_one();
+        ctx.cancelled().await;
+        // Finishing after the token fired is still a success.
+        Ok("finished")
+    }
+    let w = start(
+        Worker::builder(broker.clone())
+            .state(Arc::clone(&started))
+            .task("slow", slow),
+    );
+    let client = Client::new(broker);
+    let h = client.task("slow").publish().await.unwrap();
+    started.notified().await;
+    w.stop().await;
+    let rec = h.record().await.unwrap();
+    assert_eq!(rec.status, Status::Succeeded);
+    assert_eq!(rec.value.unwrap(), "finished");
+}
+
+#[tokio::test]
+async fn tasks_past_the_shutdown_timeout_are_released_not_lost() {
+    let broker = MemoryBroker::new();
+    let started = Arc::new(tokio::sync::Notify::new());
+    async fn stubborn(State(started): State<Arc<tokio::sync::Notify>>) -> Result<(), TaskError> {
+        started.notify_one();
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+    let w = start(
+        Worker::builder(broker.clone())
+            .state(Arc::clone(&started))
+            .shutdown_timeout(Duration::from_millis(100))
+            .task("stubborn", stubborn),
+    );
+    let client = Client::new(broker.clone());
+    let h = client.task("stubborn").publish().await.unwrap();
+    started.notified().await;
+    w.stop().await;
+    let rec = h.record().await.unwrap();
+    assert_eq!(rec.status, Status::Retrying);
+    assert_eq!(rec.error.unwrap().kind, "interrupted");
+    assert_eq!(
+        broker.queued("default"),
+        1,
+        "the request is back in the queue"
+    );
+}
+
+#[tokio::test]
+async fn wait_times_out_with_the_last_status() {
+    let client = Client::new(MemoryBroker::new());
+    let h = client.task("nobody.serves.this").publish().await.unwrap();
+    let e = h.wait(Duration::from_millis(50)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    assert!(e.message().contains("pending"), "{e}");
+    assert_eq!(
+        client.record("unknown-id").await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
