@@ -49,7 +49,7 @@ pub use record::{ErrorInfo, Progress, Record, Status};
 pub use request::Request;
 pub use retry::RetryPolicy;
 pub use task_error::{Retry, TaskError};
-pub use worker::{shutdown_signal, Task, Worker, WorkerBuilder};
+pub use worker::{shutdown_signal, RunningWorker, Task, Worker, WorkerBuilder};
 
 /// Re-exported so users and brokers name the same versions.
 pub use serde_json;

@@ -308,6 +308,11 @@ impl WorkerBuilder {
         })
     }
 
+    /// Build and run in the background; see [`Worker::spawn`].
+    pub fn spawn(self) -> Result<RunningWorker> {
+        Ok(self.build()?.spawn())
+    }
+
     /// Build and run until SIGINT or SIGTERM; see [`Worker::run`].
     pub async fn run(self) -> Result<()> {
         self.build()?.run().await
@@ -389,6 +394,14 @@ impl Worker {
         set.into_iter().cloned().collect()
     }
 
+    /// Run in the background on the current tokio runtime until
+    /// [`RunningWorker::shutdown`]; for embedding a worker in a program or a test.
+    pub fn spawn(self) -> RunningWorker {
+        let stop = CancellationToken::new();
+        let join = tokio::spawn(self.run_until(stop.clone().cancelled_owned()));
+        RunningWorker { stop, join }
+    }
+
     /// Run until SIGINT or SIGTERM, then shut down gracefully.
     pub async fn run(self) -> Result<()> {
         self.run_until(shutdown_signal()).await
@@ -435,6 +448,28 @@ impl Worker {
         }
         info!(worker = %self.env.name, "worker stopped");
         Ok(())
+    }
+}
+
+/// A worker running in the background, from [`Worker::spawn`].
+#[derive(Debug)]
+pub struct RunningWorker {
+    stop: CancellationToken,
+    join: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RunningWorker {
+    /// Shut the worker down gracefully and wait for it; returns its result.
+    pub async fn shutdown(self) -> Result<()> {
+        self.stop.cancel();
+        self.join.await.map_err(|e| {
+            Error::new(ErrorKind::Config, format!("the worker task panicked or was aborted: {e}"))
+        })?
+    }
+
+    /// Whether the worker has stopped (by itself, e.g. on a start-up error).
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
     }
 }
 

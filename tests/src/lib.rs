@@ -1,0 +1,44 @@
+//! Helpers shared by jetq's integration tests: a real nats-server per test,
+//! brokers connected to it, and paths of the workspace's binaries.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use jetq_nats::NatsBroker;
+pub use jetq_test_server::NatsServer;
+
+/// A generous bound for anything a test waits on; reaching it is a failure.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Start a nats-server and connect a broker to it.
+pub async fn server_and_broker() -> (NatsServer, NatsBroker) {
+    let server = NatsServer::start();
+    let broker = connect(&server).await;
+    (server, broker)
+}
+
+/// Connect a new broker to `server`.
+pub async fn connect(server: &NatsServer) -> NatsBroker {
+    match NatsBroker::connect(&server.url()).await {
+        Ok(b) => b,
+        Err(e) => panic!("cannot connect to the test server at {}: {e}", server.url()),
+    }
+}
+
+/// The path of a binary of this workspace (`jetq`, `jetq-demo-worker`),
+/// built next to the test executables.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current exe: {e}"));
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap_or_else(|| panic!("unexpected test executable path {}", exe.display()));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "binary {} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}

@@ -1,0 +1,99 @@
+//! The `jetq` command and `jetq-demo-worker` as separate processes, as a
+//! user runs them.
+
+use std::process::{Child, Command, Output, Stdio};
+
+use jetq_tests::{workspace_bin, NatsServer};
+use serde_json::Value;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn demo_worker(server: &NatsServer) -> Proc {
+    let child = Command::new(workspace_bin("jetq-demo-worker"))
+        .args(["--nats", &server.url(), "--concurrency", "4"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
+    Proc(child)
+}
+
+fn jetq(server: &NatsServer, args: &[&str]) -> Output {
+    Command::new(workspace_bin("jetq"))
+        .arg("--nats")
+        .arg(server.url())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run jetq: {e}"))
+}
+
+fn json(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim().lines().count(), 1, "one JSON object on one line: {text}");
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[test]
+fn publish_wait_and_get_against_the_demo_worker() {
+    let server = NatsServer::start();
+    let _worker = demo_worker(&server);
+    let out = jetq(
+        &server,
+        &["publish", "demo.add", "--args", r#"{"a":2,"b":40}"#, "--metadata", r#"{"tenant":"acme"}"#, "--wait", "20"],
+    );
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let record = json(&out);
+    assert_eq!(record["status"], "succeeded");
+    assert_eq!(record["value"], 42);
+    assert_eq!(record["metadata"]["tenant"], "acme");
+    let id = record["id"].as_str().expect("id").to_owned();
+
+    let out = jetq(&server, &["get", &id]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&out), record);
+
+    // Without --wait it prints the id only, and the id is the one given.
+    let out = jetq(&server, &["publish", "demo.add", "--args", r#"{"a":1,"b":1}"#, "--id", "cli-given-id"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cli-given-id");
+}
+
+#[test]
+fn a_failed_request_exits_non_zero_with_its_record() {
+    let server = NatsServer::start();
+    let _worker = demo_worker(&server);
+    let out = jetq(&server, &["publish", "demo.add", "--args", r#"{"a":"x"}"#, "--wait", "20"]);
+    assert!(!out.status.success());
+    let record = json(&out);
+    assert_eq!(record["status"], "failed");
+    assert_eq!(record["error"]["kind"], "invalid_args");
+    assert_eq!(record["attempts"], 1);
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
+    let server = NatsServer::start();
+    let cases: &[(&[&str], &str)] = &[
+        (&["publish", "demo.add", "--id", "a.b>"], "id"),
+        (&["publish", "demo.add", "--args", "{not json"], "--args"),
+        (&["publish", "demo.add", "--metadata", "[1]"], "--metadata"),
+        (&["publish", "demo.*"], "task name"),
+        (&["get", "no-such-id"], "no record"),
+        (&["get", "a.b"], "id"),
+    ];
+    for (args, needle) in cases {
+        let out = jetq(&server, args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+    }
+}

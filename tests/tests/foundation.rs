@@ -1,0 +1,348 @@
+//! The foundation slice against a real nats-server: requests flow through
+//! JetStream to workers, records land in KV.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jetq::{Args, Client, Context, ErrorKind, RetryPolicy, State, Status, Task, TaskError, Worker};
+use jetq_tests::{connect, server_and_broker, WAIT};
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+#[derive(Deserialize)]
+struct AddArgs {
+    a: i64,
+    b: i64,
+}
+
+async fn add(Args(args): Args<AddArgs>) -> Result<i64, TaskError> {
+    Ok(args.a + args.b)
+}
+
+#[tokio::test]
+async fn a_request_runs_and_its_record_lands_in_kv() {
+    let (server, broker) = server_and_broker().await;
+    let worker = Worker::builder(broker.clone()).name("it-worker").task("demo.add", add).spawn().unwrap();
+    let client = Client::new(broker);
+    let handle = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 2, "b": 40}))
+        .metadata("tenant", "acme")
+        .publish()
+        .await
+        .unwrap();
+    assert_eq!(handle.result::<i64>(WAIT).await.unwrap(), 42);
+
+    // Any other client reads it by id, straight from KV.
+    let other = Client::new(connect(&server).await);
+    let record = other.record(handle.id()).await.unwrap();
+    assert_eq!(record.status, Status::Succeeded);
+    assert_eq!(record.value, Some(serde_json::json!(42)));
+    assert_eq!(record.metadata["tenant"], "acme");
+    assert_eq!(record.attempts, 1);
+    assert_eq!(record.worker.as_deref(), Some("it-worker"));
+    assert!(record.started_at.is_some() && record.finished_at.is_some());
+    assert_eq!(other.metadata(handle.id()).await.unwrap()["tenant"], "acme");
+    assert_eq!(handle.status().await.unwrap(), Status::Succeeded);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_record_is_stored_as_documented_json_in_the_results_bucket() {
+    let (server, broker) = server_and_broker().await;
+    let worker = Worker::builder(broker.clone()).task("demo.add", add).spawn().unwrap();
+    let client = Client::new(broker);
+    let handle = client
+        .task("demo.add")
+        .id("wire-1")
+        .args(&serde_json::json!({"a": 1, "b": 2}))
+        .publish()
+        .await
+        .unwrap();
+    handle.wait(WAIT).await.unwrap();
+    // Read it with plain async-nats, as a client of another language would.
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let kv = js.get_key_value("JETQ_RESULTS").await.unwrap();
+    let raw = kv.get("wire-1").await.unwrap().expect("record under key = id");
+    let json: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(json["v"], 1);
+    assert_eq!(json["id"], "wire-1");
+    assert_eq!(json["status"], "succeeded");
+    assert_eq!(json["value"], 3);
+    assert_eq!(json["attempts"], 1);
+    for field in ["task", "queue", "metadata", "enqueued_at", "started_at", "finished_at", "worker"] {
+        assert!(json.get(field).is_some(), "record lacks `{field}`: {json}");
+    }
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_fails_at_once_and_the_worker_keeps_running() {
+    let (server, broker) = server_and_broker().await;
+    let worker = Worker::builder(broker.clone())
+        .register(Task::new("demo.add", add).max_retries(5))
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker);
+
+    // Unknown task.
+    let rec = client.task("no.such.task").publish().await.unwrap().wait(WAIT).await.unwrap();
+    assert_eq!((rec.status, rec.attempts), (Status::Failed, 1));
+    let err = rec.error.unwrap();
+    assert_eq!(err.kind, "unknown_task");
+    assert!(err.message.contains("no.such.task") && err.message.contains("demo.add"), "{}", err.message);
+
+    // Wrong argument types.
+    let rec = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": "x"}))
+        .publish()
+        .await
+        .unwrap()
+        .wait(WAIT)
+        .await
+        .unwrap();
+    assert_eq!((rec.status, rec.attempts), (Status::Failed, 1));
+    assert_eq!(rec.error.unwrap().kind, "invalid_args");
+
+    // Malformed JSON, published raw to the task subject with a readable id.
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    js.publish("jetq.tasks.default.demo.add", r#"{"v":1,"id":"raw-broken","task":"demo.add"}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    js.publish("jetq.tasks.default.demo.add", "this is not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let rec = client.wait("raw-broken", WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Failed);
+    assert_eq!(rec.error.unwrap().kind, "invalid_request");
+
+    // Still serving.
+    let ok = client.task("demo.add").args(&serde_json::json!({"a": 20, "b": 22})).publish().await.unwrap();
+    assert_eq!(ok.result::<i64>(WAIT).await.unwrap(), 42);
+
+    // Nothing is left to be redelivered forever.
+    let mut stream = js.get_stream("JETQ_TASKS").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn invalid_names_are_refused_before_reaching_nats() {
+    let (_server, broker) = server_and_broker().await;
+    let client = Client::new(broker);
+    for id in ["a.b>", "a.b", "*", ">", "a b", ""] {
+        let e = client.task("demo.add").id(id).publish().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidName, "id {id:?}");
+    }
+    for queue in ["q.x", "q*", "q >"] {
+        let e = client.task("demo.add").queue(queue).publish().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidName, "queue {queue:?}");
+    }
+    for task in ["demo.*", "demo.>", "demo..add", " demo"] {
+        let e = client.task(task).publish().await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidName, "task {task:?}");
+    }
+    let e = client.record("a.b>").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidName);
+    assert!(e.to_string().contains("`.`"), "the error names the rule: {e}");
+}
+
+#[tokio::test]
+async fn the_same_id_published_twice_runs_once() {
+    let (_server, broker) = server_and_broker().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    async fn count(State(runs): State<Arc<AtomicUsize>>) -> Result<usize, TaskError> {
+        Ok(runs.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+    let worker = Worker::builder(broker.clone()).state(Arc::clone(&runs)).task("count", count).spawn().unwrap();
+    let client = Client::new(broker);
+    let first = client.task("count").id("order-42-thumb").publish().await.unwrap();
+    let second = client.task("count").id("order-42-thumb").publish().await.unwrap();
+    assert_eq!(first.result::<usize>(WAIT).await.unwrap(), 1);
+    assert_eq!(second.result::<usize>(WAIT).await.unwrap(), 1);
+    // And again after it finished.
+    let third = client.task("count").id("order-42-thumb").publish().await.unwrap();
+    assert_eq!(third.result::<usize>(WAIT).await.unwrap(), 1);
+    worker.shutdown().await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn metadata_set_by_a_running_task_is_readable_before_it_ends() {
+    let (_server, broker) = server_and_broker().await;
+    #[derive(Clone)]
+    struct Gates {
+        written: Arc<Notify>,
+        release: Arc<Notify>,
+    }
+    async fn long(ctx: Context, State(g): State<Gates>) -> Result<(), TaskError> {
+        ctx.set_metadata("stage", "halfway").await?;
+        ctx.set_progress(50, Some(100)).await?;
+        g.written.notify_one();
+        g.release.notified().await;
+        ctx.set_metadata("stage", "done").await?;
+        Ok(())
+    }
+    let gates = Gates {
+        written: Arc::new(Notify::new()),
+        release: Arc::new(Notify::new()),
+    };
+    let worker = Worker::builder(broker.clone()).state(gates.clone()).task("long", long).spawn().unwrap();
+    let client = Client::new(broker);
+    let handle = client.task("long").metadata("tenant", "acme").publish().await.unwrap();
+    gates.written.notified().await;
+    let rec = handle.record().await.unwrap();
+    assert_eq!(rec.status, Status::Running);
+    assert_eq!(rec.metadata["stage"], "halfway");
+    assert_eq!(rec.metadata["tenant"], "acme");
+    assert_eq!(rec.progress.unwrap().current, 50);
+    gates.release.notify_one();
+    let rec = handle.wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Succeeded);
+    assert_eq!(rec.metadata["stage"], "done");
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn retryable_failures_are_retried_and_counted() {
+    let (_server, broker) = server_and_broker().await;
+    async fn flaky(ctx: Context, Args(times): Args<u32>) -> Result<u32, TaskError> {
+        if ctx.attempt() <= times {
+            return Err(TaskError::new(format!("attempt {} fails", ctx.attempt())));
+        }
+        Ok(ctx.retries())
+    }
+    async fn boom() -> Result<(), TaskError> {
+        panic!("boom")
+    }
+    let fast = RetryPolicy::new(3).base(Duration::from_millis(20)).max(Duration::from_millis(100));
+    let worker = Worker::builder(broker.clone())
+        .register(Task::new("flaky", flaky).retry_policy(fast))
+        .register(Task::new("boom", boom).retry_policy(fast))
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker);
+    let h = client.task("flaky").args(&2).publish().await.unwrap();
+    assert_eq!(h.result::<u32>(WAIT).await.unwrap(), 2);
+    assert_eq!(h.record().await.unwrap().attempts, 3);
+    let rec = client.task("flaky").args(&9).max_retries(1).publish().await.unwrap().wait(WAIT).await.unwrap();
+    assert_eq!((rec.status, rec.attempts), (Status::Failed, 2));
+    let rec = client.task("boom").max_retries(0).publish().await.unwrap().wait(WAIT).await.unwrap();
+    assert_eq!((rec.status, rec.attempts), (Status::Failed, 1));
+    assert_eq!(rec.error.unwrap().kind, "panic");
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn queues_are_separate_and_a_worker_serves_several() {
+    let (_server, broker) = server_and_broker().await;
+    async fn which(ctx: Context) -> Result<String, TaskError> {
+        Ok(ctx.queue().to_owned())
+    }
+    let worker = Worker::builder(broker.clone())
+        .register(Task::new("which", which).queue("alpha").queue("beta"))
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let a = client.task("which").queue("alpha").publish().await.unwrap();
+    let b = client.task("which").queue("beta").publish().await.unwrap();
+    assert_eq!(a.result::<String>(WAIT).await.unwrap(), "alpha");
+    assert_eq!(b.result::<String>(WAIT).await.unwrap(), "beta");
+    // A request on a queue nobody serves stays pending, untouched.
+    let g = client.task("which").queue("gamma").publish().await.unwrap();
+    let e = g.wait(Duration::from_millis(300)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    assert_eq!(g.status().await.unwrap(), Status::Pending);
+    worker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrency_is_limited() {
+    let (_server, broker) = server_and_broker().await;
+    #[derive(Clone, Default)]
+    struct Gauge {
+        now: Arc<AtomicUsize>,
+        max: Arc<AtomicUsize>,
+    }
+    async fn busy(State(g): State<Gauge>) -> Result<(), TaskError> {
+        let n = g.now.fetch_add(1, Ordering::SeqCst) + 1;
+        g.max.fetch_max(n, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        g.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+    let gauge = Gauge::default();
+    let worker = Worker::builder(broker.clone())
+        .state(gauge.clone())
+        .concurrency(3)
+        .task("busy", busy)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker);
+    let mut handles = Vec::new();
+    for _ in 0..12 {
+        handles.push(client.task("busy").publish().await.unwrap());
+    }
+    for h in &handles {
+        assert_eq!(h.wait(WAIT).await.unwrap().status, Status::Succeeded);
+    }
+    worker.shutdown().await.unwrap();
+    assert_eq!(gauge.max.load(Ordering::SeqCst), 3, "at most (and, under load, exactly) 3 at once");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_running_tasks_and_loses_nothing() {
+    let (server, broker) = server_and_broker().await;
+    #[derive(Clone)]
+    struct Started(Arc<Notify>);
+    async fn slow(State(s): State<Started>, Args(ms): Args<u64>) -> Result<u64, TaskError> {
+        s.0.notify_one();
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(ms)
+    }
+    let started = Started(Arc::new(Notify::new()));
+    let worker = Worker::builder(broker.clone())
+        .state(started.clone())
+        .concurrency(1)
+        .task("slow", slow)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker);
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        handles.push(client.task("slow").args(&300u64).publish().await.unwrap());
+    }
+    started.0.notified().await;
+    worker.shutdown().await.unwrap();
+    // The one that was running finished during shutdown.
+    let done: Vec<Status> = {
+        let mut v = Vec::new();
+        for h in &handles {
+            v.push(h.status().await.unwrap());
+        }
+        v
+    };
+    assert_eq!(done.iter().filter(|s| **s == Status::Succeeded).count(), 1, "{done:?}");
+    assert!(done.iter().all(|s| matches!(s, Status::Succeeded | Status::Pending)), "{done:?}");
+    // A new worker (new connection) runs the rest.
+    let broker2 = connect(&server).await;
+    let worker2 = Worker::builder(broker2.clone())
+        .state(started)
+        .concurrency(4)
+        .task("slow", slow)
+        .spawn()
+        .unwrap();
+    for h in &handles {
+        let rec = Client::new(broker2.clone()).wait(h.id(), WAIT).await.unwrap();
+        assert_eq!((rec.status, rec.attempts), (Status::Succeeded, 1));
+    }
+    worker2.shutdown().await.unwrap();
+}
