@@ -22,6 +22,8 @@ use crate::error::Result;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A boxed, sendable stream.
 pub type BoxStream<'a, T> = Pin<Box<dyn Stream<Item = T> + Send + 'a>>;
+/// The deliveries of one pull.
+pub type Deliveries = BoxStream<'static, Result<Box<dyn Delivery>>>;
 
 /// A request on its way to the broker.
 #[derive(Debug, Clone)]
@@ -163,11 +165,7 @@ pub trait Delivery: Send + Sync + Debug {
 pub trait Consumer: Send + Debug {
     /// Pull up to `max` deliveries. The stream yields them as they arrive and
     /// ends when `max` were yielded or `expires` has passed.
-    fn pull(
-        &mut self,
-        max: usize,
-        expires: Duration,
-    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<Box<dyn Delivery>>>>>;
+    fn pull(&mut self, max: usize, expires: Duration) -> BoxFuture<'_, Result<Deliveries>>;
 }
 
 /// The message system and record store behind jetq.

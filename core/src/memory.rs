@@ -39,7 +39,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, Notify};
 
 use crate::broker::{
-    BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, Delivery, DeliveryInfo,
+    BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, Deliveries, Delivery, DeliveryInfo,
     OutgoingRequest, PublishAck, RecordEntry,
 };
 use crate::error::{Error, ErrorKind, Result};
@@ -253,11 +253,7 @@ struct MemoryConsumer {
 }
 
 impl Consumer for MemoryConsumer {
-    fn pull(
-        &mut self,
-        max: usize,
-        expires: Duration,
-    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<Box<dyn Delivery>>>>> {
+    fn pull(&mut self, max: usize, expires: Duration) -> BoxFuture<'_, Result<Deliveries>> {
         let inner = Arc::clone(&self.inner);
         let queue = self.queue.clone();
         Box::pin(async move {
@@ -301,7 +297,7 @@ impl Consumer for MemoryConsumer {
                     }
                 },
             );
-            let stream: BoxStream<'static, Result<Box<dyn Delivery>>> = Box::pin(stream);
+            let stream: Deliveries = Box::pin(stream);
             Ok(stream)
         })
     }

@@ -8,8 +8,9 @@
 //! - **task names**: 1 to 128 characters; one or more tokens separated by `.`,
 //!   each token non-empty and made of `A-Z a-z 0-9 - _`. So `images.resize`
 //!   is fine, `images..resize`, `.x`, `a.*` and `a.>` are not.
-//! - **metadata keys and other names** (workflow topics, event keys) follow
-//!   the id rule.
+//! - **other names that become tokens** (workflow topics, event keys) follow
+//!   the id rule ([`validate_key`]). Metadata keys never reach a subject and
+//!   are free-form.
 
 use crate::error::{Error, ErrorKind, Result};
 

@@ -463,7 +463,10 @@ impl RunningWorker {
     pub async fn shutdown(self) -> Result<()> {
         self.stop.cancel();
         self.join.await.map_err(|e| {
-            Error::new(ErrorKind::Config, format!("the worker task panicked or was aborted: {e}"))
+            Error::new(
+                ErrorKind::Config,
+                format!("the worker task panicked or was aborted: {e}"),
+            )
         })?
     }
 

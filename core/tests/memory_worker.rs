@@ -1,5 +1,7 @@
 //! Core's fast tests: the worker and client against the in-memory broker.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,31 +10,15 @@ use bytes::Bytes;
 use jetq::broker::{Broker, OutgoingRequest};
 use jetq::memory::MemoryBroker;
 use jetq::{
-    Args, Client, Context, ErrorKind, FromContext, Meta, Resource, RetryPolicy, State, Status,
-    Task, TaskError, Worker, WorkerBuilder,
+    Args, Client, Context, ErrorKind, FromContext, Meta, Resource, RetryPolicy, RunningWorker,
+    State, Status, Task, TaskError, Worker, WorkerBuilder,
 };
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-struct Running {
-    stop: CancellationToken,
-    join: tokio::task::JoinHandle<jetq::Result<()>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.cancel();
-        self.join.await.unwrap().unwrap();
-    }
-}
-
-fn start(builder: WorkerBuilder) -> Running {
-    let stop = CancellationToken::new();
-    let worker = builder.build().unwrap();
-    let join = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
-    Running { stop, join }
+fn start(builder: WorkerBuilder) -> RunningWorker {
+    builder.spawn().unwrap()
 }
 
 fn fast_retries(max: u32) -> RetryPolicy {
@@ -75,7 +61,7 @@ async fn runs_a_task_and_records_its_value_and_metadata() {
     assert_eq!(rec.metadata["tenant"], "acme");
     assert!(rec.started_at.is_some() && rec.finished_at.is_some());
     assert!(rec.error.is_none());
-    w.stop().await;
+    w.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -107,7 +93,7 @@ async fn wrong_argument_types_fail_at_once_without_retries() {
         .await
         .unwrap();
     assert_eq!(ok.result::<i64>(WAIT).await.unwrap(), 2);
-    w.stop().await;
+    w.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -126,7 +112,7 @@ async fn unknown_task_fails_with_a_clear_error() {
         "{}",
         err.message
     );
-    w.stop().await;
+    w.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -170,7 +156,7 @@ async fn malformed_envelope_fails_its_record_and_the_worker_lives_on() {
         0,
         "poison messages must not be redelivered"
     );
-    w.stop().await;
+    w.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -204,7 +190,7 @@ async fn retryable_errors_are_retried_until_success() {
     assert_eq!(rec.attempts, 2);
     assert_eq!(rec.max_retries, 1);
     assert_eq!(rec.error.unwrap().message, "attempt 2 fails");
-    w.stop().await;
+    w.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -243,7 +229,7 @@ async fn permanent_errors_and_panics() {
     let err = rec.error.unwrap();
     assert_eq!(err.kind, "panic");
     assert!(err.message.contains("kaboom"));
-    w.stop().await;
+    w.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -265,7 +251,7 @@ async fn same_id_runs_once() {
     assert_eq!(b.id(), "order-42");
     assert_eq!(b.result::<usize>(WAIT).await.unwrap(), 1);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    w.stop().await;
+    w.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -291,7 +277,7 @@ async fn invalid_names_are_refused_at_publish() {
 }
 
 #[derive(Clone)]
-struct Http(&'static str);
+struct Http;
 
 #[tokio::test]
 async fn missing_state_or_resource_is_a_build_error() {
@@ -313,7 +299,7 @@ async fn missing_state_or_resource_is_a_build_error() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Config);
     assert!(Worker::builder(MemoryBroker::new())
-        .state(Http("x"))
+        .state(Http)
         .task("t", needs_state)
         .build()
         .is_ok());
@@ -409,7 +395,7 @@ async fn extractors_meta_custom_resource_and_metadata_writes() {
     let h = client.task("t").args(&1).publish().await.unwrap();
     let rec = h.wait(WAIT).await.unwrap();
     assert_eq!(rec.error.unwrap().kind, "invalid_metadata");
-    w.stop().await;
+    w.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -438,7 +424,7 @@ async fn blocking_tasks_run_off_the_async_threads() {
     let client = Client::new(broker);
     let h = client.task("fib").args(&50).publish().await.unwrap();
     assert_eq!(h.result::<u64>(WAIT).await.unwrap(), 12_586_269_025);
-    w.stop().await;
+    w.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -462,7 +448,7 @@ async fn shutdown_lets_running_tasks_finish_and_fires_cancellation() {
     let client = Client::new(broker);
     let h = client.task("slow").publish().await.unwrap();
     started.notified().await;
-    w.stop().await;
+    w.shutdown().await.unwrap();
     let rec = h.record().await.unwrap();
     assert_eq!(rec.status, Status::Succeeded);
     assert_eq!(rec.value.unwrap(), "finished");
@@ -486,7 +472,7 @@ async fn tasks_past_the_shutdown_timeout_are_released_not_lost() {
     let client = Client::new(broker.clone());
     let h = client.task("stubborn").publish().await.unwrap();
     started.notified().await;
-    w.stop().await;
+    w.shutdown().await.unwrap();
     let rec = h.record().await.unwrap();
     assert_eq!(rec.status, Status::Retrying);
     assert_eq!(rec.error.unwrap().kind, "interrupted");

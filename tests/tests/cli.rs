@@ -1,6 +1,8 @@
 //! The `jetq` command and `jetq-demo-worker` as separate processes, as a
 //! user runs them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::{Child, Command, Output, Stdio};
 
 use jetq_tests::{workspace_bin, NatsServer};

@@ -1,6 +1,8 @@
 //! The foundation slice against a real nats-server: requests flow through
 //! JetStream to workers, records land in KV.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
