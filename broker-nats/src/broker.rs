@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID, NATS_SEQUENCE};
-use async_nats::jetstream::context::{CreateKeyValueErrorKind, PublishError, PublishErrorKind};
+use async_nats::jetstream::context::{
+    CreateKeyValueErrorKind, CreateStreamErrorKind, PublishError, PublishErrorKind,
+};
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, ConsumerCreateStrictErrorKind};
@@ -236,6 +238,11 @@ impl NatsBroker {
         &self.inner.config
     }
 
+    /// The prefix of every name the broker uses (default `jetq`).
+    pub fn prefix(&self) -> &str {
+        &self.inner.config.prefix
+    }
+
     /// Name of the task stream (`{PREFIX}_TASKS`).
     pub fn stream_name(&self) -> String {
         self.inner.config.stream_name()
@@ -378,6 +385,11 @@ impl NatsBroker {
                 format!("cannot create stream {name}: another stream already captures subjects {}.tasks.>; choose another prefix", self.inner.config.prefix),
                 err,
             )),
+            Err(err) if err.kind() == CreateStreamErrorKind::JetStreamUnavailable => Err(wrap(
+                ErrorKind::Broker,
+                format!("cannot create the task stream {name}: JetStream does not answer; enable it on the server (nats-server -js) and check the account's JetStream limits"),
+                err,
+            )),
             Err(err) => Err(management(format!("cannot create the task stream {name}"), err)),
         }
     }
@@ -484,10 +496,17 @@ impl NatsBroker {
         let message = PublishMessage::build()
             .payload(request.payload)
             .headers(headers);
-        self.ensure_stream().await?;
-
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
         let mut delay = Duration::from_millis(50);
+        // First use: create the stream, riding out a server that is (re)starting.
+        while let Err(err) = self.ensure_stream().await {
+            if err.kind() == ErrorKind::Config || tokio::time::Instant::now() + delay > deadline {
+                return Err(err);
+            }
+            tracing::debug!(error = %err, ?delay, "creating the task stream failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -639,7 +658,11 @@ impl NatsBroker {
             last: current.as_ref().map_or(0, |e| e.revision),
             pending: current,
             resync,
-            reconnects: self.inner.reconnects.clone(),
+            reconnects: self.inner.reconnects.clone().map(|mut rx| {
+                // Only reconnections after this point call for a re-read.
+                rx.mark_unchanged();
+                rx
+            }),
         };
         Ok(Box::pin(futures_util::stream::unfold(
             state,

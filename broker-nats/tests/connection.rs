@@ -14,14 +14,16 @@ use jetq_test_server::NatsServer;
 #[tokio::test]
 async fn user_and_password() {
     let server = NatsServer::start_with_args(&["--user", "u", "--pass", "p"]);
-    let broker = NatsBroker::connect_with(NatsConfig::new(&server.url()).user_and_password("u", "p"))
-        .await
-        .unwrap();
+    let broker =
+        NatsBroker::connect_with(NatsConfig::new(&server.url()).user_and_password("u", "p"))
+            .await
+            .unwrap();
     broker.ensure_queue("default").await.unwrap();
 
-    let err = NatsBroker::connect_with(NatsConfig::new(&server.url()).user_and_password("u", "wrong"))
-        .await
-        .unwrap_err();
+    let err =
+        NatsBroker::connect_with(NatsConfig::new(&server.url()).user_and_password("u", "wrong"))
+            .await
+            .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Broker);
     assert!(err.message().contains("refused the credentials"), "{err}");
     assert!(std::error::Error::source(&err).is_some());
@@ -50,10 +52,15 @@ async fn unreachable_server_and_bad_url_fail_clearly() {
     let url = server.url();
     server.kill();
     let err = NatsBroker::connect(&url).await.unwrap_err();
-    assert!(matches!(err.kind(), ErrorKind::Broker | ErrorKind::Timeout), "{err:?}");
+    assert!(
+        matches!(err.kind(), ErrorKind::Broker | ErrorKind::Timeout),
+        "{err:?}"
+    );
     assert!(err.message().contains(&url), "{err}");
 
-    let err = NatsBroker::connect("nats://bad host:4222").await.unwrap_err();
+    let err = NatsBroker::connect("nats://bad host:4222")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config, "{err:?}");
 }
 
@@ -169,4 +176,51 @@ async fn publish_gives_up_when_the_stream_is_gone() {
     assert!(err.message().contains("JETQ_TASKS"), "{err}");
     // Not recreated behind the operator's back.
     assert!(js.get_stream(broker.stream_name()).await.is_err());
+}
+
+#[tokio::test]
+async fn watch_and_pull_continue_after_a_server_restart() {
+    use futures_util::StreamExt;
+
+    let mut server = NatsServer::start();
+    let broker = NatsBroker::connect_with(
+        NatsConfig::new(&server.url()).ping_interval(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    let rev = broker.create_record("job", "queued".into()).await.unwrap();
+    let mut watch = broker.watch_record("job").await.unwrap();
+    assert_eq!(watch.next().await.unwrap().unwrap().value, "queued");
+    let mut consumer = broker
+        .consume("default", ConsumeOptions::new("w"))
+        .await
+        .unwrap();
+
+    server.restart();
+
+    // Retried like a publish would be: the first attempts may hit the reconnect.
+    let mut rev2 = None;
+    for _ in 0..50 {
+        match broker.update_record("job", "done".into(), rev).await {
+            Ok(r) => {
+                rev2 = Some(r);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    let rev2 = rev2.expect("update after restart");
+    let entry = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("watch yields after the restart")
+        .unwrap()
+        .unwrap();
+    assert_eq!((entry.value.as_ref(), entry.revision), (&b"done"[..], rev2));
+
+    broker
+        .publish(request("after", "default", "t", "after"))
+        .await
+        .unwrap();
+    let got = pull_all(&mut consumer, 1, Duration::from_secs(5)).await;
+    assert_eq!(got[0].payload(), b"after");
 }
