@@ -206,7 +206,10 @@ impl NatsBroker {
     }
 
     /// Use a client you already have. Its connection options (timeouts,
-    /// auth, TLS) are yours; the server and auth options of `config` are ignored.
+    /// auth, TLS, ping interval) are yours; the server, auth and TLS options
+    /// of `config` are ignored. The broker cannot see this client's
+    /// reconnections, so record watches re-read only every
+    /// [`watch_resync`](NatsConfig::watch_resync) rather than on reconnect.
     pub fn from_client(client: Client, config: NatsConfig) -> Result<NatsBroker> {
         config.validate()?;
         Ok(Self::build(client, config, None))
