@@ -1,0 +1,813 @@
+//! [`NatsBroker`]: provisioning, publishing, consuming and records.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID, NATS_SEQUENCE};
+use async_nats::jetstream::context::{
+    CreateKeyValueErrorKind, CreateStreamErrorKind, PublishError, PublishErrorKind,
+};
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, ConsumerCreateStrictErrorKind};
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::{self, consumer};
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, Subscriber};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use jetq::broker::{
+    BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, OutgoingRequest, PublishAck,
+    RecordEntry,
+};
+use jetq::names::{validate_id, validate_queue, validate_task};
+use jetq::{Error, ErrorKind, Result};
+use tokio::sync::{watch, OnceCell};
+
+use crate::config::{Auth, NatsConfig, Storage};
+use crate::consumer::NatsConsumer;
+use crate::error::{is_transient_code, jetstream_code, management, record, wrap};
+
+/// Header carrying the KV operation (`DEL`, `PURGE`) of a record message.
+const KV_OPERATION: &str = "KV-Operation";
+
+/// The jetq broker on NATS JetStream. Cheap to clone: clones share one
+/// connection and one provisioning cache.
+///
+/// See the [crate documentation](crate) for the layout it creates.
+#[derive(Clone)]
+pub struct NatsBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    js: jetstream::Context,
+    config: NatsConfig,
+    stream_ready: OnceCell<()>,
+    bucket: OnceCell<kv::Store>,
+    queues: Mutex<HashSet<String>>,
+    /// Counts (re)connections when the broker made the connection itself.
+    reconnects: Option<watch::Receiver<u64>>,
+}
+
+impl fmt::Debug for NatsBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsBroker")
+            .field("servers", &self.inner.config.servers)
+            .field("prefix", &self.inner.config.prefix)
+            .field("state", &self.inner.client.connection_state())
+            .finish_non_exhaustive()
+    }
+}
+
+fn connect_error(servers: &[String], err: async_nats::ConnectError) -> Error {
+    let servers = servers.join(",");
+    let (kind, message) = match err.kind() {
+        ConnectErrorKind::AuthorizationViolation => (
+            ErrorKind::Broker,
+            format!("NATS server {servers} refused the credentials (authorization violation); check the user and password, token, NKey or credentials file"),
+        ),
+        ConnectErrorKind::Authentication => (
+            ErrorKind::Config,
+            format!("cannot authenticate to NATS server {servers}: the NKey seed or credentials file is invalid"),
+        ),
+        ConnectErrorKind::TimedOut => (
+            ErrorKind::Timeout,
+            format!("connecting to NATS server {servers} timed out; check the address and that the server is up"),
+        ),
+        ConnectErrorKind::Tls => (
+            ErrorKind::Config,
+            format!("TLS setup for NATS server {servers} failed; check the CA, certificate and key files and whether the server speaks TLS"),
+        ),
+        ConnectErrorKind::ServerParse => (
+            ErrorKind::Config,
+            format!("invalid NATS server address {servers:?}; use URLs like nats://host:4222"),
+        ),
+        ConnectErrorKind::Dns => (
+            ErrorKind::Broker,
+            format!("cannot resolve the NATS server address {servers}"),
+        ),
+        _ => (
+            ErrorKind::Broker,
+            format!("cannot connect to NATS server {servers}; check the address and that the server is up"),
+        ),
+    };
+    wrap(kind, message, err)
+}
+
+fn payload_too_large(client: &Client, err: &(dyn std::error::Error + 'static)) -> Option<Error> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let exceeded = e
+            .downcast_ref::<PublishError>()
+            .is_some_and(|p| p.kind() == PublishErrorKind::MaxPayloadExceeded)
+            || e.downcast_ref::<async_nats::jetstream::Error>()
+                .is_some_and(|js| js.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM);
+        if exceeded {
+            let max = client.server_info().max_payload;
+            return Some(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "the message is larger than the NATS server accepts (max_payload is {max} bytes): {e}; pass large data by reference (e.g. an object store key) or raise max_payload on the server"
+                ),
+            ));
+        }
+        cur = e.source();
+    }
+    None
+}
+
+impl NatsBroker {
+    /// Connect to `url` (one URL or a comma-separated list) with default options.
+    pub async fn connect(url: &str) -> Result<NatsBroker> {
+        Self::connect_with(NatsConfig::new(url)).await
+    }
+
+    /// Connect with the given options.
+    pub async fn connect_with(config: NatsConfig) -> Result<NatsBroker> {
+        config.validate()?;
+        let mut addrs = Vec::with_capacity(config.servers.len());
+        for server in &config.servers {
+            let addr = ServerAddr::from_str(server).map_err(|e| {
+                wrap(
+                    ErrorKind::Config,
+                    format!(
+                        "invalid NATS server address {server:?}; use URLs like nats://host:4222"
+                    ),
+                    e,
+                )
+            })?;
+            addrs.push(addr);
+        }
+        let mut options = match &config.auth {
+            Auth::CredentialsFile(path) => ConnectOptions::with_credentials_file(path.clone())
+                .await
+                .map_err(|e| {
+                    wrap(
+                        ErrorKind::Config,
+                        format!("cannot read the NATS credentials file {}", path.display()),
+                        e,
+                    )
+                })?,
+            _ => ConnectOptions::new(),
+        };
+        options = match &config.auth {
+            Auth::UserPassword(user, password) => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            Auth::Token(token) => options.token(token.clone()),
+            Auth::NkeySeed(seed) => options.nkey(seed.clone()),
+            Auth::None | Auth::CredentialsFile(_) => options,
+        };
+        if config.tls_required {
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &config.tls_root_ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &config.tls_client_cert {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        if let Some(name) = &config.name {
+            options = options.name(name);
+        }
+        let (tx, rx) = watch::channel(0u64);
+        let tx = Arc::new(tx);
+        options = options
+            .ping_interval(config.ping_interval)
+            .connection_timeout(config.connection_timeout)
+            .request_timeout(Some(config.request_timeout))
+            .event_callback(move |event| {
+                let tx = Arc::clone(&tx);
+                async move {
+                    match event {
+                        Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            tx.send_modify(|n| *n += 1);
+                        }
+                        Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS; reconnecting")
+                        }
+                        Event::SlowConsumer(sid) => {
+                            tracing::warn!(sid, "NATS slow consumer: messages were dropped")
+                        }
+                        other => tracing::info!(event = %other, "NATS connection event"),
+                    }
+                }
+            });
+        let client = options
+            .connect(addrs)
+            .await
+            .map_err(|e| connect_error(&config.servers, e))?;
+        Ok(Self::build(client, config, Some(rx)))
+    }
+
+    /// Use a client you already have. Its connection options (timeouts,
+    /// auth, TLS, ping interval) are yours; the server, auth and TLS options
+    /// of `config` are ignored. The broker cannot see this client's
+    /// reconnections, so record watches re-read only every
+    /// [`watch_resync`](NatsConfig::watch_resync) rather than on reconnect.
+    pub fn from_client(client: Client, config: NatsConfig) -> Result<NatsBroker> {
+        config.validate()?;
+        Ok(Self::build(client, config, None))
+    }
+
+    fn build(client: Client, config: NatsConfig, reconnects: Option<watch::Receiver<u64>>) -> Self {
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(config.request_timeout);
+        NatsBroker {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                config,
+                stream_ready: OnceCell::new(),
+                bucket: OnceCell::new(),
+                queues: Mutex::new(HashSet::new()),
+                reconnects,
+            }),
+        }
+    }
+
+    /// The underlying NATS client.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The options the broker runs with.
+    pub fn config(&self) -> &NatsConfig {
+        &self.inner.config
+    }
+
+    /// The prefix of every name the broker uses (default `jetq`).
+    pub fn prefix(&self) -> &str {
+        &self.inner.config.prefix
+    }
+
+    /// Name of the task stream (`{PREFIX}_TASKS`).
+    pub fn stream_name(&self) -> String {
+        self.inner.config.stream_name()
+    }
+
+    /// Name of the record bucket (`{PREFIX}_RESULTS`).
+    pub fn bucket_name(&self) -> String {
+        self.inner.config.bucket_name()
+    }
+
+    /// Name of a queue's durable consumer (`{prefix}-{queue}`).
+    pub fn consumer_name(&self, queue: &str) -> Result<String> {
+        validate_queue(queue)?;
+        Ok(format!("{}-{queue}", self.inner.config.prefix))
+    }
+
+    /// Subject a request for `task` on `queue` is published on
+    /// (`{prefix}.tasks.{queue}.{task}`).
+    pub fn task_subject(&self, queue: &str, task: &str) -> Result<String> {
+        validate_queue(queue)?;
+        validate_task(task)?;
+        Ok(format!("{}.tasks.{queue}.{task}", self.inner.config.prefix))
+    }
+
+    /// Subject on which the server republishes every committed change of a
+    /// record (`{prefix}.records.{id}`), with its revision in `Nats-Sequence`.
+    pub fn record_subject(&self, id: &str) -> Result<String> {
+        validate_id(id)?;
+        Ok(format!("{}.records.{id}", self.inner.config.prefix))
+    }
+
+    fn storage(&self) -> stream::StorageType {
+        match self.inner.config.storage {
+            Storage::File => stream::StorageType::File,
+            Storage::Memory => stream::StorageType::Memory,
+        }
+    }
+
+    fn stream_config(&self) -> stream::Config {
+        let c = &self.inner.config;
+        stream::Config {
+            name: c.stream_name(),
+            description: Some("jetq task requests".to_owned()),
+            subjects: vec![format!("{}.tasks.>", c.prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: self.storage(),
+            num_replicas: c.replicas,
+            duplicate_window: c.duplicate_window,
+            ..Default::default()
+        }
+    }
+
+    fn bucket_config(&self) -> kv::Config {
+        let c = &self.inner.config;
+        let bucket = c.bucket_name();
+        kv::Config {
+            description: "jetq task records".to_owned(),
+            history: 1,
+            max_age: c.record_ttl.unwrap_or_default(),
+            storage: self.storage(),
+            num_replicas: c.replicas,
+            // Committed changes are republished with their revision, which
+            // `watch_record` follows without a server-side consumer per watch.
+            republish: Some(stream::Republish {
+                source: format!("$KV.{bucket}.>"),
+                destination: format!("{}.records.>", c.prefix),
+                headers_only: false,
+            }),
+            bucket,
+            ..Default::default()
+        }
+    }
+
+    fn consumer_config(
+        &self,
+        queue: &str,
+        options: &ConsumeOptions,
+    ) -> Result<consumer::pull::Config> {
+        let c = &self.inner.config;
+        let max_deliver = match options.max_deliver {
+            None => -1,
+            Some(n) if n >= 1 => n,
+            Some(n) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("max_deliver must be at least 1 (or None for unlimited), not {n}"),
+                ))
+            }
+        };
+        if options.ack_wait < Duration::from_millis(100) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "ack_wait of {:?} is too short; use at least 100 ms",
+                    options.ack_wait
+                ),
+            ));
+        }
+        Ok(consumer::pull::Config {
+            durable_name: Some(format!("{}-{queue}", c.prefix)),
+            description: Some(format!("jetq queue {queue}")),
+            filter_subject: format!("{}.tasks.{queue}.>", c.prefix),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: options.ack_wait,
+            max_deliver,
+            max_ack_pending: c.max_ack_pending,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+    }
+
+    /// Create the task stream once per broker (idempotent across processes).
+    async fn ensure_stream(&self) -> Result<()> {
+        self.inner
+            .stream_ready
+            .get_or_try_init(|| self.provision_stream())
+            .await?;
+        Ok(())
+    }
+
+    async fn provision_stream(&self) -> Result<()> {
+        let config = self.stream_config();
+        let name = config.name.clone();
+        match self.inner.js.create_stream(config.clone()).await {
+            Ok(_) => Ok(()),
+            Err(err) if jetstream_code(&err) == Some(ErrorCode::STREAM_NAME_EXIST) => {
+                // Same name, other settings (a changed duplicate window or replica count).
+                tracing::info!(stream = %name, "updating the task stream to the configured settings");
+                self.inner.js.update_stream(config).await.map_err(|e| {
+                    wrap(
+                        ErrorKind::Config,
+                        format!("stream {name} exists with settings jetq cannot change to its own (e.g. another retention policy); delete the stream or choose another prefix"),
+                        e,
+                    )
+                })?;
+                Ok(())
+            }
+            Err(err) if jetstream_code(&err) == Some(ErrorCode::STREAM_SUBJECT_OVERLAP) => Err(wrap(
+                ErrorKind::Config,
+                format!("cannot create stream {name}: another stream already captures subjects {}.tasks.>; choose another prefix", self.inner.config.prefix),
+                err,
+            )),
+            Err(err) if err.kind() == CreateStreamErrorKind::JetStreamUnavailable => Err(wrap(
+                ErrorKind::Broker,
+                format!("cannot create the task stream {name}: JetStream does not answer; enable it on the server (nats-server -js) and check the account's JetStream limits"),
+                err,
+            )),
+            Err(err) => Err(management(format!("cannot create the task stream {name}"), err)),
+        }
+    }
+
+    /// The record bucket, created once per broker.
+    async fn bucket(&self) -> Result<&kv::Store> {
+        self.inner
+            .bucket
+            .get_or_try_init(|| self.provision_bucket())
+            .await
+    }
+
+    async fn provision_bucket(&self) -> Result<kv::Store> {
+        let config = self.bucket_config();
+        let name = config.bucket.clone();
+        match self.inner.js.create_key_value(config.clone()).await {
+            Ok(store) => Ok(store),
+            Err(err)
+                if err.kind() == CreateKeyValueErrorKind::BucketCreate
+                    && jetstream_code(&err) == Some(ErrorCode::STREAM_NAME_EXIST) =>
+            {
+                tracing::info!(bucket = %name, "updating the record bucket to the configured settings");
+                self.inner.js.update_key_value(config).await.map_err(|e| {
+                    wrap(
+                        ErrorKind::Config,
+                        format!("bucket {name} exists with settings jetq cannot change to its own; delete the bucket or choose another prefix"),
+                        e,
+                    )
+                })
+            }
+            Err(err) => Err(management(
+                format!("cannot create the record bucket {name}"),
+                err,
+            )),
+        }
+    }
+
+    /// Create the queue's consumer unless it exists (its settings are left alone).
+    async fn ensure_consumer(&self, queue: &str) -> Result<()> {
+        let config = self.consumer_config(queue, &ConsumeOptions::new("provisioning"))?;
+        let name = config.durable_name.clone().unwrap_or_default();
+        match self
+            .inner
+            .js
+            .create_consumer_strict_on_stream(config, self.stream_name())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(err) if err.kind() == ConsumerCreateStrictErrorKind::AlreadyExists => Ok(()),
+            Err(err) if jetstream_code(&err) == Some(ErrorCode::CONSUMER_NAME_EXIST) => Ok(()),
+            Err(err) => Err(management(format!("cannot create consumer {name}"), err)),
+        }
+    }
+
+    fn mark_queue(&self, queue: &str) {
+        if let Ok(mut queues) = self.inner.queues.lock() {
+            queues.insert(queue.to_owned());
+        }
+    }
+
+    fn queue_ready(&self, queue: &str) -> bool {
+        self.inner
+            .queues
+            .lock()
+            .map(|q| q.contains(queue))
+            .unwrap_or(false)
+    }
+
+    fn headers(request: &OutgoingRequest) -> Result<HeaderMap> {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &request.headers {
+            if name.len() >= 5 && name[..5].eq_ignore_ascii_case("nats-") {
+                return Err(Error::new(
+                    ErrorKind::InvalidName,
+                    format!("header {name:?} is reserved for NATS; use another name"),
+                ));
+            }
+            let header = HeaderName::from_str(name).map_err(|e| {
+                wrap(
+                    ErrorKind::InvalidName,
+                    format!("invalid header name {name:?}"),
+                    e,
+                )
+            })?;
+            let value = HeaderValue::from_str(value).map_err(|e| {
+                wrap(
+                    ErrorKind::InvalidName,
+                    format!("invalid value for header {name:?} (no line breaks allowed)"),
+                    e,
+                )
+            })?;
+            headers.append(header, value);
+        }
+        let id = HeaderValue::from_str(&request.id)
+            .map_err(|e| wrap(ErrorKind::InvalidName, "invalid request id", e))?;
+        headers.insert(NATS_MESSAGE_ID, id);
+        Ok(headers)
+    }
+
+    async fn publish_impl(&self, request: OutgoingRequest) -> Result<PublishAck> {
+        validate_id(&request.id)?;
+        let subject = self.task_subject(&request.queue, &request.task)?;
+        let headers = Self::headers(&request)?;
+        let message = PublishMessage::build()
+            .payload(request.payload)
+            .headers(headers);
+        let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
+        let mut delay = Duration::from_millis(50);
+        // First use: create the stream, riding out a server that is (re)starting.
+        while let Err(err) = self.ensure_stream().await {
+            if err.kind() == ErrorKind::Config || tokio::time::Instant::now() + delay > deadline {
+                return Err(err);
+            }
+            tracing::debug!(error = %err, ?delay, "creating the task stream failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let result = match self
+                .inner
+                .js
+                .send_publish(subject.clone(), message.clone())
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(err) => Err(err),
+            };
+            let err = match result {
+                Ok(ack) => return Ok(PublishAck::new(ack.sequence, ack.duplicate)),
+                Err(err) => err,
+            };
+            if let Some(too_large) = payload_too_large(&self.inner.client, &err) {
+                return Err(too_large.with_source(err));
+            }
+            let transient = match err.kind() {
+                PublishErrorKind::TimedOut
+                | PublishErrorKind::StreamNotFound
+                | PublishErrorKind::BrokenPipe
+                | PublishErrorKind::MaxAckPending => true,
+                PublishErrorKind::Other => jetstream_code(&err).is_some_and(is_transient_code),
+                _ => false,
+            };
+            let now = tokio::time::Instant::now();
+            if !transient || now + delay > deadline {
+                let stream = self.stream_name();
+                let (kind, message) = match err.kind() {
+                    PublishErrorKind::TimedOut => (
+                        ErrorKind::Timeout,
+                        format!("publishing request {} to {subject} was not acknowledged after {attempt} attempts; check that the NATS server is up and stream {stream} is healthy", request.id),
+                    ),
+                    PublishErrorKind::StreamNotFound => (
+                        ErrorKind::Broker,
+                        format!("no JetStream stream accepted {subject} after {attempt} attempts: stream {stream} is missing or JetStream is unavailable; recreate it (ensure_queue) or check the server"),
+                    ),
+                    _ => (
+                        ErrorKind::Broker,
+                        format!("publishing request {} to {subject} failed", request.id),
+                    ),
+                };
+                return Err(wrap(kind, message, err));
+            }
+            tracing::debug!(error = %err, attempt, ?delay, "publish failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn consume_impl(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> Result<Box<dyn Consumer>> {
+        validate_queue(queue)?;
+        let config = self.consumer_config(queue, &options)?;
+        let name = config.durable_name.clone().unwrap_or_default();
+        self.ensure_stream().await?;
+        self.bucket().await?;
+        // Create or update: the worker's ack wait and max deliver win.
+        let consumer = self
+            .inner
+            .js
+            .create_consumer_on_stream(config, self.stream_name())
+            .await
+            .map_err(|e| management(format!("cannot create or update consumer {name}"), e))?;
+        self.mark_queue(queue);
+        tracing::debug!(consumer = %name, worker = %options.worker, "consuming");
+        Ok(Box::new(NatsConsumer {
+            consumer,
+            client: self.inner.client.clone(),
+            js: self.inner.js.clone(),
+            name,
+            worker: options.worker,
+        }))
+    }
+
+    async fn get_record_impl(&self, id: &str) -> Result<Option<RecordEntry>> {
+        validate_id(id)?;
+        let kv = self.bucket().await?;
+        let entry = kv
+            .entry(id)
+            .await
+            .map_err(|e| record(format!("cannot read record {id}"), e))?;
+        Ok(entry.and_then(|e| match e.operation {
+            Operation::Put => Some(RecordEntry::new(e.value, e.revision)),
+            Operation::Delete | Operation::Purge => None,
+        }))
+    }
+
+    async fn create_record_impl(&self, id: &str, value: Bytes) -> Result<u64> {
+        validate_id(id)?;
+        let kv = self.bucket().await?;
+        match kv.create(id, value).await {
+            Ok(revision) => Ok(revision),
+            Err(err) if err.kind() == CreateErrorKind::AlreadyExists => Err(wrap(
+                ErrorKind::AlreadyExists,
+                format!("record {id} already exists"),
+                err,
+            )),
+            Err(err) => Err(payload_too_large(&self.inner.client, &err)
+                .unwrap_or_else(|| record(format!("cannot create record {id}"), err))),
+        }
+    }
+
+    async fn update_record_impl(&self, id: &str, value: Bytes, revision: u64) -> Result<u64> {
+        validate_id(id)?;
+        let kv = self.bucket().await?;
+        match kv.update(id, value, revision).await {
+            Ok(revision) => Ok(revision),
+            Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => Err(wrap(
+                ErrorKind::Conflict,
+                format!("record {id} changed since revision {revision} was read; read it again and retry"),
+                err,
+            )),
+            Err(err) => Err(payload_too_large(&self.inner.client, &err)
+                .unwrap_or_else(|| record(format!("cannot update record {id}"), err))),
+        }
+    }
+
+    async fn watch_record_impl(&self, id: &str) -> Result<BoxStream<'static, Result<RecordEntry>>> {
+        let subject = self.record_subject(id)?;
+        let kv = self.bucket().await?.clone();
+        // Subscribe first, then read: an update committed in between arrives
+        // on the subscription, and revisions drop what was already seen.
+        let sub = self
+            .inner
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| {
+                wrap(
+                    ErrorKind::Broker,
+                    format!("cannot subscribe to {subject}"),
+                    e,
+                )
+            })?;
+        let current = self.get_record_impl(id).await?;
+        let period = self.inner.config.watch_resync;
+        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let state = WatchState {
+            sub,
+            kv,
+            id: id.to_owned(),
+            last: current.as_ref().map_or(0, |e| e.revision),
+            pending: current,
+            resync,
+            reconnects: self.inner.reconnects.clone().map(|mut rx| {
+                // Only reconnections after this point call for a re-read.
+                rx.mark_unchanged();
+                rx
+            }),
+        };
+        Ok(Box::pin(futures_util::stream::unfold(
+            state,
+            WatchState::step,
+        )))
+    }
+}
+
+struct WatchState {
+    sub: Subscriber,
+    kv: kv::Store,
+    id: String,
+    last: u64,
+    pending: Option<RecordEntry>,
+    resync: tokio::time::Interval,
+    reconnects: Option<watch::Receiver<u64>>,
+}
+
+async fn reconnected(rx: &mut Option<watch::Receiver<u64>>) {
+    match rx {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                *rx = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+impl WatchState {
+    /// Accept an entry if it is newer than what was yielded.
+    fn accept(&mut self, entry: RecordEntry) -> Option<RecordEntry> {
+        (entry.revision > self.last).then(|| {
+            self.last = entry.revision;
+            entry
+        })
+    }
+
+    /// Read the record back (after a reconnect, or periodically).
+    async fn read_back(&mut self) -> Option<RecordEntry> {
+        match self.kv.entry(self.id.as_str()).await {
+            Ok(Some(e)) if e.operation == Operation::Put => {
+                self.accept(RecordEntry::new(e.value, e.revision))
+            }
+            Ok(_) => None,
+            Err(err) => {
+                tracing::debug!(id = %self.id, error = %err, "re-reading a watched record failed; will retry");
+                None
+            }
+        }
+    }
+
+    async fn on_message(&mut self, message: async_nats::Message) -> Option<RecordEntry> {
+        let headers = message.headers.as_ref();
+        let op = headers
+            .and_then(|h| h.get(KV_OPERATION))
+            .map(|v| v.as_str().to_owned());
+        let revision = headers
+            .and_then(|h| h.get(NATS_SEQUENCE))
+            .and_then(|v| v.as_str().parse::<u64>().ok());
+        match (op.as_deref(), revision) {
+            (Some("DEL") | Some("PURGE"), Some(rev)) => {
+                self.last = self.last.max(rev);
+                None
+            }
+            (Some("DEL") | Some("PURGE"), None) => None,
+            (_, Some(rev)) => self.accept(RecordEntry::new(message.payload, rev)),
+            // Not a republished message (no revision): read the record back.
+            (_, None) => self.read_back().await,
+        }
+    }
+
+    async fn step(mut self) -> Option<(Result<RecordEntry>, WatchState)> {
+        if let Some(entry) = self.pending.take() {
+            return Some((Ok(entry), self));
+        }
+        loop {
+            let found = tokio::select! {
+                message = self.sub.next() => match message {
+                    Some(message) => self.on_message(message).await,
+                    None => return None,
+                },
+                _ = self.resync.tick() => self.read_back().await,
+                _ = reconnected(&mut self.reconnects) => self.read_back().await,
+            };
+            if let Some(entry) = found {
+                return Some((Ok(entry), self));
+            }
+        }
+    }
+}
+
+impl Broker for NatsBroker {
+    fn ensure_queue(&self, queue: &str) -> BoxFuture<'_, Result<()>> {
+        let queue = queue.to_owned();
+        Box::pin(async move {
+            validate_queue(&queue)?;
+            if self.queue_ready(&queue) {
+                return Ok(());
+            }
+            self.ensure_stream().await?;
+            self.bucket().await?;
+            self.ensure_consumer(&queue).await?;
+            self.mark_queue(&queue);
+            Ok(())
+        })
+    }
+
+    fn publish(&self, request: OutgoingRequest) -> BoxFuture<'_, Result<PublishAck>> {
+        Box::pin(self.publish_impl(request))
+    }
+
+    fn consume(
+        &self,
+        queue: &str,
+        options: ConsumeOptions,
+    ) -> BoxFuture<'_, Result<Box<dyn Consumer>>> {
+        let queue = queue.to_owned();
+        Box::pin(async move { self.consume_impl(&queue, options).await })
+    }
+
+    fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
+        let id = id.to_owned();
+        Box::pin(async move { self.get_record_impl(&id).await })
+    }
+
+    fn create_record(&self, id: &str, value: Bytes) -> BoxFuture<'_, Result<u64>> {
+        let id = id.to_owned();
+        Box::pin(async move { self.create_record_impl(&id, value).await })
+    }
+
+    fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>> {
+        let id = id.to_owned();
+        Box::pin(async move { self.update_record_impl(&id, value, revision).await })
+    }
+
+    fn watch_record(
+        &self,
+        id: &str,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>> {
+        let id = id.to_owned();
+        Box::pin(async move { self.watch_record_impl(&id).await })
+    }
+}

@@ -1,0 +1,332 @@
+//! Pulling deliveries from a queue's durable consumer.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::BatchConfig;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, AckKind};
+use async_nats::{Client, StatusCode, Subscriber};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use jetq::broker::{BoxFuture, BoxStream, Consumer, Delivery, DeliveryInfo};
+use jetq::{Error, ErrorKind, Result};
+use tokio::time::Instant;
+
+use crate::error::wrap;
+
+/// A worker's handle on one queue's durable pull consumer (`{prefix}-{queue}`).
+pub struct NatsConsumer {
+    pub(crate) consumer: PullConsumer,
+    pub(crate) client: Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) name: String,
+    pub(crate) worker: String,
+}
+
+impl fmt::Debug for NatsConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConsumer")
+            .field("name", &self.name)
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Idle heartbeat to ask the server for: none for short pulls, else a third
+/// of `expires`, between 0.5 s and 5 s (the server refuses a heartbeat longer
+/// than half the expiry).
+fn heartbeat_for(expires: Duration) -> Option<Duration> {
+    if expires < Duration::from_secs(1) {
+        None
+    } else {
+        Some((expires / 3).clamp(Duration::from_millis(500), Duration::from_secs(5)))
+    }
+}
+
+impl Consumer for NatsConsumer {
+    fn pull(
+        &mut self,
+        max: usize,
+        expires: Duration,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<Box<dyn Delivery>>>>> {
+        Box::pin(async move {
+            if max == 0 {
+                let empty: BoxStream<'static, Result<Box<dyn Delivery>>> =
+                    Box::pin(futures_util::stream::empty());
+                return Ok(empty);
+            }
+            let inbox = self.client.new_inbox();
+            let sub = self.client.subscribe(inbox.clone()).await.map_err(|e| {
+                wrap(
+                    ErrorKind::Broker,
+                    format!("cannot subscribe to pull from consumer {}", self.name),
+                    e,
+                )
+            })?;
+            let heartbeat = heartbeat_for(expires);
+            let batch = BatchConfig {
+                batch: max,
+                expires: (!expires.is_zero()).then_some(expires),
+                no_wait: expires.is_zero(),
+                idle_heartbeat: heartbeat.unwrap_or_default(),
+                ..Default::default()
+            };
+            self.consumer
+                .request_batch(batch, inbox.into())
+                .await
+                .map_err(|e| {
+                    wrap(
+                        ErrorKind::Broker,
+                        format!("cannot send a pull request to consumer {}", self.name),
+                        e,
+                    )
+                })?;
+            let now = Instant::now();
+            let state = PullState {
+                sub,
+                js: self.js.clone(),
+                client: self.client.clone(),
+                consumer: self.name.clone(),
+                remaining: max,
+                // The server ends the pull with a 408 at `expires`; this is the safety net.
+                deadline: now + expires + Duration::from_secs(2),
+                heartbeat,
+                last_seen: now,
+                done: false,
+            };
+            let stream: BoxStream<'static, Result<Box<dyn Delivery>>> =
+                Box::pin(futures_util::stream::unfold(state, PullState::step));
+            Ok(stream)
+        })
+    }
+}
+
+struct PullState {
+    sub: Subscriber,
+    js: jetstream::Context,
+    client: Client,
+    consumer: String,
+    remaining: usize,
+    deadline: Instant,
+    heartbeat: Option<Duration>,
+    last_seen: Instant,
+    done: bool,
+}
+
+type Step = Option<(Result<Box<dyn Delivery>>, PullState)>;
+
+impl PullState {
+    fn fail(mut self, err: Error) -> Step {
+        self.done = true;
+        Some((Err(err), self))
+    }
+
+    async fn step(mut self) -> Step {
+        if self.done || self.remaining == 0 {
+            return None;
+        }
+        loop {
+            let wait_until = match self.heartbeat {
+                Some(hb) => self.deadline.min(self.last_seen + hb * 3),
+                None => self.deadline,
+            };
+            let message = match tokio::time::timeout_at(wait_until, self.sub.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => {
+                    let err = Error::new(
+                        ErrorKind::Broker,
+                        format!(
+                            "the pull from consumer {} ended because the NATS connection was closed",
+                            self.consumer
+                        ),
+                    );
+                    return self.fail(err);
+                }
+                Err(_) if Instant::now() >= self.deadline => return None,
+                Err(_) => {
+                    let err = Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "no heartbeat from the server while pulling from consumer {}; the connection may be down, pull again",
+                            self.consumer
+                        ),
+                    );
+                    return self.fail(err);
+                }
+            };
+            self.last_seen = Instant::now();
+            match message.status {
+                None | Some(StatusCode::OK) => {
+                    if message.reply.is_none() {
+                        tracing::debug!(subject = %message.subject, "ignoring a pull message without reply subject");
+                        continue;
+                    }
+                    let message = jetstream::Message {
+                        message,
+                        context: self.js.clone(),
+                    };
+                    let info = match message.info() {
+                        Ok(info) => DeliveryInfo::new(
+                            info.stream_sequence,
+                            u64::try_from(info.delivered).unwrap_or(0),
+                        ),
+                        Err(e) => {
+                            let err = Error::new(
+                                ErrorKind::Broker,
+                                format!(
+                                    "a message from consumer {} has no JetStream metadata: {e}",
+                                    self.consumer
+                                ),
+                            );
+                            return self.fail(err);
+                        }
+                    };
+                    self.remaining -= 1;
+                    let delivery = NatsDelivery {
+                        message,
+                        info,
+                        client: self.client.clone(),
+                    };
+                    return Some((Ok(Box::new(delivery)), self));
+                }
+                Some(StatusCode::IDLE_HEARTBEAT) => continue,
+                // Request expired (408) or nothing to deliver for a no-wait pull (404).
+                Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => return None,
+                Some(StatusCode::NO_RESPONDERS) => {
+                    let err = Error::new(
+                        ErrorKind::Broker,
+                        format!(
+                            "consumer {} does not answer: it was deleted or JetStream is unavailable; call consume() again to recreate it",
+                            self.consumer
+                        ),
+                    );
+                    return self.fail(err);
+                }
+                Some(status) => {
+                    let description = message.description.unwrap_or_default();
+                    if status == StatusCode::REQUEST_TERMINATED
+                        && description.to_ascii_lowercase().contains("batch completed")
+                    {
+                        return None;
+                    }
+                    let err = Error::new(
+                        ErrorKind::Broker,
+                        format!(
+                            "pull from consumer {} ended by the server: {status} {description}; pull again",
+                            self.consumer
+                        ),
+                    );
+                    return self.fail(err);
+                }
+            }
+        }
+    }
+}
+
+/// One delivery of a request from a [`NatsConsumer`].
+pub struct NatsDelivery {
+    message: jetstream::Message,
+    info: DeliveryInfo,
+    client: Client,
+}
+
+impl fmt::Debug for NatsDelivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsDelivery")
+            .field("subject", &self.message.subject)
+            .field("info", &self.info)
+            .field("payload_len", &self.message.payload.len())
+            .finish()
+    }
+}
+
+impl NatsDelivery {
+    /// The subject the request was published on (`{prefix}.tasks.{queue}.{task}`).
+    pub fn subject(&self) -> &str {
+        self.message.subject.as_str()
+    }
+
+    fn reply(&self) -> Result<async_nats::Subject> {
+        self.message.reply.clone().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Broker,
+                "the delivery has no reply subject, so it cannot be acknowledged",
+            )
+        })
+    }
+
+    /// Send an acknowledgement and wait for the server to confirm it.
+    async fn confirmed(&self, payload: Bytes, what: &str) -> Result<()> {
+        let reply = self.reply()?;
+        match self.client.request(reply, payload).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let kind = if e.kind() == async_nats::RequestErrorKind::TimedOut {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::Broker
+                };
+                Err(wrap(
+                    kind,
+                    format!(
+                        "the server did not confirm the {what} of message {}; it may be delivered again",
+                        self.info.sequence
+                    ),
+                    e,
+                ))
+            }
+        }
+    }
+
+    async fn send(&self, kind: AckKind, what: &str) -> Result<()> {
+        self.message.ack_with(kind).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Broker,
+                format!("cannot send the {what} of message {}", self.info.sequence),
+            )
+            .with_source(e)
+        })
+    }
+}
+
+impl Delivery for NatsDelivery {
+    fn payload(&self) -> &[u8] {
+        &self.message.payload
+    }
+
+    fn info(&self) -> DeliveryInfo {
+        self.info
+    }
+
+    fn ack(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.confirmed(Bytes::from_static(b"+ACK"), "ack"))
+    }
+
+    fn nak(&self, delay: Option<Duration>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.send(AckKind::Nak(delay), "nak"))
+    }
+
+    fn in_progress(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.send(AckKind::Progress, "in-progress notice"))
+    }
+
+    fn term(&self, reason: &str) -> BoxFuture<'_, Result<()>> {
+        // `+TERM <reason>` carries the reason into the server's advisory.
+        let reason: String = reason.chars().filter(|c| !c.is_control()).collect();
+        Box::pin(async move {
+            let payload = if reason.trim().is_empty() {
+                Bytes::from_static(b"+TERM")
+            } else {
+                Bytes::from(format!("+TERM {}", reason.trim()))
+            };
+            match self.confirmed(payload, "termination").await {
+                Ok(()) => Ok(()),
+                Err(err) => {
+                    tracing::debug!(error = %err, "+TERM with reason not confirmed; sending a plain +TERM");
+                    self.send(AckKind::Term, "termination").await
+                }
+            }
+        })
+    }
+}
