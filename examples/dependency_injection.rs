@@ -16,7 +16,10 @@ impl FromContext for CurrentTime {
     }
 }
 
-async fn stamp(CurrentTime(now): CurrentTime, Args(event): Args<String>) -> Result<String, TaskError> {
+async fn stamp(
+    CurrentTime(now): CurrentTime,
+    Args(event): Args<String>,
+) -> Result<String, TaskError> {
     let at = now
         .format(&time::format_description::well_known::Rfc3339)
         .map_err(|e| TaskError::permanent(e.to_string()))?;

@@ -79,7 +79,10 @@ async fn main() -> jetq::Result<()> {
     }
     println!("record as stored in KV:");
     let last = client.record(handles[handles.len() - 1].id()).await?;
-    println!("{}", serde_json::to_string_pretty(&last).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&last).unwrap_or_default()
+    );
 
     worker.shutdown().await
 }

@@ -13,7 +13,11 @@ struct Pool {
     queries: AtomicU64,
 }
 
-async fn lookup(ctx: Context, pool: Resource<Pool>, Args(key): Args<String>) -> Result<String, TaskError> {
+async fn lookup(
+    ctx: Context,
+    pool: Resource<Pool>,
+    Args(key): Args<String>,
+) -> Result<String, TaskError> {
     let n = pool.queries.fetch_add(1, Ordering::SeqCst) + 1;
     println!(
         "task_id={} retries={} max_retries={} enqueued_at={} pool(created {}) query #{n}",
@@ -44,8 +48,11 @@ async fn main() -> jetq::Result<()> {
             })
         })
         .register(
-            Task::new("db.lookup", lookup)
-                .retry_policy(RetryPolicy::new(3).base(Duration::from_millis(100)).jitter(false)),
+            Task::new("db.lookup", lookup).retry_policy(
+                RetryPolicy::new(3)
+                    .base(Duration::from_millis(100))
+                    .jitter(false),
+            ),
         )
         .spawn()?;
 

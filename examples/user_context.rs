@@ -14,9 +14,15 @@ struct TriggeredBy {
     role: String,
 }
 
-async fn send_report(Meta(who): Meta<TriggeredBy>, Args(report): Args<String>) -> Result<String, TaskError> {
+async fn send_report(
+    Meta(who): Meta<TriggeredBy>,
+    Args(report): Args<String>,
+) -> Result<String, TaskError> {
     if who.role != "admin" {
-        return Err(TaskError::permanent(format!("{} may not send reports", who.user)));
+        return Err(TaskError::permanent(format!(
+            "{} may not send reports",
+            who.user
+        )));
     }
     Ok(format!("report `{report}` sent on behalf of {}", who.user))
 }

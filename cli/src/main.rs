@@ -12,7 +12,12 @@ use serde_json::{Map, Value};
 #[command(name = "jetq", version, about)]
 struct Cli {
     /// NATS server URL(s), comma-separated.
-    #[arg(long, global = true, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats: String,
 
     #[command(subcommand)]
@@ -69,7 +74,8 @@ fn parse_json(what: &str, text: &str) -> Result<Value, String> {
 }
 
 fn print_record(record: &Record) -> Result<(), String> {
-    let text = serde_json::to_string(record).map_err(|e| format!("cannot encode the record: {e}"))?;
+    let text =
+        serde_json::to_string(record).map_err(|e| format!("cannot encode the record: {e}"))?;
     println!("{text}");
     Ok(())
 }
@@ -114,7 +120,11 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             jetq::names::validate_task(&task).map_err(|e| e.to_string())?;
             jetq::names::validate_queue(&queue).map_err(|e| e.to_string())?;
             let client = connect(&cli.nats).await?;
-            let mut request = client.task(task).args_json(args).metadata_map(metadata).queue(queue);
+            let mut request = client
+                .task(task)
+                .args_json(args)
+                .metadata_map(metadata)
+                .queue(queue);
             if let Some(id) = id {
                 request = request.id(id);
             }

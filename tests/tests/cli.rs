@@ -38,7 +38,11 @@ fn jetq(server: &NatsServer, args: &[&str]) -> Output {
 
 fn json(out: &Output) -> Value {
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.trim().lines().count(), 1, "one JSON object on one line: {text}");
+    assert_eq!(
+        text.trim().lines().count(),
+        1,
+        "one JSON object on one line: {text}"
+    );
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
@@ -48,9 +52,22 @@ fn publish_wait_and_get_against_the_demo_worker() {
     let _worker = demo_worker(&server);
     let out = jetq(
         &server,
-        &["publish", "demo.add", "--args", r#"{"a":2,"b":40}"#, "--metadata", r#"{"tenant":"acme"}"#, "--wait", "20"],
+        &[
+            "publish",
+            "demo.add",
+            "--args",
+            r#"{"a":2,"b":40}"#,
+            "--metadata",
+            r#"{"tenant":"acme"}"#,
+            "--wait",
+            "20",
+        ],
     );
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let record = json(&out);
     assert_eq!(record["status"], "succeeded");
     assert_eq!(record["value"], 42);
@@ -58,11 +75,25 @@ fn publish_wait_and_get_against_the_demo_worker() {
     let id = record["id"].as_str().expect("id").to_owned();
 
     let out = jetq(&server, &["get", &id]);
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(json(&out), record);
 
     // Without --wait it prints the id only, and the id is the one given.
-    let out = jetq(&server, &["publish", "demo.add", "--args", r#"{"a":1,"b":1}"#, "--id", "cli-given-id"]);
+    let out = jetq(
+        &server,
+        &[
+            "publish",
+            "demo.add",
+            "--args",
+            r#"{"a":1,"b":1}"#,
+            "--id",
+            "cli-given-id",
+        ],
+    );
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "cli-given-id");
 }
@@ -71,7 +102,17 @@ fn publish_wait_and_get_against_the_demo_worker() {
 fn a_failed_request_exits_non_zero_with_its_record() {
     let server = NatsServer::start();
     let _worker = demo_worker(&server);
-    let out = jetq(&server, &["publish", "demo.add", "--args", r#"{"a":"x"}"#, "--wait", "20"]);
+    let out = jetq(
+        &server,
+        &[
+            "publish",
+            "demo.add",
+            "--args",
+            r#"{"a":"x"}"#,
+            "--wait",
+            "20",
+        ],
+    );
     assert!(!out.status.success());
     let record = json(&out);
     assert_eq!(record["status"], "failed");

@@ -25,7 +25,11 @@ async fn add(Args(args): Args<AddArgs>) -> Result<i64, TaskError> {
 #[tokio::test]
 async fn a_request_runs_and_its_record_lands_in_kv() {
     let (server, broker) = server_and_broker().await;
-    let worker = Worker::builder(broker.clone()).name("it-worker").task("demo.add", add).spawn().unwrap();
+    let worker = Worker::builder(broker.clone())
+        .name("it-worker")
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
     let client = Client::new(broker);
     let handle = client
         .task("demo.add")
@@ -53,7 +57,10 @@ async fn a_request_runs_and_its_record_lands_in_kv() {
 #[tokio::test]
 async fn the_record_is_stored_as_documented_json_in_the_results_bucket() {
     let (server, broker) = server_and_broker().await;
-    let worker = Worker::builder(broker.clone()).task("demo.add", add).spawn().unwrap();
+    let worker = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
     let client = Client::new(broker);
     let handle = client
         .task("demo.add")
@@ -67,14 +74,26 @@ async fn the_record_is_stored_as_documented_json_in_the_results_bucket() {
     let nats = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(nats);
     let kv = js.get_key_value("JETQ_RESULTS").await.unwrap();
-    let raw = kv.get("wire-1").await.unwrap().expect("record under key = id");
+    let raw = kv
+        .get("wire-1")
+        .await
+        .unwrap()
+        .expect("record under key = id");
     let json: serde_json::Value = serde_json::from_slice(&raw).unwrap();
     assert_eq!(json["v"], 1);
     assert_eq!(json["id"], "wire-1");
     assert_eq!(json["status"], "succeeded");
     assert_eq!(json["value"], 3);
     assert_eq!(json["attempts"], 1);
-    for field in ["task", "queue", "metadata", "enqueued_at", "started_at", "finished_at", "worker"] {
+    for field in [
+        "task",
+        "queue",
+        "metadata",
+        "enqueued_at",
+        "started_at",
+        "finished_at",
+        "worker",
+    ] {
         assert!(json.get(field).is_some(), "record lacks `{field}`: {json}");
     }
     worker.shutdown().await.unwrap();
@@ -90,11 +109,22 @@ async fn bad_input_fails_at_once_and_the_worker_keeps_running() {
     let client = Client::new(broker);
 
     // Unknown task.
-    let rec = client.task("no.such.task").publish().await.unwrap().wait(WAIT).await.unwrap();
+    let rec = client
+        .task("no.such.task")
+        .publish()
+        .await
+        .unwrap()
+        .wait(WAIT)
+        .await
+        .unwrap();
     assert_eq!((rec.status, rec.attempts), (Status::Failed, 1));
     let err = rec.error.unwrap();
     assert_eq!(err.kind, "unknown_task");
-    assert!(err.message.contains("no.such.task") && err.message.contains("demo.add"), "{}", err.message);
+    assert!(
+        err.message.contains("no.such.task") && err.message.contains("demo.add"),
+        "{}",
+        err.message
+    );
 
     // Wrong argument types.
     let rec = client
@@ -112,11 +142,14 @@ async fn bad_input_fails_at_once_and_the_worker_keeps_running() {
     // Malformed JSON, published raw to the task subject with a readable id.
     let nats = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(nats);
-    js.publish("jetq.tasks.default.demo.add", r#"{"v":1,"id":"raw-broken","task":"demo.add"}"#.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish(
+        "jetq.tasks.default.demo.add",
+        r#"{"v":1,"id":"raw-broken","task":"demo.add"}"#.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     js.publish("jetq.tasks.default.demo.add", "this is not json".into())
         .await
         .unwrap()
@@ -127,7 +160,12 @@ async fn bad_input_fails_at_once_and_the_worker_keeps_running() {
     assert_eq!(rec.error.unwrap().kind, "invalid_request");
 
     // Still serving.
-    let ok = client.task("demo.add").args(&serde_json::json!({"a": 20, "b": 22})).publish().await.unwrap();
+    let ok = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 20, "b": 22}))
+        .publish()
+        .await
+        .unwrap();
     assert_eq!(ok.result::<i64>(WAIT).await.unwrap(), 42);
 
     // Nothing is left to be redelivered forever.
@@ -145,7 +183,12 @@ async fn invalid_names_are_refused_before_reaching_nats() {
         assert_eq!(e.kind(), ErrorKind::InvalidName, "id {id:?}");
     }
     for queue in ["q.x", "q*", "q >"] {
-        let e = client.task("demo.add").queue(queue).publish().await.unwrap_err();
+        let e = client
+            .task("demo.add")
+            .queue(queue)
+            .publish()
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidName, "queue {queue:?}");
     }
     for task in ["demo.*", "demo.>", "demo..add", " demo"] {
@@ -154,7 +197,10 @@ async fn invalid_names_are_refused_before_reaching_nats() {
     }
     let e = client.record("a.b>").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidName);
-    assert!(e.to_string().contains("`.`"), "the error names the rule: {e}");
+    assert!(
+        e.to_string().contains("`.`"),
+        "the error names the rule: {e}"
+    );
 }
 
 #[tokio::test]
@@ -164,14 +210,33 @@ async fn the_same_id_published_twice_runs_once() {
     async fn count(State(runs): State<Arc<AtomicUsize>>) -> Result<usize, TaskError> {
         Ok(runs.fetch_add(1, Ordering::SeqCst) + 1)
     }
-    let worker = Worker::builder(broker.clone()).state(Arc::clone(&runs)).task("count", count).spawn().unwrap();
+    let worker = Worker::builder(broker.clone())
+        .state(Arc::clone(&runs))
+        .task("count", count)
+        .spawn()
+        .unwrap();
     let client = Client::new(broker);
-    let first = client.task("count").id("order-42-thumb").publish().await.unwrap();
-    let second = client.task("count").id("order-42-thumb").publish().await.unwrap();
+    let first = client
+        .task("count")
+        .id("order-42-thumb")
+        .publish()
+        .await
+        .unwrap();
+    let second = client
+        .task("count")
+        .id("order-42-thumb")
+        .publish()
+        .await
+        .unwrap();
     assert_eq!(first.result::<usize>(WAIT).await.unwrap(), 1);
     assert_eq!(second.result::<usize>(WAIT).await.unwrap(), 1);
     // And again after it finished.
-    let third = client.task("count").id("order-42-thumb").publish().await.unwrap();
+    let third = client
+        .task("count")
+        .id("order-42-thumb")
+        .publish()
+        .await
+        .unwrap();
     assert_eq!(third.result::<usize>(WAIT).await.unwrap(), 1);
     worker.shutdown().await.unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -197,9 +262,18 @@ async fn metadata_set_by_a_running_task_is_readable_before_it_ends() {
         written: Arc::new(Notify::new()),
         release: Arc::new(Notify::new()),
     };
-    let worker = Worker::builder(broker.clone()).state(gates.clone()).task("long", long).spawn().unwrap();
+    let worker = Worker::builder(broker.clone())
+        .state(gates.clone())
+        .task("long", long)
+        .spawn()
+        .unwrap();
     let client = Client::new(broker);
-    let handle = client.task("long").metadata("tenant", "acme").publish().await.unwrap();
+    let handle = client
+        .task("long")
+        .metadata("tenant", "acme")
+        .publish()
+        .await
+        .unwrap();
     gates.written.notified().await;
     let rec = handle.record().await.unwrap();
     assert_eq!(rec.status, Status::Running);
@@ -225,7 +299,9 @@ async fn retryable_failures_are_retried_and_counted() {
     async fn boom() -> Result<(), TaskError> {
         panic!("boom")
     }
-    let fast = RetryPolicy::new(3).base(Duration::from_millis(20)).max(Duration::from_millis(100));
+    let fast = RetryPolicy::new(3)
+        .base(Duration::from_millis(20))
+        .max(Duration::from_millis(100));
     let worker = Worker::builder(broker.clone())
         .register(Task::new("flaky", flaky).retry_policy(fast))
         .register(Task::new("boom", boom).retry_policy(fast))
@@ -235,9 +311,26 @@ async fn retryable_failures_are_retried_and_counted() {
     let h = client.task("flaky").args(&2).publish().await.unwrap();
     assert_eq!(h.result::<u32>(WAIT).await.unwrap(), 2);
     assert_eq!(h.record().await.unwrap().attempts, 3);
-    let rec = client.task("flaky").args(&9).max_retries(1).publish().await.unwrap().wait(WAIT).await.unwrap();
+    let rec = client
+        .task("flaky")
+        .args(&9)
+        .max_retries(1)
+        .publish()
+        .await
+        .unwrap()
+        .wait(WAIT)
+        .await
+        .unwrap();
     assert_eq!((rec.status, rec.attempts), (Status::Failed, 2));
-    let rec = client.task("boom").max_retries(0).publish().await.unwrap().wait(WAIT).await.unwrap();
+    let rec = client
+        .task("boom")
+        .max_retries(0)
+        .publish()
+        .await
+        .unwrap()
+        .wait(WAIT)
+        .await
+        .unwrap();
     assert_eq!((rec.status, rec.attempts), (Status::Failed, 1));
     assert_eq!(rec.error.unwrap().kind, "panic");
     worker.shutdown().await.unwrap();
@@ -297,7 +390,11 @@ async fn concurrency_is_limited() {
         assert_eq!(h.wait(WAIT).await.unwrap().status, Status::Succeeded);
     }
     worker.shutdown().await.unwrap();
-    assert_eq!(gauge.max.load(Ordering::SeqCst), 3, "at most (and, under load, exactly) 3 at once");
+    assert_eq!(
+        gauge.max.load(Ordering::SeqCst),
+        3,
+        "at most (and, under load, exactly) 3 at once"
+    );
 }
 
 #[tokio::test]
@@ -332,8 +429,16 @@ async fn graceful_shutdown_finishes_running_tasks_and_loses_nothing() {
         }
         v
     };
-    assert_eq!(done.iter().filter(|s| **s == Status::Succeeded).count(), 1, "{done:?}");
-    assert!(done.iter().all(|s| matches!(s, Status::Succeeded | Status::Pending)), "{done:?}");
+    assert_eq!(
+        done.iter().filter(|s| **s == Status::Succeeded).count(),
+        1,
+        "{done:?}"
+    );
+    assert!(
+        done.iter()
+            .all(|s| matches!(s, Status::Succeeded | Status::Pending)),
+        "{done:?}"
+    );
     // A new worker (new connection) runs the rest.
     let broker2 = connect(&server).await;
     let worker2 = Worker::builder(broker2.clone())
@@ -343,7 +448,10 @@ async fn graceful_shutdown_finishes_running_tasks_and_loses_nothing() {
         .spawn()
         .unwrap();
     for h in &handles {
-        let rec = Client::new(broker2.clone()).wait(h.id(), WAIT).await.unwrap();
+        let rec = Client::new(broker2.clone())
+            .wait(h.id(), WAIT)
+            .await
+            .unwrap();
         assert_eq!((rec.status, rec.attempts), (Status::Succeeded, 1));
     }
     worker2.shutdown().await.unwrap();
