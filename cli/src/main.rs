@@ -83,7 +83,7 @@ fn print_record(record: &Record) -> Result<(), String> {
 async fn connect(url: &str) -> Result<Client, String> {
     let broker = jetq_nats::NatsBroker::connect(url)
         .await
-        .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
+        .map_err(|e| e.to_string())?;
     Ok(Client::new(broker))
 }
 

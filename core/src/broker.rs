@@ -65,7 +65,9 @@ impl OutgoingRequest {
 pub struct PublishAck {
     /// Position of the request in the broker's stream.
     pub sequence: u64,
-    /// Whether the broker dropped it as a duplicate of a request with the same id.
+    /// Whether a request with this id was already stored (within the broker's
+    /// dedup window), so nothing new was stored. A publish retried after a
+    /// lost acknowledgement reports its own first copy this way.
     pub duplicate: bool,
 }
 
@@ -96,7 +98,8 @@ impl RecordEntry {
     }
 }
 
-/// How a worker consumes a queue.
+/// How a worker consumes a queue. On brokers where the consumer is shared by
+/// every worker of the queue (NATS), the last worker to start sets these.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ConsumeOptions {
@@ -195,8 +198,10 @@ pub trait Broker: Send + Sync + Debug + 'static {
     fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>>;
 
     /// Watch a record: the stream yields the current entry (if any) and then
-    /// every later one. Implementations must not miss an update made between
-    /// the read of the current entry and the start of the watch.
+    /// later ones, in revision order. Intermediate revisions may be coalesced
+    /// (a slow watcher or a reconnect sees the latest state), but the latest
+    /// state is always delivered, and an update made between the read of the
+    /// current entry and the start of the watch is never missed.
     fn watch_record(
         &self,
         id: &str,
