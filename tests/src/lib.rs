@@ -42,3 +42,33 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     );
     path
 }
+
+/// Wait (watching, not polling) until the record of `id` satisfies `done`;
+/// panics after [`WAIT`].
+pub async fn wait_for_record(
+    broker: &NatsBroker,
+    id: &str,
+    done: impl Fn(&jetq::Record) -> bool,
+) -> jetq::Record {
+    use futures_util::StreamExt;
+    use jetq::broker::Broker;
+    let watch = async {
+        let mut stream = match broker.watch_record(id).await {
+            Ok(s) => s,
+            Err(e) => panic!("cannot watch record {id}: {e}"),
+        };
+        while let Some(entry) = stream.next().await {
+            let entry = entry.unwrap_or_else(|e| panic!("watch of {id} failed: {e}"));
+            let record = jetq::Record::from_json(&entry.value)
+                .unwrap_or_else(|e| panic!("record {id} does not decode: {e}"));
+            if done(&record) {
+                return record;
+            }
+        }
+        panic!("the watch of {id} ended")
+    };
+    match tokio::time::timeout(WAIT, watch).await {
+        Ok(r) => r,
+        Err(_) => panic!("record {id} did not reach the expected state within {WAIT:?}"),
+    }
+}

@@ -140,3 +140,51 @@ fn bad_input_gets_one_clear_line_and_a_non_zero_exit() {
         assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
     }
 }
+
+#[tokio::test]
+async fn sigterm_releases_the_running_task_and_nothing_is_lost() {
+    use jetq::Status;
+    let server = NatsServer::start();
+    let broker = jetq_tests::connect(&server).await;
+    let client = jetq::Client::new(broker.clone());
+    let mut first = demo_worker(&server);
+    let slow = client
+        .task("demo.sleep")
+        .args(&serde_json::json!({"ms": 1500}))
+        .publish()
+        .await
+        .unwrap();
+    jetq_tests::wait_for_record(&broker, slow.id(), |r| r.status == Status::Running).await;
+
+    let pid = first.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let exit = tokio::task::spawn_blocking(move || first.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "the worker exits 0 after SIGTERM: {exit:?}");
+
+    // demo.sleep honours its cancellation token, so it was released at once.
+    let rec = slow.record().await.unwrap();
+    assert_eq!(rec.status, Status::Retrying);
+    assert_eq!(
+        rec.error.as_ref().map(|e| e.kind.as_str()),
+        Some("interrupted")
+    );
+    // Published while no worker runs: stays pending, stored.
+    let later = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 1, "b": 2}))
+        .publish()
+        .await
+        .unwrap();
+
+    let _second = demo_worker(&server);
+    let rec = slow.wait(jetq_tests::WAIT).await.unwrap();
+    assert_eq!((rec.status, rec.attempts), (Status::Succeeded, 2));
+    assert_eq!(later.result::<i64>(jetq_tests::WAIT).await.unwrap(), 3);
+}
