@@ -456,3 +456,37 @@ async fn graceful_shutdown_finishes_running_tasks_and_loses_nothing() {
     }
     worker2.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_request_published_as_a_worker_stops_is_not_stranded() {
+    // An idle worker has a pull request open on the server. After it stops,
+    // a new request must go to the next worker at once, not sit out the
+    // 30 s ack wait in a pull nobody reads.
+    let (server, broker) = server_and_broker().await;
+    let first = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let warm = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 0, "b": 0}))
+        .publish()
+        .await
+        .unwrap();
+    warm.wait(WAIT).await.unwrap();
+    first.shutdown().await.unwrap();
+    let h = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 1, "b": 1}))
+        .publish()
+        .await
+        .unwrap();
+    let second = Worker::builder(connect(&server).await)
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    let rec = h.wait(Duration::from_secs(10)).await.unwrap();
+    assert_eq!((rec.status, rec.attempts), (Status::Succeeded, 1));
+    second.shutdown().await.unwrap();
+}
