@@ -194,7 +194,8 @@ impl NatsBroker {
                         Event::SlowConsumer(sid) => {
                             tracing::warn!(sid, "NATS slow consumer: messages were dropped")
                         }
-                        other => tracing::info!(event = %other, "NATS connection event"),
+                        // async-nats logs these itself at info; repeat them only at debug.
+                        other => tracing::debug!(event = %other, "NATS connection event"),
                     }
                 }
             });
