@@ -90,6 +90,23 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Store a record if `check` accepts its current revision, and tell watchers.
+    fn write_record(
+        &self,
+        id: &str,
+        value: Bytes,
+        check: impl FnOnce(Option<u64>) -> Result<()>,
+    ) -> Result<u64> {
+        names::validate_id(id)?;
+        let mut st = self.lock();
+        check(st.records.get(id).map(|e| e.revision))?;
+        st.next_revision += 1;
+        let entry = RecordEntry::new(value, st.next_revision);
+        st.records.insert(id.to_owned(), entry.clone());
+        let _ = self.records.send((id.to_owned(), entry));
+        Ok(st.next_revision)
+    }
+
     fn requeue(&self, queue: &str, msg: Msg) {
         self.lock()
             .queues
@@ -173,38 +190,26 @@ impl Broker for MemoryBroker {
     }
 
     fn create_record(&self, id: &str, value: Bytes) -> BoxFuture<'_, Result<u64>> {
-        let res = names::validate_id(id).and_then(|()| {
-            let mut st = self.inner.lock();
-            if st.records.contains_key(id) {
-                return Err(Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!("record `{id}` already exists"),
-                ));
-            }
-            st.next_revision += 1;
-            let entry = RecordEntry::new(value, st.next_revision);
-            st.records.insert(id.to_owned(), entry.clone());
-            let _ = self.inner.records.send((id.to_owned(), entry.clone()));
-            Ok(entry.revision)
+        let res = self.inner.write_record(id, value, |current| match current {
+            None => Ok(()),
+            Some(_) => Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("record `{id}` already exists"),
+            )),
         });
         Box::pin(async move { res })
     }
 
     fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>> {
-        let res = names::validate_id(id).and_then(|()| {
-            let mut st = self.inner.lock();
-            let current = st.records.get(id).map(|e| e.revision);
-            if current != Some(revision) {
-                return Err(Error::new(
+        let res = self.inner.write_record(id, value, |current| {
+            if current == Some(revision) {
+                Ok(())
+            } else {
+                Err(Error::new(
                     ErrorKind::Conflict,
                     format!("record `{id}` is at revision {current:?}, not {revision}"),
-                ));
+                ))
             }
-            st.next_revision += 1;
-            let entry = RecordEntry::new(value, st.next_revision);
-            st.records.insert(id.to_owned(), entry.clone());
-            let _ = self.inner.records.send((id.to_owned(), entry.clone()));
-            Ok(entry.revision)
         });
         Box::pin(async move { res })
     }
