@@ -768,7 +768,10 @@ async fn process(
                     .await;
                 settle(res, &*delivery, Settle::Ack).await;
             }
-            Some(Err(_)) | None if cancel.is_cancelled() => {
+            // Shutting down: a task that stopped early (or could not finish in
+            // time) goes back for immediate redelivery instead of counting as a
+            // failure. A permanent error still fails it: another worker could not do better.
+            Some(Err(ref e)) if cancel.is_cancelled() && e.is_retryable() => {
                 release(&writer, &*delivery, &env.name).await
             }
             None => release(&writer, &*delivery, &env.name).await,

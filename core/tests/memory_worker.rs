@@ -495,3 +495,29 @@ async fn wait_times_out_with_the_last_status() {
         ErrorKind::NotFound
     );
 }
+
+#[tokio::test]
+async fn a_permanent_error_during_shutdown_still_fails_the_request() {
+    let broker = MemoryBroker::new();
+    let started = Arc::new(tokio::sync::Notify::new());
+    async fn refuses(
+        ctx: Context,
+        State(started): State<Arc<tokio::sync::Notify>>,
+    ) -> Result<(), TaskError> {
+        started.notify_one();
+        ctx.cancelled().await;
+        Err(TaskError::permanent("bad input, whoever runs it"))
+    }
+    let w = start(
+        Worker::builder(broker.clone())
+            .state(Arc::clone(&started))
+            .task("refuses", refuses),
+    );
+    let client = Client::new(broker.clone());
+    let h = client.task("refuses").publish().await.unwrap();
+    started.notified().await;
+    w.shutdown().await.unwrap();
+    let rec = h.record().await.unwrap();
+    assert_eq!(rec.status, Status::Failed);
+    assert_eq!(broker.queued("default"), 0);
+}
