@@ -82,6 +82,12 @@ fn connect_error(servers: &[String], err: async_nats::ConnectError) -> Error {
             ErrorKind::Config,
             format!("TLS setup for NATS server {servers} failed; check the CA, certificate and key files and whether the server speaks TLS"),
         ),
+        // async-nats reports a failed handshake (untrusted server certificate,
+        // missing or refused client certificate) as an I/O error.
+        ConnectErrorKind::Io if is_tls_failure(&err) => (
+            ErrorKind::Config,
+            format!("TLS handshake with NATS server {servers} failed; check the CA (root_ca), the client certificate and key, and the server's TLS settings"),
+        ),
         ConnectErrorKind::ServerParse => (
             ErrorKind::Config,
             format!("invalid NATS server address {servers:?}; use URLs like nats://host:4222"),
@@ -96,6 +102,24 @@ fn connect_error(servers: &[String], err: async_nats::ConnectError) -> Error {
         ),
     };
     wrap(kind, message, err)
+}
+
+/// Whether a rustls error is among the causes of `err`.
+fn is_tls_failure(err: &async_nats::ConnectError) -> bool {
+    let mut cur = std::error::Error::source(err);
+    while let Some(e) = cur {
+        // `io::Error::source` skips the error it wraps: look inside explicitly.
+        let inner = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        if e.is::<async_nats::rustls::Error>()
+            || inner.is_some_and(|i| i.is::<async_nats::rustls::Error>())
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 fn payload_too_large(client: &Client, err: &(dyn std::error::Error + 'static)) -> Option<Error> {
