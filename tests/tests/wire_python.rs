@@ -1,0 +1,110 @@
+//! `docs/wire-format.md` proved with a client in another language: the
+//! Python program `tests/wire/client.py` (nats-py, no jetq code) publishes
+//! requests and reads records against a real nats-server served by
+//! `jetq-demo-worker`, following only the document. It runs once before the
+//! worker starts (a publish then fails as the document says) and once after.
+//!
+//! It needs `python3` with nats-py (`scripts/test` installs it; by hand:
+//! `python3 -m pip install nats-py`). Without it the test fails, unless
+//! `JETQ_SKIP_PYTHON=1` is set, in which case it is skipped.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use jetq_tests::{workspace_bin, NatsServer};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn demo_worker(server: &NatsServer) -> Proc {
+    let child = Command::new(workspace_bin("jetq-demo-worker"))
+        .args(["--nats", &server.url(), "--concurrency", "4"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
+    Proc(child)
+}
+
+/// `false` when the test is to be skipped (`JETQ_SKIP_PYTHON=1` and no usable
+/// Python); panics when Python or nats-py is missing otherwise.
+fn python_with_nats() -> bool {
+    let skip = std::env::var("JETQ_SKIP_PYTHON").is_ok_and(|v| v == "1");
+    let probe = Command::new("python3")
+        .args(["-c", "import nats"])
+        .stdin(Stdio::null())
+        .output();
+    let problem = match probe {
+        Ok(out) if out.status.success() => return true,
+        Ok(out) => format!(
+            "`python3 -c 'import nats'` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("")
+        ),
+        Err(e) => format!("cannot run python3: {e}"),
+    };
+    if skip {
+        eprintln!("skipping the Python wire-format test (JETQ_SKIP_PYTHON=1): {problem}");
+        return false;
+    }
+    panic!(
+        "{problem}\nThis test needs python3 with nats-py: run `python3 -m pip install nats-py` \
+         (scripts/test installs it through jetq_ensure_python_nats in scripts/lib.sh), \
+         or set JETQ_SKIP_PYTHON=1 to skip it"
+    );
+}
+
+#[test]
+fn a_python_nats_client_follows_the_wire_format() {
+    if !python_with_nats() {
+        return;
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/wire/client.py");
+    assert!(script.exists(), "{} is missing", script.display());
+
+    let server = NatsServer::start();
+    // Before any worker ran: the document's "start a worker first" error.
+    let early = run_client(&script, &server, &["--before-worker"]);
+    let _worker = demo_worker(&server);
+    let out = run_client(&script, &server, &[]);
+    assert!(
+        out.contains("all wire-format checks passed"),
+        "tests/wire/client.py exited 0 without finishing its checks:\n{out}"
+    );
+    // Shown with --nocapture: what was checked.
+    println!("{early}{out}");
+}
+
+/// Run `python3 client.py URL ARGS...`; panic with its output unless it
+/// exits 0; return its stdout.
+fn run_client(script: &Path, server: &NatsServer, args: &[&str]) -> String {
+    // The script bounds each of its waits (20 s) and its whole run.
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(server.url())
+        .args(args)
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3 {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python3 tests/wire/client.py URL {} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        args.join(" "),
+        out.status
+    );
+    stdout
+}

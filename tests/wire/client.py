@@ -1,0 +1,429 @@
+#!/usr/bin/env python3
+"""A foreign (non-Rust) jetq client that follows docs/wire-format.md only.
+
+Usage: client.py NATS_URL [--before-worker]
+
+Run by tests/tests/wire_python.rs against a real nats-server with
+`jetq-demo-worker` serving queue `default`. It speaks plain NATS through
+nats-py (PyPI package `nats-py`): no jetq code is involved. Every check prints
+one line; the first failed check prints `FAIL: ...` and exits with status 1.
+Every wait is bounded by WAIT seconds.
+
+Checks (the section of docs/wire-format.md each one proves in brackets):
+
+  a. a JetStream publish of a `demo.add` envelope to
+     `jetq.tasks.default.demo.add` with `Nats-Msg-Id` = id, without creating a
+     pending record [3, 4, 6 "A foreign client may skip step 2"], is waited
+     for by subscribing to `jetq.records.<id>` and then reading the KV bucket
+     `JETQ_RESULTS` [7, 1]; the record has every field [5], `succeeded`,
+     value 42, the metadata, one attempt, `seq` = the publish's sequence;
+  b. a second publish of the same id is acknowledged as a duplicate with the
+     first message's sequence, and the task does not run again [3, 6
+     "Duplicates"];
+  c. bad args end `failed` with kind `invalid_args` after one attempt [5];
+  d. an unknown task ends `failed` with kind `unknown_task` [5];
+  e. the raw direct get of a record, 404 for a missing one, and the stream
+     API fallback [1];
+  f. the `run_task` function of the Python example [8], taken from the
+     document itself, returns the succeeded record.
+
+With --before-worker it checks one thing only, on a server where no jetq
+worker or client has run yet: a JetStream publish to jetq.tasks.default.demo.add
+fails with nats-py's NoStreamResponseError [1].
+"""
+
+import asyncio
+import base64
+import json
+import os
+import re
+import sys
+import traceback
+import uuid
+from datetime import datetime, timezone
+
+try:
+    import nats
+    from nats.js.errors import KeyNotFoundError, NoStreamResponseError, NotFoundError
+except ImportError:  # pragma: no cover - the Rust test checks this first
+    sys.exit("FAIL: python3 cannot import nats: pip install nats-py (scripts/test installs it)")
+
+WAIT = 20.0  # seconds: the bound of every wait
+TERMINAL = {"succeeded", "failed", "cancelled"}
+# Every field a writer always writes (section 5); `seq` is checked apart.
+RECORD_FIELDS = [
+    "v", "id", "task", "queue", "status", "value", "error", "metadata",
+    "progress", "attempts", "max_retries", "enqueued_at", "started_at",
+    "finished_at", "next_attempt_at", "worker",
+]
+RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
+DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "wire-format.md")
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def ok(msg):
+    print(f"ok   {msg}", flush=True)
+
+
+def check(cond, msg):
+    if not cond:
+        raise CheckFailed(msg)
+
+
+def now_rfc3339():
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value, field):
+    check(isinstance(value, str) and RFC3339.match(value),
+          f"{field} is not an RFC 3339 string: {value!r}")
+    # datetime.fromisoformat (3.11) takes "Z" but at most 6 fractional digits.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", value).replace("Z", "+00:00")
+    return datetime.fromisoformat(text)
+
+
+def envelope(request_id, task, args, metadata=None, queue="default"):
+    env = {
+        "v": 1,
+        "id": request_id,
+        "task": task,
+        "queue": queue,
+        "args": args,
+        "enqueued_at": now_rfc3339(),
+    }
+    if metadata is not None:
+        env["metadata"] = metadata
+    return env
+
+
+def new_id(label):
+    # An idempotency key of the caller's: [A-Za-z0-9_-], at most 128 bytes.
+    return f"wire-py-{label}-{uuid.uuid4().hex}"
+
+
+async def publish(js, env):
+    """Section 3: JetStream publish to <prefix>.tasks.<queue>.<task>, Nats-Msg-Id = id."""
+    subject = f"jetq.tasks.{env['queue']}.{env['task']}"
+    return await js.publish(
+        subject,
+        json.dumps(env).encode(),
+        headers={"Nats-Msg-Id": env["id"]},
+        timeout=WAIT,
+    )
+
+
+class Follower:
+    """Section 7: subscribe to jetq.records.<id> first, then read the record."""
+
+    def __init__(self, nc, kv, request_id):
+        self.nc, self.kv, self.id = nc, kv, request_id
+        self.sub = None
+        self.revision = 0  # the last revision seen, from either source
+        self.record = None
+        self.republished = []  # (revision, record) of each republished write
+
+    async def subscribe(self):
+        self.sub = await self.nc.subscribe(f"jetq.records.{self.id}")
+        return self
+
+    async def close(self):
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+            self.sub = None
+
+    async def next_republished(self, deadline):
+        """The next republished write: (revision, record or None for a delete)."""
+        loop = asyncio.get_running_loop()
+        msg = await self.sub.next_msg(timeout=max(deadline - loop.time(), 0.001))
+        headers = msg.headers or {}
+        check("Nats-Sequence" in headers,
+              f"a message on jetq.records.{self.id} has no Nats-Sequence header: {headers}")
+        revision = int(headers["Nats-Sequence"])
+        if not msg.data or headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return revision, None
+        record = json.loads(msg.data)
+        self.republished.append((revision, record))
+        return revision, record
+
+    async def wait_terminal(self, timeout=WAIT):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            entry = await self.kv.get(self.id)
+            self.record, self.revision = json.loads(entry.value), entry.revision
+        except KeyNotFoundError:
+            pass
+        while self.record is None or self.record.get("status") not in TERMINAL:
+            try:
+                revision, record = await self.next_republished(deadline)
+            except nats.errors.TimeoutError:
+                raise CheckFailed(
+                    f"no terminal record for {self.id} within {timeout:.0f} s; last: {self.record}")
+            if revision <= self.revision or record is None:
+                continue
+            self.record, self.revision = record, revision
+        return self.record
+
+    async def republished_up_to(self, revision, timeout=WAIT):
+        """Read the subscription until the write of `revision` has been republished."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.republished or self.republished[-1][0] < revision:
+            try:
+                await self.next_republished(deadline)
+            except nats.errors.TimeoutError:
+                raise CheckFailed(
+                    f"revision {revision} of {self.id} was not republished to "
+                    f"jetq.records.{self.id} within {timeout:.0f} s (saw {[r for r, _ in self.republished]})")
+        return self.republished
+
+
+def check_record_shape(record, env):
+    missing = [f for f in RECORD_FIELDS if f not in record]
+    check(not missing, f"record lacks documented fields {missing}: {record}")
+    check(record["v"] == 1, f"record v is {record['v']!r}, not 1")
+    for field in ("id", "task", "queue"):
+        check(record[field] == env[field], f"record {field} {record[field]!r} != request's {env[field]!r}")
+    check(isinstance(record["metadata"], dict), f"metadata is not an object: {record['metadata']!r}")
+    check(isinstance(record["attempts"], int), f"attempts is not an integer: {record['attempts']!r}")
+    check(isinstance(record["max_retries"], int), f"max_retries is not an integer: {record['max_retries']!r}")
+    check(parse_time(record["enqueued_at"], "enqueued_at") == parse_time(env["enqueued_at"], "sent enqueued_at"),
+          f"enqueued_at {record['enqueued_at']!r} != the request's {env['enqueued_at']!r}")
+    for field in ("started_at", "finished_at", "next_attempt_at"):
+        if record[field] is not None:
+            parse_time(record[field], field)
+    check(record["worker"] is None or isinstance(record["worker"], str), f"worker: {record['worker']!r}")
+
+
+def check_failed(record, kind):
+    check(record["status"] == "failed", f"status {record['status']!r}, expected 'failed': {record}")
+    err = record["error"]
+    check(isinstance(err, dict) and set(err) >= {"kind", "message"},
+          f"error is not {{kind, message}}: {err!r}")
+    check(err["kind"] == kind, f"error kind {err['kind']!r}, expected {kind!r}: {record}")
+    check(isinstance(err["message"], str), f"error message is not a string: {err!r}")
+    check(record["value"] is None, f"a failed record has a value: {record}")
+    check(record["finished_at"] is not None, f"a failed record has no finished_at: {record}")
+
+
+async def wait_for_jetq(js):
+    """Section 1: workers create the stream and bucket when they start; wait for them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while True:
+        try:
+            info = await js.stream_info("JETQ_TASKS")
+            kv = await js.key_value("JETQ_RESULTS")
+            break
+        except NotFoundError:
+            if loop.time() > deadline:
+                raise CheckFailed(f"stream JETQ_TASKS / bucket JETQ_RESULTS not created within {WAIT:.0f} s: is a worker running?")
+            await asyncio.sleep(0.1)
+    cfg = info.config
+    check(cfg.subjects == ["jetq.tasks.>"], f"JETQ_TASKS subjects are {cfg.subjects}, not ['jetq.tasks.>']")
+    check(str(getattr(cfg.retention, "value", cfg.retention)) == "workqueue",
+          f"JETQ_TASKS retention is {cfg.retention}, not workqueue")
+    kinfo = await js.stream_info("KV_JETQ_RESULTS")
+    check(kinfo.config.allow_direct, "KV_JETQ_RESULTS is not created with allow_direct")
+    republish = kinfo.config.republish
+    check(republish is not None and republish.dest == "jetq.records.>",
+          f"KV_JETQ_RESULTS republishes to {republish and republish.dest!r}, not jetq.records.>")
+    ok("names: stream JETQ_TASKS (jetq.tasks.>, work queue), bucket JETQ_RESULTS "
+       "(stream KV_JETQ_RESULTS, direct get, republished to jetq.records.>)")
+    return kv
+
+
+async def check_a_b(nc, js, kv):
+    # a. publish without a pending record, wait as section 7 says.
+    env = envelope(new_id("add"), "demo.add", {"a": 2, "b": 40}, {"tenant": "acme"})
+    follower = await Follower(nc, kv, env["id"]).subscribe()
+    try:
+        try:
+            await kv.get(env["id"])
+            raise CheckFailed(f"a record for {env['id']} exists before the publish")
+        except KeyNotFoundError:
+            pass
+        ack = await publish(js, env)
+        check(ack.stream == "JETQ_TASKS", f"publish acknowledged by stream {ack.stream!r}, not JETQ_TASKS")
+        check(not ack.duplicate, f"first publish acknowledged as a duplicate: {ack}")
+        ok(f"a. published {env['id']} to jetq.tasks.default.demo.add (stream JETQ_TASKS, seq {ack.seq}), no pending record")
+        record = await follower.wait_terminal()
+        check(record["status"] == "succeeded", f"status {record['status']!r}, expected 'succeeded': {record}")
+        check_record_shape(record, env)
+        check(record["value"] == 42, f"value {record['value']!r}, expected 42")
+        check(record["metadata"].get("tenant") == "acme", f"metadata {record['metadata']!r} lacks tenant acme")
+        check(record["attempts"] == 1, f"attempts {record['attempts']!r}, expected 1")
+        check(record["max_retries"] == 3, f"max_retries {record['max_retries']!r}, expected the default policy's 3")
+        check(record["error"] is None and record["progress"] is None and record["next_attempt_at"] is None,
+              f"error/progress/next_attempt_at not null on a succeeded record: {record}")
+        check(isinstance(record["worker"], str) and record["worker"], f"worker not set: {record['worker']!r}")
+        started = parse_time(record["started_at"], "started_at")
+        finished = parse_time(record["finished_at"], "finished_at")
+        check(started <= finished, f"started_at {record['started_at']} after finished_at {record['finished_at']}")
+        check(record.get("seq") == ack.seq, f"record seq {record.get('seq')!r} != the message's stream sequence {ack.seq}")
+        ok(f"a. record succeeded: value 42, metadata tenant acme, attempts 1, max_retries 3, seq {ack.seq}, "
+           f"all {len(RECORD_FIELDS)} documented fields present")
+
+        # The republished writes: every one has Nats-Sequence, revisions rise,
+        # the last is the terminal record, equal to a KV get of the key.
+        entry = await kv.get(env["id"])
+        check(json.loads(entry.value) == record, "KV get disagrees with the terminal record")
+        writes = await follower.republished_up_to(entry.revision)
+        revisions = [r for r, _ in writes]
+        check(revisions == sorted(set(revisions)), f"republished revisions do not rise: {revisions}")
+        check(writes[-1] == (entry.revision, record),
+              f"the last republished write (revision {writes[-1][0]}) is not the KV's (revision {entry.revision})")
+        statuses = [w["status"] for _, w in writes]
+        ok(f"a. jetq.records.{env['id']} carried revisions {revisions} with statuses {statuses}; "
+           f"the last equals the KV entry")
+
+        # b. the same id again: a duplicate, and the task does not run again.
+        ack2 = await publish(js, env)
+        check(ack2.duplicate is True, f"second publish of the same Nats-Msg-Id not a duplicate: {ack2}")
+        check(ack2.seq == ack.seq, f"duplicate ack seq {ack2.seq} != the first message's {ack.seq}")
+        ok(f"b. second publish of {env['id']}: ack duplicate=true, seq {ack2.seq} (the first's)")
+        loop = asyncio.get_running_loop()
+        try:
+            revision, later = await follower.next_republished(loop.time() + 2.0)
+            raise CheckFailed(f"the record changed after the duplicate publish (revision {revision}): {later}")
+        except nats.errors.TimeoutError:
+            pass
+        entry2 = await kv.get(env["id"])
+        after = json.loads(entry2.value)
+        check(entry2.revision == entry.revision and after == record,
+              f"record changed after the duplicate publish: {after}")
+        check(after["finished_at"] == record["finished_at"] and after["attempts"] == 1,
+              "finished_at/attempts changed after the duplicate publish")
+        ok(f"b. task did not run again: record unchanged for 2 s (revision {entry.revision}, "
+           f"finished_at {after['finished_at']}, attempts 1)")
+        return env["id"], entry
+    finally:
+        await follower.close()
+
+
+async def run_and_wait(nc, js, kv, env):
+    follower = await Follower(nc, kv, env["id"]).subscribe()
+    try:
+        ack = await publish(js, env)
+        check(not ack.duplicate, f"publish acknowledged as a duplicate: {ack}")
+        record = await follower.wait_terminal()
+        check_record_shape(record, env)
+        return record
+    finally:
+        await follower.close()
+
+
+async def check_c(nc, js, kv):
+    env = envelope(new_id("badargs"), "demo.add", {"a": "x"})
+    record = await run_and_wait(nc, js, kv, env)
+    check_failed(record, "invalid_args")
+    check(record["attempts"] == 1, f"attempts {record['attempts']!r}, expected 1")
+    check(record["metadata"] == {}, f"metadata {record['metadata']!r}, expected {{}} (none was sent)")
+    ok(f"c. demo.add {{\"a\":\"x\"}}: failed, kind invalid_args, attempts 1 ({record['error']['message']!r})")
+
+
+async def check_d(nc, js, kv):
+    env = envelope(new_id("nope"), "demo.nope", None)
+    record = await run_and_wait(nc, js, kv, env)
+    check_failed(record, "unknown_task")
+    ok(f"d. demo.nope: failed, kind unknown_task, attempts {record['attempts']} ({record['error']['message']!r})")
+
+
+async def check_e(nc, request_id, entry):
+    subject = f"$JS.API.DIRECT.GET.KV_JETQ_RESULTS.$KV.JETQ_RESULTS.{request_id}"
+    msg = await nc.request(subject, b"", timeout=WAIT)
+    headers = msg.headers or {}
+    check("Status" not in headers, f"direct get of an existing record has a status: {headers}")
+    check(json.loads(msg.data) == json.loads(entry.value), f"direct get body is not the record: {msg.data!r}")
+    ok(f"e. direct get {subject}: body is the record")
+
+    missing = new_id("missing")
+    subject = f"$JS.API.DIRECT.GET.KV_JETQ_RESULTS.$KV.JETQ_RESULTS.{missing}"
+    msg = await nc.request(subject, b"", timeout=WAIT)
+    headers = msg.headers or {}
+    check(headers.get("Status") == "404", f"direct get of a missing record: headers {headers}, not Status 404")
+    check(msg.data == b"", f"direct get of a missing record has a body: {msg.data!r}")
+    ok(f"e. direct get of missing id {missing}: Status 404, empty body")
+
+    body = json.dumps({"last_by_subj": f"$KV.JETQ_RESULTS.{request_id}"}).encode()
+    msg = await nc.request("$JS.API.STREAM.MSG.GET.KV_JETQ_RESULTS", body, timeout=WAIT)
+    reply = json.loads(msg.data)
+    check("message" in reply and "data" in reply["message"], f"stream msg get reply has no message.data: {reply}")
+    check(json.loads(base64.b64decode(reply["message"]["data"])) == json.loads(entry.value),
+          "stream msg get message.data is not the record")
+    ok("e. $JS.API.STREAM.MSG.GET.KV_JETQ_RESULTS {last_by_subj}: message.data (base64) is the record")
+
+
+async def check_f(nc):
+    """Section 8: the document's own Python example, minus its `asyncio.run(main())`."""
+    with open(DOC, encoding="utf-8") as f:
+        doc = f.read()
+    found = re.search(r"### Python \(nats-py\)\s*```python\n(.*?)```", doc, re.S)
+    check(found, f"no ```python block under '### Python (nats-py)' in {DOC}")
+    code = found.group(1)
+    check("asyncio.run(main())" in code, "the Python example no longer ends with asyncio.run(main())")
+    code = code.replace("asyncio.run(main())", "")
+    scope = {"__name__": "wire_format_example"}
+    exec(compile(code, "docs/wire-format.md (Python example)", "exec"), scope)
+    record = await scope["run_task"](nc, "demo.add", {"a": 2, "b": 40}, metadata={"tenant": "acme"}, timeout=WAIT)
+    check(record["status"] == "succeeded" and record["value"] == 42,
+          f"the document's run_task returned {record}")
+    ok("f. the document's Python example run_task(nc, 'demo.add', {a:2,b:40}) returned succeeded, value 42")
+
+
+async def before_worker(nc):
+    """Section 1: publishing before any worker ran fails with NoStreamResponseError."""
+    js = nc.jetstream(timeout=WAIT)
+    env = envelope(new_id("early"), "demo.add", {"a": 1, "b": 1})
+    try:
+        ack = await publish(js, env)
+    except NoStreamResponseError:
+        ok("before any worker: a JetStream publish to jetq.tasks.default.demo.add raises NoStreamResponseError")
+        return
+    raise CheckFailed(f"a publish before any worker ran was acknowledged: {ack}")
+
+
+async def main(url, mode):
+    async def on_error(e):  # nats-py logs a traceback per error otherwise
+        print(f"nats-py: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+    try:
+        nc = await nats.connect(url, connect_timeout=WAIT, allow_reconnect=False, max_reconnect_attempts=1,
+                                 reconnect_time_wait=0.5, error_cb=on_error)
+    except Exception as e:
+        raise CheckFailed(f"cannot connect to {url}: {type(e).__name__}: {e}")
+    try:
+        if mode == "--before-worker":
+            await before_worker(nc)
+            return
+        js = nc.jetstream(timeout=WAIT)
+        kv = await wait_for_jetq(js)
+        request_id, entry = await check_a_b(nc, js, kv)
+        await check_c(nc, js, kv)
+        await check_d(nc, js, kv)
+        await check_e(nc, request_id, entry)
+        await check_f(nc)
+    finally:
+        await nc.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--before-worker"]):
+        sys.exit(f"usage: {sys.argv[0]} NATS_URL [--before-worker]")
+    mode = sys.argv[2] if len(sys.argv) == 3 else None
+    try:
+        asyncio.run(asyncio.wait_for(main(sys.argv[1], mode), timeout=10 * WAIT))
+    except CheckFailed as e:
+        print(f"FAIL: {e}", flush=True)
+        sys.exit(1)
+    except asyncio.TimeoutError:
+        print(f"FAIL: the checks did not finish within {10 * WAIT:.0f} s", flush=True)
+        sys.exit(1)
+    except Exception as e:  # a broken assumption about the wire: say which
+        traceback.print_exc()
+        print(f"FAIL: unexpected {type(e).__name__}: {e}", flush=True)
+        sys.exit(1)
+    print("all wire-format checks passed" if mode is None else "before-worker check passed", flush=True)
