@@ -72,3 +72,25 @@ pub async fn wait_for_record(
         Err(_) => panic!("record {id} did not reach the expected state within {WAIT:?}"),
     }
 }
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub struct ChildProcess(pub std::process::Child);
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start `jetq-demo-worker` against `server` (concurrency 4, warnings only).
+pub fn demo_worker(server: &NatsServer) -> ChildProcess {
+    let child = std::process::Command::new(workspace_bin("jetq-demo-worker"))
+        .args(["--nats", &server.url(), "--concurrency", "4"])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
+    ChildProcess(child)
+}

@@ -3,29 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 
-use jetq_tests::{workspace_bin, NatsServer};
+use jetq_tests::{demo_worker, workspace_bin, NatsServer};
 use serde_json::Value;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn demo_worker(server: &NatsServer) -> Proc {
-    let child = Command::new(workspace_bin("jetq-demo-worker"))
-        .args(["--nats", &server.url(), "--concurrency", "4"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
-    Proc(child)
-}
 
 fn jetq(server: &NatsServer, args: &[&str]) -> Output {
     Command::new(workspace_bin("jetq"))

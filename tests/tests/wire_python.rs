@@ -11,28 +11,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use jetq_tests::{workspace_bin, NatsServer};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn demo_worker(server: &NatsServer) -> Proc {
-    let child = Command::new(workspace_bin("jetq-demo-worker"))
-        .args(["--nats", &server.url(), "--concurrency", "4"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
-    Proc(child)
-}
+use jetq_tests::{demo_worker, NatsServer};
 
 /// `false` when the test is to be skipped (`JETQ_SKIP_PYTHON=1` and no usable
 /// Python); panics when Python or nats-py is missing otherwise.
