@@ -304,7 +304,10 @@ impl Delivery for NatsDelivery {
     }
 
     fn nak(&self, delay: Option<Duration>) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.send(AckKind::Nak(delay), "nak"))
+        // Confirmed, like ack: a worker that naks and then exits (shutdown)
+        // must not lose the nak in its write buffer, or the request would
+        // wait out the whole ack wait instead of being redelivered now.
+        Box::pin(self.confirmed(Bytes::from(AckKind::Nak(delay)), "nak"))
     }
 
     fn in_progress(&self) -> BoxFuture<'_, Result<()>> {

@@ -84,11 +84,15 @@ impl Drop for ChildProcess {
     }
 }
 
-/// Start `jetq-demo-worker` against `server` (concurrency 4, warnings only).
+/// Start `jetq-demo-worker` against `server` (concurrency 4). It logs warnings
+/// only, or what `JETQ_TEST_LOG` says (a `RUST_LOG` filter, e.g. `jetq=debug`).
 pub fn demo_worker(server: &NatsServer) -> ChildProcess {
     let child = std::process::Command::new(workspace_bin("jetq-demo-worker"))
         .args(["--nats", &server.url(), "--concurrency", "4"])
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("JETQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(std::process::Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));

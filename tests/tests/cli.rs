@@ -165,7 +165,10 @@ async fn sigterm_releases_the_running_task_and_nothing_is_lost() {
         .unwrap();
 
     let _second = demo_worker(&server);
-    let rec = slow.wait(jetq_tests::WAIT).await.unwrap();
+    let rec = match slow.wait(jetq_tests::WAIT).await {
+        Ok(r) => r,
+        Err(e) => panic!("{e}; record now: {:?}", slow.record().await),
+    };
     assert_eq!((rec.status, rec.attempts), (Status::Succeeded, 2));
     assert_eq!(later.result::<i64>(jetq_tests::WAIT).await.unwrap(), 3);
 }
