@@ -25,6 +25,9 @@ pub mod kinds {
     pub const TIMEOUT: &str = "timeout";
     /// The task was cancelled.
     pub const CANCELLED: &str = "cancelled";
+    /// The worker shut down during the attempt and released the request for
+    /// immediate redelivery (on a `retrying` record).
+    pub const INTERRUPTED: &str = "interrupted";
 }
 
 /// Whether and when a failed attempt should be retried.

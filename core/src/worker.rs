@@ -852,7 +852,7 @@ async fn finish_failed(writer: &RecordWriter, delivery: &dyn Delivery, err: &Tas
 /// Give the request back for immediate redelivery (worker shutting down).
 async fn release(writer: &RecordWriter, delivery: &dyn Delivery, worker: &str) {
     let info = ErrorInfo {
-        kind: "interrupted".to_owned(),
+        kind: kinds::INTERRUPTED.to_owned(),
         message: format!("worker `{worker}` shut down during the attempt; released for redelivery"),
     };
     let res = writer
@@ -891,9 +891,6 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
         record.started_at = Some(OffsetDateTime::now_utc());
         record.next_attempt_at = None;
         record.worker = Some(env.name.clone());
-        if record.task.is_empty() {
-            record.task = request.task.clone();
-        }
         let bytes = Bytes::from(record.to_json()?);
         let written = match revision {
             None => env.broker.create_record(&request.id, bytes).await,
