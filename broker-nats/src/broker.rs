@@ -6,13 +6,16 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID, NATS_SEQUENCE};
+use async_nats::header::{
+    HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID, NATS_SCHEDULE, NATS_SCHEDULE_TARGET,
+    NATS_SEQUENCE,
+};
 use async_nats::jetstream::context::{
     CreateKeyValueErrorKind, CreateStreamErrorKind, PublishError, PublishErrorKind,
 };
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
-use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{self, ConsumerCreateStrictErrorKind};
+use async_nats::jetstream::message::{PublishMessage, StreamMessage};
+use async_nats::jetstream::stream::{self, ConsumerCreateStrictErrorKind, DirectGetErrorKind};
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, consumer};
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, Subscriber};
@@ -23,7 +26,9 @@ use jetq::broker::{
     RecordEntry,
 };
 use jetq::names::{validate_id, validate_queue, validate_task};
-use jetq::{Error, ErrorKind, Result};
+use jetq::time::format_description::well_known::Rfc3339;
+use jetq::time::OffsetDateTime;
+use jetq::{DeadLetter, Error, ErrorInfo, ErrorKind, Result};
 use tokio::sync::{watch, OnceCell};
 
 use crate::config::{Auth, NatsConfig, Storage};
@@ -32,6 +37,36 @@ use crate::error::{is_transient_code, jetstream_code, management, record, wrap};
 
 /// Header carrying the KV operation (`DEL`, `PURGE`) of a record message.
 const KV_OPERATION: &str = "KV-Operation";
+
+// Headers of a dead letter (its payload is the original request).
+const DEAD_QUEUE: &str = "Jetq-Queue";
+const DEAD_TASK: &str = "Jetq-Task";
+const DEAD_KIND: &str = "Jetq-Error-Kind";
+const DEAD_REASON: &str = "Jetq-Error";
+const DEAD_ATTEMPTS: &str = "Jetq-Attempts";
+const DEAD_AT: &str = "Jetq-Died-At";
+const DEAD_WORKER: &str = "Jetq-Worker";
+const DEAD_SEQUENCE: &str = "Jetq-Sequence";
+
+/// Longest header value jetq writes (a reason is cut there).
+const MAX_HEADER_VALUE: usize = 2048;
+
+/// A header value without line breaks or other control characters, cut to
+/// [`MAX_HEADER_VALUE`] bytes.
+fn header_safe(value: &str) -> String {
+    let mut out: String = value
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > MAX_HEADER_VALUE {
+        let mut end = MAX_HEADER_VALUE;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    out
+}
 
 /// The jetq broker on NATS JetStream. Cheap to clone: clones share one
 /// connection and one provisioning cache.
@@ -48,6 +83,7 @@ struct Inner {
     config: NatsConfig,
     stream_ready: OnceCell<()>,
     bucket: OnceCell<kv::Store>,
+    dead: OnceCell<stream::Stream>,
     queues: Mutex<HashSet<String>>,
     /// Counts (re)connections when the broker made the connection itself.
     reconnects: Option<watch::Receiver<u64>>,
@@ -250,6 +286,7 @@ impl NatsBroker {
                 config,
                 stream_ready: OnceCell::new(),
                 bucket: OnceCell::new(),
+                dead: OnceCell::new(),
                 queues: Mutex::new(HashSet::new()),
                 reconnects,
             }),
@@ -314,13 +351,55 @@ impl NatsBroker {
         stream::Config {
             name: c.stream_name(),
             description: Some("jetq task requests".to_owned()),
-            subjects: vec![format!("{}.tasks.>", c.prefix)],
+            // Delayed requests wait as message schedules on `{p}.delayed.{id}`;
+            // the server publishes each to its task subject when due. No
+            // consumer filters them, so work-queue retention keeps them.
+            subjects: vec![
+                format!("{}.tasks.>", c.prefix),
+                format!("{}.delayed.>", c.prefix),
+            ],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: self.storage(),
             num_replicas: c.replicas,
             duplicate_window: c.duplicate_window,
+            allow_message_schedules: true,
             ..Default::default()
         }
+    }
+
+    fn dead_stream_config(&self) -> stream::Config {
+        let c = &self.inner.config;
+        stream::Config {
+            name: c.dead_stream_name(),
+            description: Some("jetq dead letters".to_owned()),
+            subjects: vec![format!("{}.dead.>", c.prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            storage: self.storage(),
+            num_replicas: c.replicas,
+            duplicate_window: c.duplicate_window,
+            max_age: c.dead_letter_ttl.unwrap_or_default(),
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// Subject of request `id`'s dead letters (`{prefix}.dead.{id}`).
+    pub fn dead_letter_subject(&self, id: &str) -> Result<String> {
+        validate_id(id)?;
+        Ok(format!("{}.dead.{id}", self.inner.config.prefix))
+    }
+
+    /// Subject a delayed request waits on as a message schedule
+    /// (`{prefix}.delayed.{id}`).
+    pub fn delayed_subject(&self, id: &str) -> Result<String> {
+        validate_id(id)?;
+        Ok(format!("{}.delayed.{id}", self.inner.config.prefix))
+    }
+
+    /// Subject of cancellation signals for request `id` (`{prefix}.cancel.{id}`).
+    pub fn cancel_subject(&self, id: &str) -> Result<String> {
+        validate_id(id)?;
+        Ok(format!("{}.cancel.{id}", self.inner.config.prefix))
     }
 
     fn bucket_config(&self) -> kv::Config {
@@ -511,22 +590,37 @@ impl NatsBroker {
             })?;
             headers.append(header, value);
         }
-        let id = HeaderValue::from_str(&request.id)
-            .map_err(|e| wrap(ErrorKind::InvalidName, "invalid request id", e))?;
+        let id = HeaderValue::from_str(request.dedup_key())
+            .map_err(|e| wrap(ErrorKind::InvalidName, "invalid deduplication key", e))?;
         headers.insert(NATS_MESSAGE_ID, id);
         Ok(headers)
     }
 
     async fn publish_impl(&self, request: OutgoingRequest) -> Result<PublishAck> {
         validate_id(&request.id)?;
-        let subject = self.task_subject(&request.queue, &request.task)?;
-        let headers = Self::headers(&request)?;
+        let target = self.task_subject(&request.queue, &request.task)?;
+        let mut headers = Self::headers(&request)?;
+        let now = OffsetDateTime::now_utc();
+        let subject = match request.not_before.filter(|at| *at > now) {
+            // A delayed request is a one-shot message schedule; the server
+            // publishes it to the task subject when due.
+            Some(at) => {
+                let at = at
+                    .to_offset(jetq::time::UtcOffset::UTC)
+                    .format(&Rfc3339)
+                    .map_err(|e| wrap(ErrorKind::Config, "cannot format the due time", e))?;
+                headers.insert(NATS_SCHEDULE, format!("@at {at}").as_str());
+                headers.insert(NATS_SCHEDULE_TARGET, target.as_str());
+                self.delayed_subject(&request.id)?
+            }
+            None => target,
+        };
         let message = PublishMessage::build()
             .payload(request.payload)
             .headers(headers);
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
-        let mut delay = Duration::from_millis(50);
         // First use: create the stream, riding out a server that is (re)starting.
+        let mut delay = Duration::from_millis(50);
         while let Err(err) = self.ensure_stream().await {
             if err.kind() == ErrorKind::Config || tokio::time::Instant::now() + delay > deadline {
                 return Err(err);
@@ -535,6 +629,27 @@ impl NatsBroker {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
+        self.publish_retrying(
+            subject,
+            message,
+            &format!("request {}", request.id),
+            &self.stream_name(),
+            deadline,
+        )
+        .await
+    }
+
+    /// Publish to a stream, retrying transient failures (a restarting server,
+    /// a leader election) until `deadline`.
+    async fn publish_retrying(
+        &self,
+        subject: String,
+        message: PublishMessage,
+        what: &str,
+        stream: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<PublishAck> {
+        let mut delay = Duration::from_millis(50);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -564,11 +679,10 @@ impl NatsBroker {
             };
             let now = tokio::time::Instant::now();
             if !transient || now + delay > deadline {
-                let stream = self.stream_name();
                 let (kind, message) = match err.kind() {
                     PublishErrorKind::TimedOut => (
                         ErrorKind::Timeout,
-                        format!("publishing request {} to {subject} was not acknowledged after {attempt} attempts; check that the NATS server is up and stream {stream} is healthy", request.id),
+                        format!("publishing {what} to {subject} was not acknowledged after {attempt} attempts; check that the NATS server is up and stream {stream} is healthy"),
                     ),
                     PublishErrorKind::StreamNotFound => (
                         ErrorKind::Broker,
@@ -576,7 +690,7 @@ impl NatsBroker {
                     ),
                     _ => (
                         ErrorKind::Broker,
-                        format!("publishing request {} to {subject} failed", request.id),
+                        format!("publishing {what} to {subject} failed"),
                     ),
                 };
                 return Err(wrap(kind, message, err));
@@ -585,6 +699,214 @@ impl NatsBroker {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// The dead-letter stream, created once per broker.
+    async fn dead_stream(&self) -> Result<&stream::Stream> {
+        self.inner
+            .dead
+            .get_or_try_init(|| async {
+                let config = self.dead_stream_config();
+                let name = config.name.clone();
+                match self.inner.js.create_stream(config.clone()).await {
+                    Ok(stream) => Ok(stream),
+                    Err(err) if jetstream_code(&err) == Some(ErrorCode::STREAM_NAME_EXIST) => {
+                        self.inner.js.update_stream(config).await.map_err(|e| {
+                            wrap(
+                                ErrorKind::Config,
+                                format!("stream {name} exists with settings jetq cannot change to its own; delete the stream or choose another prefix"),
+                                e,
+                            )
+                        })?;
+                        self.inner.js.get_stream(&name).await.map_err(|e| {
+                            management(format!("cannot open the dead-letter stream {name}"), e)
+                        })
+                    }
+                    Err(err) => Err(management(
+                        format!("cannot create the dead-letter stream {name}"),
+                        err,
+                    )),
+                }
+            })
+            .await
+    }
+
+    async fn put_dead_letter_impl(&self, letter: DeadLetter) -> Result<()> {
+        letter.validate()?;
+        let subject = self.dead_letter_subject(&letter.id)?;
+        let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
+        let mut delay = Duration::from_millis(50);
+        let stream_name = loop {
+            match self.dead_stream().await {
+                Ok(stream) => break stream.cached_info().config.name.clone(),
+                Err(err)
+                    if err.kind() != ErrorKind::Config
+                        && tokio::time::Instant::now() + delay <= deadline =>
+                {
+                    tracing::debug!(error = %err, ?delay, "creating the dead-letter stream failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        let died_at = letter
+            .died_at
+            .format(&Rfc3339)
+            .map_err(|e| wrap(ErrorKind::Config, "cannot format the time of death", e))?;
+        let mut headers = HeaderMap::new();
+        // The same message dead-lettered twice (its worker died in between)
+        // is stored once.
+        headers.insert(
+            NATS_MESSAGE_ID,
+            format!("{}.dead.{}", letter.id, letter.sequence).as_str(),
+        );
+        let fields = [
+            (DEAD_QUEUE, letter.queue.clone()),
+            (DEAD_TASK, letter.task.clone()),
+            (DEAD_KIND, letter.error.kind.clone()),
+            (DEAD_REASON, letter.error.message.clone()),
+            (DEAD_ATTEMPTS, letter.attempts.to_string()),
+            (DEAD_AT, died_at),
+            (DEAD_WORKER, letter.worker.clone()),
+            (DEAD_SEQUENCE, letter.sequence.to_string()),
+        ];
+        for (name, value) in fields {
+            let value = HeaderValue::from_str(&header_safe(&value))
+                .map_err(|e| wrap(ErrorKind::InvalidName, format!("invalid {name} header"), e))?;
+            headers.insert(name, value);
+        }
+        let message = PublishMessage::build()
+            .payload(letter.payload)
+            .headers(headers);
+        self.publish_retrying(
+            subject,
+            message,
+            &format!("the dead letter of {}", letter.id),
+            &stream_name,
+            deadline,
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn decode_dead_letter(&self, message: StreamMessage) -> Option<DeadLetter> {
+        let prefix = format!("{}.dead.", self.inner.config.prefix);
+        let id = message.subject.as_str().strip_prefix(&prefix)?.to_owned();
+        let h = &message.headers;
+        let get = |name: &str| h.get(name).map(|v| v.as_str().to_owned()).unwrap_or_default();
+        let mut letter = DeadLetter::new(
+            id,
+            get(DEAD_QUEUE),
+            get(DEAD_TASK),
+            ErrorInfo {
+                kind: get(DEAD_KIND),
+                message: get(DEAD_REASON),
+            },
+            message.payload,
+        );
+        letter.attempts = get(DEAD_ATTEMPTS).parse().unwrap_or(0);
+        letter.died_at = OffsetDateTime::parse(&get(DEAD_AT), &Rfc3339).unwrap_or(message.time);
+        letter.worker = get(DEAD_WORKER);
+        letter.sequence = get(DEAD_SEQUENCE).parse().unwrap_or(0);
+        Some(letter)
+    }
+
+    async fn dead_letters_impl(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        let stream = self.dead_stream().await?;
+        let filter = format!("{}.dead.>", self.inner.config.prefix);
+        let mut letters = Vec::new();
+        let mut next = 1u64;
+        while letters.len() < limit {
+            match stream
+                .direct_get_next_for_subject(filter.as_str(), Some(next))
+                .await
+            {
+                Ok(message) => {
+                    next = message.sequence + 1;
+                    if let Some(letter) = self.decode_dead_letter(message) {
+                        letters.push(letter);
+                    }
+                }
+                Err(err) if err.kind() == DirectGetErrorKind::NotFound => break,
+                Err(err) => {
+                    return Err(record("cannot read the dead letters".to_owned(), err));
+                }
+            }
+        }
+        Ok(letters)
+    }
+
+    async fn get_dead_letter_impl(&self, id: &str) -> Result<Option<DeadLetter>> {
+        let subject = self.dead_letter_subject(id)?;
+        let stream = self.dead_stream().await?;
+        match stream.direct_get_last_for_subject(subject).await {
+            Ok(message) => Ok(self.decode_dead_letter(message)),
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(err) => Err(record(format!("cannot read the dead letter of {id}"), err)),
+        }
+    }
+
+    async fn remove_dead_letter_impl(&self, id: &str) -> Result<u64> {
+        let subject = self.dead_letter_subject(id)?;
+        let stream = self.dead_stream().await?;
+        let purged = stream
+            .purge()
+            .filter(subject)
+            .await
+            .map_err(|e| record(format!("cannot remove the dead letters of {id}"), e))?;
+        Ok(purged.purged)
+    }
+
+    async fn remove_delayed_impl(&self, id: &str) -> Result<bool> {
+        let subject = self.delayed_subject(id)?;
+        self.ensure_stream().await?;
+        let stream = self
+            .inner
+            .js
+            .get_stream(self.stream_name())
+            .await
+            .map_err(|e| management(format!("cannot open stream {}", self.stream_name()), e))?;
+        let purged = stream
+            .purge()
+            .filter(subject)
+            .await
+            .map_err(|e| record(format!("cannot remove the delayed request {id}"), e))?;
+        Ok(purged.purged > 0)
+    }
+
+    async fn signal_cancel_impl(&self, id: &str) -> Result<()> {
+        let subject = self.cancel_subject(id)?;
+        let client = &self.inner.client;
+        client
+            .publish(subject.clone(), Bytes::new())
+            .await
+            .map_err(|e| wrap(ErrorKind::Broker, format!("cannot publish to {subject}"), e))?;
+        // Out of the client's buffer before the caller moves on (or exits).
+        client
+            .flush()
+            .await
+            .map_err(|e| wrap(ErrorKind::Broker, "cannot flush the cancellation signal", e))
+    }
+
+    async fn cancel_signals_impl(&self) -> Result<BoxStream<'static, String>> {
+        let subject = format!("{}.cancel.*", self.inner.config.prefix);
+        let sub = self
+            .inner
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| wrap(ErrorKind::Broker, format!("cannot subscribe to {subject}"), e))?;
+        let stream = sub.filter_map(|message| async move {
+            message
+                .subject
+                .as_str()
+                .rsplit('.')
+                .next()
+                .filter(|id| validate_id(id).is_ok())
+                .map(str::to_owned)
+        });
+        Ok(Box::pin(stream))
     }
 
     async fn consume_impl(
@@ -826,6 +1148,59 @@ impl Broker for NatsBroker {
     fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>> {
         let id = id.to_owned();
         Box::pin(async move { self.update_record_impl(&id, value, revision).await })
+    }
+
+    fn delete_record(&self, id: &str, revision: u64) -> BoxFuture<'_, Result<()>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            validate_id(&id)?;
+            let kv = self.bucket().await?;
+            match kv.delete_expect_revision(&id, Some(revision)).await {
+                Ok(()) => Ok(()),
+                Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => Err(wrap(
+                    ErrorKind::Conflict,
+                    format!("record {id} changed since revision {revision}"),
+                    err,
+                )),
+                Err(err) => Err(record(format!("cannot delete record {id}"), err)),
+            }
+        })
+    }
+
+    fn max_payload(&self) -> Option<usize> {
+        Some(self.inner.client.server_info().max_payload).filter(|m| *m > 0)
+    }
+
+    fn remove_delayed(&self, id: &str) -> BoxFuture<'_, Result<bool>> {
+        let id = id.to_owned();
+        Box::pin(async move { self.remove_delayed_impl(&id).await })
+    }
+
+    fn put_dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.put_dead_letter_impl(letter))
+    }
+
+    fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>>> {
+        Box::pin(self.dead_letters_impl(limit))
+    }
+
+    fn get_dead_letter(&self, id: &str) -> BoxFuture<'_, Result<Option<DeadLetter>>> {
+        let id = id.to_owned();
+        Box::pin(async move { self.get_dead_letter_impl(&id).await })
+    }
+
+    fn remove_dead_letter(&self, id: &str) -> BoxFuture<'_, Result<u64>> {
+        let id = id.to_owned();
+        Box::pin(async move { self.remove_dead_letter_impl(&id).await })
+    }
+
+    fn signal_cancel(&self, id: &str) -> BoxFuture<'_, Result<()>> {
+        let id = id.to_owned();
+        Box::pin(async move { self.signal_cancel_impl(&id).await })
+    }
+
+    fn cancel_signals(&self) -> BoxFuture<'_, Result<BoxStream<'static, String>>> {
+        Box::pin(self.cancel_signals_impl())
     }
 
     fn watch_record(

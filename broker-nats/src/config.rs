@@ -66,6 +66,7 @@ pub struct NatsConfig {
     pub(crate) prefix: String,
     pub(crate) replicas: usize,
     pub(crate) record_ttl: Option<Duration>,
+    pub(crate) dead_letter_ttl: Option<Duration>,
     pub(crate) duplicate_window: Duration,
     pub(crate) max_ack_pending: i64,
     pub(crate) storage: Storage,
@@ -91,6 +92,7 @@ impl Default for NatsConfig {
             prefix: DEFAULT_PREFIX.to_owned(),
             replicas: 1,
             record_ttl: None,
+            dead_letter_ttl: None,
             duplicate_window: Duration::from_secs(120),
             max_ack_pending: 10_000,
             storage: Storage::File,
@@ -193,6 +195,12 @@ impl NatsConfig {
         self
     }
 
+    /// How long dead letters are kept (default: until requeued or removed).
+    pub fn dead_letter_ttl(mut self, ttl: Duration) -> Self {
+        self.dead_letter_ttl = Some(ttl);
+        self
+    }
+
     /// Window in which the server drops a second request with the same id (default 2 min).
     pub fn duplicate_window(mut self, window: Duration) -> Self {
         self.duplicate_window = window;
@@ -252,6 +260,11 @@ impl NatsConfig {
     /// Name of the task stream: `{PREFIX}_TASKS`.
     pub fn stream_name(&self) -> String {
         format!("{}_TASKS", self.prefix.to_uppercase())
+    }
+
+    /// Name of the dead-letter stream: `{PREFIX}_DEAD`.
+    pub fn dead_stream_name(&self) -> String {
+        format!("{}_DEAD", self.prefix.to_uppercase())
     }
 
     /// Name of the record bucket: `{PREFIX}_RESULTS`.

@@ -16,6 +16,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_core::Stream;
 
+use time::OffsetDateTime;
+
+use crate::dead::DeadLetter;
 use crate::error::Result;
 
 /// A boxed, sendable future.
@@ -39,6 +42,11 @@ pub struct OutgoingRequest {
     pub payload: Bytes,
     /// Headers to send along (trace context and the like).
     pub headers: Vec<(String, String)>,
+    /// Hold the request back until this time (a delayed request).
+    pub not_before: Option<OffsetDateTime>,
+    /// Deduplication key when it is not the id (a requeued dead letter is a
+    /// new message for the same id).
+    pub dedup_key: Option<String>,
 }
 
 impl OutgoingRequest {
@@ -55,7 +63,15 @@ impl OutgoingRequest {
             task: task.into(),
             payload,
             headers: Vec::new(),
+            not_before: None,
+            dedup_key: None,
         }
+    }
+
+    /// The key the broker deduplicates on: [`dedup_key`](Self::dedup_key)
+    /// if set, else the id.
+    pub fn dedup_key(&self) -> &str {
+        self.dedup_key.as_deref().unwrap_or(&self.id)
     }
 }
 
@@ -196,6 +212,41 @@ pub trait Broker: Send + Sync + Debug + 'static {
     /// Replace a record if its revision is still `revision`; fails with
     /// [`ErrorKind::Conflict`](crate::ErrorKind::Conflict) otherwise.
     fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>>;
+
+    /// Delete a record if its revision is still `revision` (a `pending`
+    /// record whose publish failed); fails with
+    /// [`ErrorKind::Conflict`](crate::ErrorKind::Conflict) otherwise.
+    fn delete_record(&self, id: &str, revision: u64) -> BoxFuture<'_, Result<()>>;
+
+    /// The largest message the broker accepts, in bytes, if it has a limit.
+    /// Clients refuse larger requests before anything is written.
+    fn max_payload(&self) -> Option<usize> {
+        None
+    }
+
+    /// Drop a delayed request that has not fired yet (it was cancelled).
+    /// Returns whether one was dropped.
+    fn remove_delayed(&self, id: &str) -> BoxFuture<'_, Result<bool>>;
+
+    /// Store a dead letter durably, replacing none: an id may have several
+    /// (it died, was requeued, died again).
+    fn put_dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<()>>;
+
+    /// Dead letters, oldest first, at most `limit`.
+    fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>>>;
+
+    /// The latest dead letter of request `id`.
+    fn get_dead_letter(&self, id: &str) -> BoxFuture<'_, Result<Option<DeadLetter>>>;
+
+    /// Remove every dead letter of request `id`; returns how many.
+    fn remove_dead_letter(&self, id: &str) -> BoxFuture<'_, Result<u64>>;
+
+    /// Tell every worker that request `id` is to be cancelled. Best effort
+    /// and immediate; workers also find the request in the record.
+    fn signal_cancel(&self, id: &str) -> BoxFuture<'_, Result<()>>;
+
+    /// The ids of cancellation signals, as they arrive, for a worker.
+    fn cancel_signals(&self) -> BoxFuture<'_, Result<BoxStream<'static, String>>>;
 
     /// Watch a record: the stream yields the current entry (if any) and then
     /// later ones, in revision order. Intermediate revisions may be coalesced

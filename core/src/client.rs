@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::broker::{Broker, OutgoingRequest};
+use crate::dead::DeadLetter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::names;
 use crate::record::{Record, Status};
@@ -61,6 +62,7 @@ impl Client {
     pub async fn publish_request(&self, request: Request) -> Result<TaskHandle> {
         request.validate()?;
         let payload = Bytes::from(request.to_json()?);
+        self.check_size(&request.id, payload.len())?;
         let handle = TaskHandle {
             client: self.clone(),
             id: request.id.clone(),
@@ -68,22 +70,27 @@ impl Client {
         // The pending record first, atomically: it is the idempotency check
         // that outlives the broker's dedup window.
         let pending = Bytes::from(Record::pending(&request).to_json()?);
-        match self.broker.create_record(&request.id, pending).await {
-            Ok(_) => {}
+        let mut not_before = request.not_before;
+        let created = match self.broker.create_record(&request.id, pending).await {
+            Ok(revision) => Some(revision),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 if let Some(entry) = self.broker.get_record(&request.id).await? {
                     let existing = Record::from_json(&entry.value)?;
                     if existing.status != Status::Pending {
-                        // Already running or done: the same request, not a new one.
+                        // Already running, done or cancelled: the same
+                        // request, not a new one.
                         return Ok(handle);
                     }
+                    // Keep the first publish's due time.
+                    not_before = existing.next_attempt_at;
                 }
                 // Still pending: an earlier publish may have failed after the
                 // record was written. Publish again; the broker's dedup (and
                 // the worker's ownership check) keep it to one run.
+                None
             }
             Err(e) => return Err(e),
-        }
+        };
         let mut outgoing = OutgoingRequest::new(
             request.id.clone(),
             request.queue.clone(),
@@ -95,8 +102,184 @@ impl Client {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        self.broker.publish(outgoing).await?;
+        outgoing.not_before = not_before;
+        if let Err(e) = self.broker.publish(outgoing).await {
+            // Leave no pending record behind for a request that was never stored.
+            if let Some(revision) = created {
+                if let Err(cleanup) = self.broker.delete_record(&request.id, revision).await {
+                    tracing::warn!(id = %request.id, error = %cleanup, "cannot remove the pending record of a failed publish");
+                }
+            }
+            return Err(e);
+        }
         Ok(handle)
+    }
+
+    /// Refuse a request the broker would refuse, before anything is written.
+    fn check_size(&self, id: &str, len: usize) -> Result<()> {
+        match self.broker.max_payload() {
+            Some(max) if len > max => Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "request `{id}` is {len} bytes encoded; the broker accepts at most {max} bytes (NATS max_payload); pass large data by reference (e.g. an object store key)"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Cancel request `id`. A request that has not started (pending, delayed
+    /// or waiting to retry) is `cancelled` at once and never runs. A running
+    /// one has its cancellation token fired on whatever worker runs it, and
+    /// its record ends `cancelled` when the attempt ends, whatever the task
+    /// returns; [`wait`](Self::wait) for it. Returns the record as this call
+    /// left it: `cancelled`, `running` with `cancel_requested_at` set, or the
+    /// terminal record of a request that had already finished (nothing to cancel).
+    /// [`ErrorKind::NotFound`] if there is no such request.
+    pub async fn cancel(&self, id: &str) -> Result<Record> {
+        names::validate_id(id)?;
+        for _ in 0..32 {
+            let Some(entry) = self.broker.get_record(id).await? else {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("no request with id `{id}` to cancel"),
+                ));
+            };
+            let mut record = Record::from_json(&entry.value)?;
+            if record.status.is_terminal() {
+                return Ok(record);
+            }
+            let now = time::OffsetDateTime::now_utc();
+            let running = record.status == Status::Running;
+            if running {
+                if record.cancel_requested_at.is_some() {
+                    // Already asked: signal again, in case a worker missed it.
+                    self.broker.signal_cancel(id).await?;
+                    return Ok(record);
+                }
+                record.cancel_requested_at = Some(now);
+            } else {
+                record.status = Status::Cancelled;
+                record.cancel_requested_at = Some(now);
+                record.finished_at = Some(now);
+                record.next_attempt_at = None;
+                record.error = Some(crate::record::ErrorInfo {
+                    kind: crate::task_error::kinds::CANCELLED.to_owned(),
+                    message: "cancelled at a client's request".to_owned(),
+                });
+            }
+            let bytes = Bytes::from(record.to_json()?);
+            match self.broker.update_record(id, bytes, entry.revision).await {
+                Ok(_) => {
+                    if running {
+                        self.broker.signal_cancel(id).await?;
+                    } else if let Err(e) = self.broker.remove_delayed(id).await {
+                        // Harmless: a worker drops a cancelled request it is given.
+                        tracing::debug!(id, error = %e, "cannot remove a delayed request");
+                    }
+                    return Ok(record);
+                }
+                Err(e) if e.kind() == ErrorKind::Conflict => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Conflict,
+            format!("record `{id}` keeps changing; cannot cancel it"),
+        ))
+    }
+
+    /// Dead letters, oldest first, at most `limit`.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        self.broker.dead_letters(limit).await
+    }
+
+    /// The latest dead letter of request `id`, if any.
+    pub async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
+        names::validate_id(id)?;
+        self.broker.get_dead_letter(id).await
+    }
+
+    /// Publish a dead-lettered request again as a fresh request with the same
+    /// id: its record is reset to `pending` (attempts from zero), and the
+    /// dead letter is removed once the request is stored.
+    /// [`ErrorKind::NotFound`] if there is no dead letter for `id`;
+    /// [`ErrorKind::Conflict`] if the request is running or waiting again.
+    pub async fn requeue(&self, id: &str) -> Result<TaskHandle> {
+        names::validate_id(id)?;
+        let Some(letter) = self.broker.get_dead_letter(id).await? else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no dead letter for id `{id}`"),
+            ));
+        };
+        let mut request = letter.request()?;
+        request.id = id.to_owned();
+        request.enqueued_at = time::OffsetDateTime::now_utc();
+        request.not_before = None;
+        self.check_size(id, letter.payload.len())?;
+        let fresh = Bytes::from(Record::pending(&request).to_json()?);
+        let mut done = false;
+        for _ in 0..32 {
+            let written = match self.broker.get_record(id).await? {
+                None => self.broker.create_record(id, fresh.clone()).await,
+                Some(entry) => {
+                    let current = Record::from_json(&entry.value)?;
+                    if matches!(current.status, Status::Running | Status::Retrying)
+                        || (current.status == Status::Pending && current.seq.is_some())
+                    {
+                        return Err(Error::new(
+                            ErrorKind::Conflict,
+                            format!(
+                                "request `{id}` is {} again; requeue it once it has finished",
+                                current.status
+                            ),
+                        ));
+                    }
+                    self.broker
+                        .update_record(id, fresh.clone(), entry.revision)
+                        .await
+                }
+            };
+            match written {
+                Ok(_) => {
+                    done = true;
+                    break;
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !done {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("record `{id}` keeps changing; cannot requeue it"),
+            ));
+        }
+        let mut outgoing = OutgoingRequest::new(
+            id.to_owned(),
+            request.queue.clone(),
+            request.task.clone(),
+            letter.payload.clone(),
+        );
+        outgoing.headers = request
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // A new message for an old id: its own dedup key, so the broker does
+        // not take it for the first publish (or an earlier requeue).
+        outgoing.dedup_key = Some(format!("{id}.requeue.{}", letter.sequence));
+        self.broker.publish(outgoing).await?;
+        if let Err(e) = self.broker.remove_dead_letter(id).await {
+            tracing::warn!(id, error = %e, "requeued, but cannot remove the dead letter");
+        }
+        Ok(TaskHandle {
+            client: self.clone(),
+            id: id.to_owned(),
+        })
     }
 
     /// A handle on an existing request.
@@ -218,6 +401,29 @@ impl RequestBuilder {
     /// Retries allowed after the first attempt (default: the task's policy).
     pub fn max_retries(mut self, max_retries: u32) -> Self {
         self.request.max_retries = Some(max_retries);
+        self
+    }
+
+    /// Run no sooner than `delay` from now. The request is stored at once
+    /// (durable across worker and broker restarts) and holds no worker slot
+    /// while it waits; its record is `pending` with `next_attempt_at` set.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        match time::Duration::try_from(delay) {
+            Ok(d) => self.request.not_before = Some(time::OffsetDateTime::now_utc() + d),
+            Err(e) => {
+                self.error = Some(Error::new(
+                    ErrorKind::Config,
+                    format!("delay {delay:?} is out of range: {e}"),
+                ))
+            }
+        }
+        self
+    }
+
+    /// Run no sooner than `at` (a time in the past means now); see
+    /// [`delay`](Self::delay).
+    pub fn not_before(mut self, at: time::OffsetDateTime) -> Self {
+        self.request.not_before = Some(at);
         self
     }
 

@@ -169,9 +169,12 @@ impl Context {
             .await
     }
 
-    /// The attempt's cancellation token. It fires when the worker shuts down;
-    /// a task that sees it should stop soon (its attempt is then released for
-    /// another worker rather than counted as failed).
+    /// The attempt's cancellation token. It fires when a client cancels the
+    /// request ([`Client::cancel`](crate::Client::cancel); the record then
+    /// ends `cancelled` whatever the task returns), when the worker shuts
+    /// down (the attempt is then released for another worker rather than
+    /// counted as failed), and when the attempt lost its request to another
+    /// one (its worker was presumed dead). A task that sees it should stop soon.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.inner.cancel
     }

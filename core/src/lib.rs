@@ -28,6 +28,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod dead;
 pub mod context;
 pub mod error;
 pub mod extract;
@@ -42,6 +43,7 @@ pub mod worker;
 
 pub use client::{Client, RequestBuilder, TaskHandle};
 pub use context::Context;
+pub use dead::DeadLetter;
 pub use error::{Error, ErrorKind, Result};
 pub use extract::{Args, FromContext, Meta, Requirements, Resource, State};
 pub use handler::{BlockingHandler, Handler, IntoTaskResult};

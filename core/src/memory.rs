@@ -1,7 +1,8 @@
 //! An in-memory broker, for unit-testing handlers without NATS.
 //!
 //! It keeps the semantics the worker relies on (deduplication by id, nak with
-//! a delay, revision-checked records, watches) in one process. It has no ack
+//! a delay, delayed requests, revision-checked records, watches, dead
+//! letters, cancellation signals) in one process. It has no ack
 //! wait: a delivery dropped without being settled is requeued at once. It is
 //! not a substitute for testing against a real nats-server.
 //!
@@ -42,6 +43,7 @@ use crate::broker::{
     BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, Deliveries, Delivery, DeliveryInfo,
     OutgoingRequest, PublishAck, RecordEntry,
 };
+use crate::dead::DeadLetter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::names;
 
@@ -56,6 +58,8 @@ struct Inner {
     state: Mutex<State>,
     notify: Notify,
     records: broadcast::Sender<(String, RecordEntry)>,
+    cancels: broadcast::Sender<String>,
+    max_payload: Option<usize>,
 }
 
 impl Default for Inner {
@@ -64,6 +68,8 @@ impl Default for Inner {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             records: broadcast::channel(1024).0,
+            cancels: broadcast::channel(1024).0,
+            max_payload: None,
         }
     }
 }
@@ -75,6 +81,9 @@ struct State {
     queues: HashMap<String, VecDeque<Msg>>,
     ids: HashSet<String>,
     records: HashMap<String, RecordEntry>,
+    /// Delayed requests not yet due: id -> sequence.
+    delayed: HashMap<String, u64>,
+    dead: Vec<DeadLetter>,
 }
 
 #[derive(Debug, Clone)]
@@ -123,7 +132,19 @@ impl MemoryBroker {
         Self::default()
     }
 
-    /// Requests waiting on `queue` (not counting those being worked on).
+    /// An empty broker that refuses messages larger than `max` bytes, like a
+    /// NATS server's `max_payload`.
+    pub fn with_max_payload(max: usize) -> Self {
+        MemoryBroker {
+            inner: Arc::new(Inner {
+                max_payload: Some(max),
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Requests waiting on `queue` (not counting those being worked on or
+    /// delayed).
     pub fn queued(&self, queue: &str) -> usize {
         self.inner.lock().queues.get(queue).map_or(0, VecDeque::len)
     }
@@ -146,21 +167,52 @@ impl Broker for MemoryBroker {
             names::validate_queue(&request.queue)?;
             names::validate_task(&request.task)?;
             names::validate_id(&request.id)?;
+            if let Some(max) = self.inner.max_payload {
+                if request.payload.len() > max {
+                    return Err(Error::new(
+                        ErrorKind::PayloadTooLarge,
+                        format!(
+                            "the request is {} bytes; the broker accepts at most {max}",
+                            request.payload.len()
+                        ),
+                    ));
+                }
+            }
+            let delay = request
+                .not_before
+                .map(|t| t - time::OffsetDateTime::now_utc())
+                .filter(|d| d.is_positive())
+                .and_then(|d| Duration::try_from(d).ok());
             let ack = {
                 let mut st = self.inner.lock();
-                if !st.ids.insert(request.id.clone()) {
+                if !st.ids.insert(request.dedup_key().to_owned()) {
                     PublishAck::new(st.next_seq, true)
                 } else {
                     st.next_seq += 1;
                     let seq = st.next_seq;
-                    st.queues
-                        .entry(request.queue.clone())
-                        .or_default()
-                        .push_back(Msg {
-                            seq,
-                            payload: request.payload,
-                            delivered: 0,
-                        });
+                    let msg = Msg {
+                        seq,
+                        payload: request.payload,
+                        delivered: 0,
+                    };
+                    match delay {
+                        Some(delay) => {
+                            st.delayed.insert(request.id.clone(), seq);
+                            let inner = Arc::clone(&self.inner);
+                            let (id, queue) = (request.id.clone(), request.queue.clone());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let due = {
+                                    let mut st = inner.lock();
+                                    st.delayed.get(&id) == Some(&seq) && st.delayed.remove(&id).is_some()
+                                };
+                                if due {
+                                    inner.requeue(&queue, msg);
+                                }
+                            });
+                        }
+                        None => st.queues.entry(request.queue.clone()).or_default().push_back(msg),
+                    }
                     PublishAck::new(seq, false)
                 }
             };
@@ -212,6 +264,103 @@ impl Broker for MemoryBroker {
             }
         });
         Box::pin(async move { res })
+    }
+
+    fn delete_record(&self, id: &str, revision: u64) -> BoxFuture<'_, Result<()>> {
+        let res = names::validate_id(id).and_then(|()| {
+            let mut st = self.inner.lock();
+            match st.records.get(id) {
+                Some(e) if e.revision == revision => {
+                    st.records.remove(id);
+                    Ok(())
+                }
+                other => Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "record `{id}` is at revision {:?}, not {revision}",
+                        other.map(|e| e.revision)
+                    ),
+                )),
+            }
+        });
+        Box::pin(async move { res })
+    }
+
+    fn max_payload(&self) -> Option<usize> {
+        self.inner.max_payload
+    }
+
+    fn remove_delayed(&self, id: &str) -> BoxFuture<'_, Result<bool>> {
+        let res = names::validate_id(id).map(|()| self.inner.lock().delayed.remove(id).is_some());
+        Box::pin(async move { res })
+    }
+
+    fn put_dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<()>> {
+        let res = letter.validate().map(|()| {
+            let mut st = self.inner.lock();
+            // Like the NATS broker: the same message dead-lettered twice (a
+            // worker died in between) is stored once.
+            if !st
+                .dead
+                .iter()
+                .any(|d| d.id == letter.id && d.sequence == letter.sequence)
+            {
+                st.dead.push(letter);
+            }
+        });
+        Box::pin(async move { res })
+    }
+
+    fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>>> {
+        let letters = self.inner.lock().dead.iter().take(limit).cloned().collect();
+        Box::pin(async move { Ok(letters) })
+    }
+
+    fn get_dead_letter(&self, id: &str) -> BoxFuture<'_, Result<Option<DeadLetter>>> {
+        let res = names::validate_id(id).map(|()| {
+            self.inner
+                .lock()
+                .dead
+                .iter()
+                .rev()
+                .find(|d| d.id == id)
+                .cloned()
+        });
+        Box::pin(async move { res })
+    }
+
+    fn remove_dead_letter(&self, id: &str) -> BoxFuture<'_, Result<u64>> {
+        let res = names::validate_id(id).map(|()| {
+            let mut st = self.inner.lock();
+            let before = st.dead.len();
+            st.dead.retain(|d| d.id != id);
+            (before - st.dead.len()) as u64
+        });
+        Box::pin(async move { res })
+    }
+
+    fn signal_cancel(&self, id: &str) -> BoxFuture<'_, Result<()>> {
+        let res = names::validate_id(id).map(|()| {
+            let _ = self.inner.cancels.send(id.to_owned());
+        });
+        Box::pin(async move { res })
+    }
+
+    fn cancel_signals(&self) -> BoxFuture<'_, Result<BoxStream<'static, String>>> {
+        let rx = self.inner.cancels.subscribe();
+        Box::pin(async move {
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(id) => return Some((id, rx)),
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            });
+            let stream: BoxStream<'static, String> = Box::pin(stream);
+            Ok(stream)
+        })
     }
 
     fn watch_record(

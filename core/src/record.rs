@@ -118,9 +118,18 @@ pub struct Record {
     /// When the request reached a terminal status.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
-    /// When the next attempt is due (a `retrying` record).
+    /// When the next attempt is due: a `retrying` record, or a `pending` one
+    /// published with a delay.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub next_attempt_at: Option<OffsetDateTime>,
+    /// When a client asked to cancel the request. A running attempt sees its
+    /// cancellation token fire; the record then ends `cancelled`.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cancel_requested_at: Option<OffsetDateTime>,
     /// Name of the worker that ran (or runs) the last attempt.
     #[serde(default)]
     pub worker: Option<String>,
@@ -151,7 +160,8 @@ impl Record {
             enqueued_at: req.enqueued_at,
             started_at: None,
             finished_at: None,
-            next_attempt_at: None,
+            next_attempt_at: req.not_before,
+            cancel_requested_at: None,
             worker: None,
             seq: None,
         }

@@ -44,6 +44,15 @@ pub struct Request {
     /// policy (the worker's default is [`DEFAULT_MAX_RETRIES`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+    /// Not to run before this time (a delayed request). Brokers hold it back
+    /// until then (NATS: a server-side message schedule); a worker that gets
+    /// it early puts it back until it is due.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub not_before: Option<OffsetDateTime>,
     /// Propagated headers: trace context (`traceparent`, `tracestate`) and
     /// auth (`authorization`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -62,6 +71,7 @@ impl Request {
             metadata: Map::new(),
             enqueued_at: OffsetDateTime::now_utc(),
             max_retries: None,
+            not_before: None,
             headers: BTreeMap::new(),
         }
     }

@@ -23,8 +23,11 @@ pub mod kinds {
     pub const PANIC: &str = "panic";
     /// The attempt ran past its time limit.
     pub const TIMEOUT: &str = "timeout";
-    /// The task was cancelled.
+    /// The request was cancelled by a client (on a `cancelled` record).
     pub const CANCELLED: &str = "cancelled";
+    /// The task's value or metadata does not fit in a record (the broker's
+    /// message size limit).
+    pub const TOO_LARGE: &str = "too_large";
     /// The worker shut down during the attempt and released the request for
     /// immediate redelivery (on a `retrying` record).
     pub const INTERRUPTED: &str = "interrupted";

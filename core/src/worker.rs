@@ -4,7 +4,8 @@ use std::any::{Any, TypeId};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::broker::{BoxFuture, Broker, ConsumeOptions, Consumer, Delivery};
 use crate::context::{Context, ContextInner, RecordSink, Shared};
+use crate::dead::DeadLetter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extract::{Requirements, ResourceCell};
 use crate::handler::{call_catching, BlockingHandler, ErasedHandler, Handler};
@@ -302,6 +304,8 @@ impl WorkerBuilder {
                 registry,
                 shared: Arc::new(self.shared),
                 ack_wait: self.ack_wait,
+                running: StdMutex::new(HashMap::new()),
+                next_registration: AtomicU64::new(0),
             }),
             concurrency: self.concurrency,
             shutdown_timeout: self.shutdown_timeout,
@@ -344,6 +348,69 @@ struct Env {
     registry: HashMap<String, HashMap<String, Arc<TaskEntry>>>,
     shared: Arc<Shared>,
     ack_wait: Duration,
+    /// Running attempts by request id: the task's token and the flag that a
+    /// client cancelled it.
+    running: StdMutex<HashMap<String, Vec<RunningAttempt>>>,
+    next_registration: AtomicU64,
+}
+
+impl Env {
+    /// Make a running attempt reachable by cancellation signals until the
+    /// returned guard is dropped.
+    fn register(
+        self: &Arc<Self>,
+        id: &str,
+        cancel: &CancellationToken,
+        by_client: &CancellationToken,
+    ) -> Registration {
+        let key = self.next_registration.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut running) = self.running.lock() {
+            running
+                .entry(id.to_owned())
+                .or_default()
+                .push((key, cancel.clone(), by_client.clone()));
+        }
+        Registration {
+            env: Arc::clone(self),
+            id: id.to_owned(),
+            key,
+        }
+    }
+
+    /// A client cancelled request `id`: fire the tokens of its attempts here.
+    fn cancel_running(&self, id: &str) {
+        if let Ok(running) = self.running.lock() {
+            for (_, cancel, by_client) in running.get(id).into_iter().flatten() {
+                info!(id, "cancelled by a client");
+                by_client.cancel();
+                cancel.cancel();
+            }
+        }
+    }
+}
+
+/// A running attempt, reachable by cancellation signals: its registration
+/// key, its task's token, and the flag that a client cancelled it.
+type RunningAttempt = (u64, CancellationToken, CancellationToken);
+
+/// Keeps a running attempt in [`Env::running`] while alive.
+struct Registration {
+    env: Arc<Env>,
+    id: String,
+    key: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.env.running.lock() {
+            if let Some(list) = running.get_mut(&self.id) {
+                list.retain(|(key, _, _)| *key != self.key);
+                if list.is_empty() {
+                    running.remove(&self.id);
+                }
+            }
+        }
+    }
 }
 
 /// A worker: serves registered tasks on their queues until shut down.
@@ -430,6 +497,7 @@ impl Worker {
                 hard_stop.clone(),
             )));
         }
+        let listener = tokio::spawn(cancel_listener(Arc::clone(&self.env), stop.clone()));
         info!(worker = %self.env.name, queues = ?self.queues(), concurrency = self.concurrency, "worker started");
         signal.await;
         info!(worker = %self.env.name, "shutting down: no new tasks; waiting for running ones");
@@ -446,6 +514,7 @@ impl Worker {
             hard_stop.cancel();
             tracker.wait().await;
         }
+        listener.abort();
         info!(worker = %self.env.name, "worker stopped");
         Ok(())
     }
@@ -497,6 +566,39 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// Fire the tokens of running attempts that clients cancel. Signals are best
+/// effort; a running attempt also finds the cancellation in its record.
+async fn cancel_listener(env: Arc<Env>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let signals = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = env.broker.cancel_signals() => s,
+        };
+        match signals {
+            Ok(mut signals) => {
+                backoff = Duration::from_millis(100);
+                loop {
+                    let id = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        id = signals.next() => id,
+                    };
+                    match id {
+                        Some(id) => env.cancel_running(&id),
+                        None => break,
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot listen for cancellations; retrying in {backoff:?}"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {},
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -583,7 +685,8 @@ struct RecordWriter {
 }
 
 impl RecordWriter {
-    async fn apply(&self, change: &(dyn Fn(&mut Record) + Send + Sync)) -> Result<()> {
+    /// Write `change` over the record; returns the record as written.
+    async fn apply(&self, change: &(dyn Fn(&mut Record) + Send + Sync)) -> Result<Record> {
         let mut guard = self.state.lock().await;
         let (seq, attempts) = (guard.0.seq, guard.0.attempts);
         let deadline = tokio::time::Instant::now() + RECORD_WRITE_PATIENCE;
@@ -594,8 +697,8 @@ impl RecordWriter {
             let bytes = Bytes::from(next.to_json()?);
             match self.broker.update_record(&self.id, bytes, guard.1).await {
                 Ok(revision) => {
-                    *guard = (next, revision);
-                    return Ok(());
+                    *guard = (next.clone(), revision);
+                    return Ok(next);
                 }
                 Err(e) if e.kind() == ErrorKind::Conflict => {
                     let Some(entry) = self.broker.get_record(&self.id).await? else {
@@ -627,9 +730,38 @@ impl RecordWriter {
     }
 }
 
+impl RecordWriter {
+    /// Read the record back: has a client asked to cancel, or has another
+    /// attempt taken the request over?
+    async fn check(&self, broker: &Arc<dyn Broker>) -> Result<Watch> {
+        let (seq, attempts) = {
+            let guard = self.state.lock().await;
+            (guard.0.seq, guard.0.attempts)
+        };
+        let Some(entry) = broker.get_record(&self.id).await? else {
+            return Ok(Watch::Lost);
+        };
+        let current = Record::from_json(&entry.value)?;
+        Ok(if current.seq != seq || current.attempts != attempts {
+            Watch::Lost
+        } else if current.cancel_requested_at.is_some() {
+            Watch::CancelRequested
+        } else {
+            Watch::Fine
+        })
+    }
+}
+
+/// What a running attempt finds when it reads its record back.
+enum Watch {
+    Fine,
+    CancelRequested,
+    Lost,
+}
+
 impl RecordSink for RecordWriter {
     fn update(&self, change: Box<dyn Fn(&mut Record) + Send + Sync>) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move { self.apply(&*change).await })
+        Box::pin(async move { self.apply(&*change).await.map(|_| ()) })
     }
 }
 
@@ -637,11 +769,17 @@ impl RecordSink for RecordWriter {
 enum Claim {
     /// This attempt owns the record.
     Run(RecordWriter, u32),
-    /// A duplicate or finished request: acknowledge and drop.
+    /// A duplicate, finished or cancelled request: acknowledge and drop.
     Skip(&'static str),
     /// The request has used up its attempts (its workers died each time).
     GiveUp(RecordWriter, u32),
+    /// This message's request already failed, but the worker that failed it
+    /// stopped before dead-lettering and terminating it: finish that.
+    Bury(Record),
 }
+
+/// A request held back until this long before its due time is put back.
+const EARLY_TOLERANCE: Duration = Duration::from_millis(500);
 
 async fn process(
     env: Arc<Env>,
@@ -657,6 +795,20 @@ async fn process(
     };
     let span = info_span!("jetq.task", task = %request.task, id = %request.id, queue = %queue, seq = info.sequence);
     async move {
+        // Delivered before it is due (a broker without delayed delivery, or
+        // clocks apart): put it back until then; no attempt is counted.
+        if let Some(due) = request.not_before {
+            let early = due - OffsetDateTime::now_utc();
+            if let Ok(early) = Duration::try_from(early) {
+                if early > EARLY_TOLERANCE {
+                    debug!("not due for {early:?}; putting it back");
+                    if let Err(e) = delivery.nak(Some(early)).await {
+                        warn!(error = %e, "cannot put back a request that is not due");
+                    }
+                    return;
+                }
+            }
+        }
         let entry = env
             .registry
             .get(&queue)
@@ -677,7 +829,13 @@ async fn process(
         let (writer, attempt) = match claim {
             Claim::Skip(why) => {
                 debug!("dropping delivery: {why}");
-                let _ = delivery.ack().await;
+                if let Err(e) = delivery.ack().await {
+                    warn!(error = %e, "cannot acknowledge a dropped delivery");
+                }
+                return;
+            }
+            Claim::Bury(record) => {
+                bury(&env, &*delivery, &record).await;
                 return;
             }
             Claim::GiveUp(writer, attempt) => {
@@ -686,7 +844,7 @@ async fn process(
                     attempt - 1
                 ))
                 .with_kind(kinds::ERROR);
-                finish_failed(&writer, &*delivery, &err).await;
+                finish_failed(&env, &writer, &*delivery, &err).await;
                 return;
             }
             Claim::Run(writer, attempt) => (writer, attempt),
@@ -707,12 +865,18 @@ async fn process(
                     .join(", ")
             ))
             .with_kind(kinds::UNKNOWN_TASK);
-            finish_failed(&writer, &*delivery, &err).await;
+            finish_failed(&env, &writer, &*delivery, &err).await;
             return;
         };
 
         let writer = Arc::new(writer);
+        // `cancel` is the task's token: it fires on shutdown (a child of
+        // `stop`), on a client's cancellation and when the attempt lost its
+        // record; `by_client` tells the first two apart.
         let cancel = stop.child_token();
+        let by_client = CancellationToken::new();
+        let _registration = env.register(&request.id, &cancel, &by_client);
+        let id = request.id.clone();
         let ctx = Context {
             inner: Arc::new(ContextInner {
                 request,
@@ -739,6 +903,9 @@ async fn process(
                 None => call_catching(&entry.handler, ctx).await,
             }
         };
+        // Keep the delivery alive, and look at the record now and then: a
+        // cancellation whose signal this worker missed, or another attempt
+        // that took the request over, stops this one.
         let keepalive = async {
             let mut tick = tokio::time::interval(env.ack_wait / 3);
             tick.tick().await;
@@ -747,6 +914,22 @@ async fn process(
                 if let Err(e) = delivery.in_progress().await {
                     debug!(error = %e, "keep-alive failed");
                 }
+                if cancel.is_cancelled() {
+                    continue;
+                }
+                match writer.check(&env.broker).await {
+                    Ok(Watch::Fine) => {}
+                    Ok(Watch::CancelRequested) => {
+                        info!("cancelled by a client (seen in the record)");
+                        by_client.cancel();
+                        cancel.cancel();
+                    }
+                    Ok(Watch::Lost) => {
+                        warn!("another attempt took this request over; stopping this one");
+                        cancel.cancel();
+                    }
+                    Err(e) => debug!(id = %id, error = %e, "cannot re-read the record"),
+                }
             }
         };
         let outcome = tokio::select! {
@@ -754,27 +937,30 @@ async fn process(
             _ = keepalive => None,
             _ = hard_stop.cancelled() => None,
         };
+        if by_client.is_cancelled() {
+            info!(attempt, "attempt ended after a cancellation");
+            conclude(&env, &writer, &*delivery, &|r| mark_cancelled(r), Settle::Ack).await;
+            return;
+        }
         match outcome {
             Some(Ok(value)) => {
                 let now = OffsetDateTime::now_utc();
-                let res = writer
-                    .apply(&|r: &mut Record| {
-                        r.status = Status::Succeeded;
-                        r.value = Some(value.clone());
-                        r.error = None;
-                        r.finished_at = Some(now);
-                        r.next_attempt_at = None;
-                    })
-                    .await;
-                settle(res, &*delivery, Settle::Ack).await;
+                let change = |r: &mut Record| {
+                    r.status = Status::Succeeded;
+                    r.value = Some(value.clone());
+                    r.error = None;
+                    r.finished_at = Some(now);
+                    r.next_attempt_at = None;
+                };
+                conclude(&env, &writer, &*delivery, &change, Settle::Ack).await;
             }
             // Shutting down: a task that stopped early (or could not finish in
             // time) goes back for immediate redelivery instead of counting as a
             // failure. A permanent error still fails it: another worker could not do better.
             Some(Err(ref e)) if cancel.is_cancelled() && e.is_retryable() => {
-                release(&writer, &*delivery, &env.name).await
+                release(&env, &writer, &*delivery).await
             }
-            None => release(&writer, &*delivery, &env.name).await,
+            None => release(&env, &writer, &*delivery).await,
             Some(Err(err)) => {
                 let retry_no = attempt; // retries done after this attempt
                 if err.is_retryable() && retry_no <= max_retries {
@@ -785,16 +971,14 @@ async fn process(
                     let due = OffsetDateTime::now_utc() + delay;
                     let info = err.info();
                     info!(attempt, error = %err, "attempt failed; retrying in {delay:?}");
-                    let res = writer
-                        .apply(&|r: &mut Record| {
-                            r.status = Status::Retrying;
-                            r.error = Some(info.clone());
-                            r.next_attempt_at = Some(due);
-                        })
-                        .await;
-                    settle(res, &*delivery, Settle::Nak(delay)).await;
+                    let change = |r: &mut Record| {
+                        r.status = Status::Retrying;
+                        r.error = Some(info.clone());
+                        r.next_attempt_at = Some(due);
+                    };
+                    conclude(&env, &writer, &*delivery, &change, Settle::Nak(delay)).await;
                 } else {
-                    finish_failed(&writer, &*delivery, &err).await;
+                    finish_failed(&env, &writer, &*delivery, &err).await;
                 }
             }
         }
@@ -810,15 +994,70 @@ enum Settle {
     Term,
 }
 
-/// Acknowledge per `how` once the record is written; if it could not be
-/// written, release the message so the request runs again later; if another
-/// attempt took the record over, leave the message to it.
-async fn settle(written: Result<()>, delivery: &dyn Delivery, how: Settle) {
+/// Mark a record cancelled at a client's request.
+fn mark_cancelled(r: &mut Record) {
+    let now = OffsetDateTime::now_utc();
+    r.status = Status::Cancelled;
+    r.value = None;
+    r.error = Some(ErrorInfo {
+        kind: kinds::CANCELLED.to_owned(),
+        message: "cancelled at a client's request".to_owned(),
+    });
+    r.cancel_requested_at.get_or_insert(now);
+    r.finished_at = Some(now);
+    r.next_attempt_at = None;
+}
+
+/// Write the attempt's outcome, then settle the message: `how` once the
+/// record is written (a `failed` record is dead-lettered before the message
+/// is terminated); a cancellation found in the record wins over `change`.
+/// If the record cannot be written, the message is released so the request
+/// runs again later; if another attempt took it over, the message is left to it.
+async fn conclude(
+    env: &Env,
+    writer: &RecordWriter,
+    delivery: &dyn Delivery,
+    change: &(dyn Fn(&mut Record) + Send + Sync),
+    how: Settle,
+) {
+    let guarded = |r: &mut Record| {
+        if r.cancel_requested_at.is_some() {
+            mark_cancelled(r)
+        } else {
+            change(r)
+        }
+    };
+    let written = match writer.apply(&guarded).await {
+        Err(e) if e.kind() == ErrorKind::PayloadTooLarge => {
+            // The value (or metadata) cannot be stored: fail with a record
+            // that fits rather than retrying something that never will.
+            let message = format!("the task's outcome does not fit in a record: {e}");
+            warn!("{message}");
+            let now = OffsetDateTime::now_utc();
+            let shrink = |r: &mut Record| {
+                r.status = Status::Failed;
+                r.value = None;
+                r.progress = None;
+                r.error = Some(ErrorInfo {
+                    kind: kinds::TOO_LARGE.to_owned(),
+                    message: message.clone(),
+                });
+                r.finished_at = Some(now);
+                r.next_attempt_at = None;
+            };
+            writer.apply(&shrink).await
+        }
+        other => other,
+    };
     let result = match written {
-        Ok(()) => match how {
-            Settle::Ack => delivery.ack().await,
-            Settle::Nak(d) => delivery.nak(Some(d)).await,
-            Settle::Term => delivery.term("jetq: failed").await,
+        Ok(record) => match (record.status, how) {
+            (Status::Failed, _) => {
+                bury(env, delivery, &record).await;
+                Ok(())
+            }
+            (Status::Cancelled | Status::Succeeded, _) | (_, Settle::Ack) => delivery.ack().await,
+            (_, Settle::Nak(d)) => delivery.nak(Some(d)).await,
+            (_, Settle::Term) => delivery.term("jetq: failed").await,
         },
         Err(e) if e.kind() == ErrorKind::Conflict => {
             warn!(error = %e, "leaving the message to the attempt that owns the record");
@@ -834,35 +1073,71 @@ async fn settle(written: Result<()>, delivery: &dyn Delivery, how: Settle) {
     }
 }
 
-async fn finish_failed(writer: &RecordWriter, delivery: &dyn Delivery, err: &TaskError) {
+async fn finish_failed(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery, err: &TaskError) {
     warn!(error = %err, "request failed");
     let now = OffsetDateTime::now_utc();
     let info = err.info();
-    let res = writer
-        .apply(&|r: &mut Record| {
-            r.status = Status::Failed;
-            r.error = Some(info.clone());
-            r.finished_at = Some(now);
-            r.next_attempt_at = None;
-        })
-        .await;
-    settle(res, delivery, Settle::Term).await;
+    let change = |r: &mut Record| {
+        r.status = Status::Failed;
+        r.error = Some(info.clone());
+        r.finished_at = Some(now);
+        r.next_attempt_at = None;
+    };
+    conclude(env, writer, delivery, &change, Settle::Term).await;
+}
+
+/// Dead-letter a failed request's message, then terminate it. If the dead
+/// letter cannot be stored the message is released instead, to be buried by
+/// a later delivery: it must not vanish without a trace.
+async fn bury(env: &Env, delivery: &dyn Delivery, record: &Record) {
+    let error = record.error.clone().unwrap_or_else(|| ErrorInfo {
+        kind: kinds::ERROR.to_owned(),
+        message: "failed".to_owned(),
+    });
+    let mut letter = DeadLetter::new(
+        record.id.clone(),
+        record.queue.clone(),
+        record.task.clone(),
+        error.clone(),
+        Bytes::copy_from_slice(delivery.payload()),
+    );
+    letter.attempts = record.attempts;
+    letter.died_at = record.finished_at.unwrap_or_else(OffsetDateTime::now_utc);
+    letter.worker = env.name.clone();
+    letter.sequence = delivery.info().sequence;
+    bury_letter(env, delivery, letter).await;
+}
+
+async fn bury_letter(env: &Env, delivery: &dyn Delivery, letter: DeadLetter) {
+    let reason = format!("jetq: {}: {}", letter.error.kind, letter.error.message);
+    let id = letter.id.clone();
+    let result = match env.broker.put_dead_letter(letter).await {
+        Ok(()) => delivery.term(&reason).await,
+        Err(e) => {
+            error!(id = %id, error = %e, "cannot store the dead letter; releasing the message to try again");
+            delivery.nak(Some(Duration::from_secs(1))).await
+        }
+    };
+    if let Err(e) = result {
+        warn!(id = %id, error = %e, "cannot terminate a dead-lettered message; it will be buried again");
+    }
 }
 
 /// Give the request back for immediate redelivery (worker shutting down).
-async fn release(writer: &RecordWriter, delivery: &dyn Delivery, worker: &str) {
+async fn release(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery) {
     let info = ErrorInfo {
         kind: kinds::INTERRUPTED.to_owned(),
-        message: format!("worker `{worker}` shut down during the attempt; released for redelivery"),
+        message: format!(
+            "worker `{}` shut down during the attempt; released for redelivery",
+            env.name
+        ),
     };
-    let res = writer
-        .apply(&|r: &mut Record| {
-            r.status = Status::Retrying;
-            r.error = Some(info.clone());
-            r.next_attempt_at = Some(OffsetDateTime::now_utc());
-        })
-        .await;
-    settle(res, delivery, Settle::Nak(Duration::ZERO)).await;
+    let change = |r: &mut Record| {
+        r.status = Status::Retrying;
+        r.error = Some(info.clone());
+        r.next_attempt_at = Some(OffsetDateTime::now_utc());
+    };
+    conclude(env, writer, delivery, &change, Settle::Nak(Duration::ZERO)).await;
 }
 
 /// Take ownership of the request's record for this attempt.
@@ -874,8 +1149,11 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
             Some(entry) => (Record::from_json(&entry.value)?, Some(entry.revision)),
         };
         if record.status.is_terminal() {
+            if record.status == Status::Failed && record.seq == Some(seq) {
+                return Ok(Claim::Bury(record));
+            }
             return Ok(Claim::Skip(
-                "the request has already finished (a duplicate)",
+                "the request has already finished or was cancelled",
             ));
         }
         if record.seq.is_some_and(|s| s != seq) {
@@ -883,20 +1161,28 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
                 "another message owns this request (a duplicate)",
             ));
         }
-        let attempt = record.attempts + 1;
-        record.seq = Some(seq);
-        record.attempts = attempt;
-        record.max_retries = max_retries;
-        record.status = Status::Running;
-        record.started_at = Some(OffsetDateTime::now_utc());
-        record.next_attempt_at = None;
-        record.worker = Some(env.name.clone());
+        let cancelled = record.cancel_requested_at.is_some();
+        if cancelled {
+            // Its worker died after a client asked to cancel it.
+            mark_cancelled(&mut record);
+            record.seq = Some(seq);
+        } else {
+            record.seq = Some(seq);
+            record.attempts += 1;
+            record.max_retries = max_retries;
+            record.status = Status::Running;
+            record.started_at = Some(OffsetDateTime::now_utc());
+            record.next_attempt_at = None;
+            record.worker = Some(env.name.clone());
+        }
+        let attempt = record.attempts;
         let bytes = Bytes::from(record.to_json()?);
         let written = match revision {
             None => env.broker.create_record(&request.id, bytes).await,
             Some(rev) => env.broker.update_record(&request.id, bytes, rev).await,
         };
         match written {
+            Ok(_) if cancelled => return Ok(Claim::Skip("cancelled by a client")),
             Ok(rev) => {
                 let writer = RecordWriter {
                     broker: Arc::clone(&env.broker),
@@ -922,7 +1208,7 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
 }
 
 /// A delivery whose envelope cannot be decoded: fail its record if its id is
-/// readable, and stop its redelivery.
+/// readable, dead-letter it, and stop its redelivery.
 async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, err: Error) {
     let reason = format!("invalid request envelope: {err}");
     let loose: Option<serde_json::Map<String, Value>> =
@@ -935,45 +1221,59 @@ async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, err: Error) {
             .map(str::to_owned)
     };
     let id = field("id").filter(|id| names::validate_id(id).is_ok());
+    let task = field("task").unwrap_or_default();
+    let info = delivery.info();
     warn!(queue, id = id.as_deref().unwrap_or("?"), "{reason}");
-    if let Some(id) = id {
+    let error = ErrorInfo {
+        kind: kinds::INVALID_REQUEST.to_owned(),
+        message: reason.clone(),
+    };
+    let mut attempts = 0;
+    if let Some(id) = &id {
         let now = OffsetDateTime::now_utc();
-        let mut req = Request::new(field("task").unwrap_or_default());
+        let mut req = Request::new(task.clone());
         req.id = id.clone();
         req.queue = queue.to_owned();
         let write = async {
-            let existing = env.broker.get_record(&id).await?;
+            let existing = env.broker.get_record(id).await?;
             let mut record = match &existing {
                 Some(entry) => {
                     Record::from_json(&entry.value).unwrap_or_else(|_| Record::pending(&req))
                 }
                 None => Record::pending(&req),
             };
+            attempts = record.attempts;
             if record.status.is_terminal() {
                 return Ok(());
             }
             record.status = Status::Failed;
-            record.error = Some(ErrorInfo {
-                kind: kinds::INVALID_REQUEST.to_owned(),
-                message: reason.clone(),
-            });
+            record.error = Some(error.clone());
             record.finished_at = Some(now);
             record.worker = Some(env.name.clone());
             let bytes = Bytes::from(record.to_json()?);
             match existing {
                 Some(entry) => env
                     .broker
-                    .update_record(&id, bytes, entry.revision)
+                    .update_record(id, bytes, entry.revision)
                     .await
                     .map(|_| ()),
-                None => env.broker.create_record(&id, bytes).await.map(|_| ()),
+                None => env.broker.create_record(id, bytes).await.map(|_| ()),
             }
         };
         if let Err(e) = write.await {
             warn!(id = %id, error = %e, "cannot write the failed record of an invalid request");
         }
     }
-    if let Err(e) = delivery.term(&reason).await {
-        warn!(error = %e, "cannot terminate an invalid request");
-    }
+    let key = id.unwrap_or_else(|| DeadLetter::invalid_key(queue, info.sequence));
+    let mut letter = DeadLetter::new(
+        key,
+        queue,
+        task,
+        error,
+        Bytes::copy_from_slice(delivery.payload()),
+    );
+    letter.attempts = attempts;
+    letter.worker = env.name.clone();
+    letter.sequence = info.sequence;
+    bury_letter(env, delivery, letter).await;
 }

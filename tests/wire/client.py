@@ -223,7 +223,8 @@ async def wait_for_jetq(js):
                 raise CheckFailed(f"stream JETQ_TASKS / bucket JETQ_RESULTS not created within {WAIT:.0f} s: is a worker running?")
             await asyncio.sleep(0.1)
     cfg = info.config
-    check(cfg.subjects == ["jetq.tasks.>"], f"JETQ_TASKS subjects are {cfg.subjects}, not ['jetq.tasks.>']")
+    want = ["jetq.tasks.>", "jetq.delayed.>"]
+    check(cfg.subjects == want, f"JETQ_TASKS subjects are {cfg.subjects}, not {want}")
     check(str(getattr(cfg.retention, "value", cfg.retention)) == "workqueue",
           f"JETQ_TASKS retention is {cfg.retention}, not workqueue")
     kinfo = await js.stream_info("KV_JETQ_RESULTS")
