@@ -794,7 +794,11 @@ impl NatsBroker {
         let prefix = format!("{}.dead.", self.inner.config.prefix);
         let id = message.subject.as_str().strip_prefix(&prefix)?.to_owned();
         let h = &message.headers;
-        let get = |name: &str| h.get(name).map(|v| v.as_str().to_owned()).unwrap_or_default();
+        let get = |name: &str| {
+            h.get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
         let mut letter = DeadLetter::new(
             id,
             get(DEAD_QUEUE),
@@ -896,7 +900,13 @@ impl NatsBroker {
             .client
             .subscribe(subject.clone())
             .await
-            .map_err(|e| wrap(ErrorKind::Broker, format!("cannot subscribe to {subject}"), e))?;
+            .map_err(|e| {
+                wrap(
+                    ErrorKind::Broker,
+                    format!("cannot subscribe to {subject}"),
+                    e,
+                )
+            })?;
         let stream = sub.filter_map(|message| async move {
             message
                 .subject

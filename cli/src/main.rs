@@ -1,4 +1,5 @@
-//! `jetq`: publish requests and read records from the command line.
+//! `jetq`: publish, cancel and requeue requests, read records and dead
+//! letters from the command line.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -7,7 +8,11 @@ use clap::{Parser, Subcommand};
 use jetq::{Client, Record, Status};
 use serde_json::{Map, Value};
 
-/// Durable background tasks on NATS JetStream: publish requests, read records.
+/// Durable background tasks on NATS JetStream: publish, cancel and requeue
+/// requests, read records and dead letters.
+///
+/// Exit codes: 0 success; 1 the request did not succeed (or could not be
+/// cancelled); 2 an error (one line on stderr).
 #[derive(Debug, Parser)]
 #[command(name = "jetq", version, about)]
 struct Cli {
@@ -45,6 +50,10 @@ enum Command {
         /// Queue.
         #[arg(long, default_value = jetq::request::DEFAULT_QUEUE)]
         queue: String,
+        /// Run no sooner than this many seconds from now (durable: the
+        /// server holds the request until then).
+        #[arg(long, value_name = "SECONDS")]
+        delay: Option<f64>,
         /// Wait up to this many seconds for the final record and print it;
         /// the exit code is 0 only if it succeeded.
         #[arg(long, value_name = "SECONDS")]
@@ -54,6 +63,46 @@ enum Command {
     Get {
         /// Request id.
         id: String,
+    },
+    /// Cancel a request: one not started never runs; a running one has its
+    /// cancellation token fired. Prints the record as JSON; exit code 1 if
+    /// it had already finished.
+    Cancel {
+        /// Request id.
+        id: String,
+        /// Wait up to this many seconds for the final record and print it;
+        /// the exit code is 0 only if it ended `cancelled`.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+    },
+    /// Dead letters: requests that failed for good.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadCommand {
+    /// List dead letters, oldest first: id, task, reason, time.
+    List {
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line (with queue, attempts, worker and the
+        /// original request) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish a dead-lettered request again as a fresh request with the same
+    /// id (attempts start from zero) and remove its dead letter; prints the id.
+    Requeue {
+        /// Request id.
+        id: String,
+        /// Wait up to this many seconds for the final record and print it;
+        /// the exit code is 0 only if it succeeded.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
     },
 }
 
@@ -80,6 +129,71 @@ fn print_record(record: &Record) -> Result<(), String> {
     Ok(())
 }
 
+fn seconds(flag: &str, value: Option<f64>) -> Result<Option<Duration>, String> {
+    match value {
+        Some(s) if !(s.is_finite() && s >= 0.0) => Err(format!(
+            "--{flag} must be a non-negative number of seconds, not {s}"
+        )),
+        Some(s) => Duration::try_from_secs_f64(s)
+            .map(Some)
+            .map_err(|e| format!("--{flag} {s} is out of range: {e}")),
+        None => Ok(None),
+    }
+}
+
+/// Print the id, or wait for the final record and print it.
+async fn finish(handle: jetq::TaskHandle, wait: Option<Duration>) -> Result<ExitCode, String> {
+    match wait {
+        None => {
+            println!("{}", handle.id());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(timeout) => {
+            let record = handle.wait(timeout).await.map_err(|e| e.to_string())?;
+            print_record(&record)?;
+            Ok(if record.status == Status::Succeeded {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+fn time_text(t: jetq::time::OffsetDateTime) -> String {
+    t.format(&jetq::time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+fn dead_letter_json(letter: &jetq::DeadLetter) -> Value {
+    let request = serde_json::from_slice::<Value>(&letter.payload)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&letter.payload).into_owned()));
+    serde_json::json!({
+        "id": letter.id,
+        "queue": letter.queue,
+        "task": letter.task,
+        "error": { "kind": letter.error.kind, "message": letter.error.message },
+        "attempts": letter.attempts,
+        "died_at": time_text(letter.died_at),
+        "worker": letter.worker,
+        "sequence": letter.sequence,
+        "request": request,
+    })
+}
+
+fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if flat.chars().count() > max {
+        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    } else {
+        flat
+    }
+}
+
 async fn connect(url: &str) -> Result<Client, String> {
     let broker = jetq_nats::NatsBroker::connect(url)
         .await
@@ -96,6 +210,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             metadata,
             max_retries,
             queue,
+            delay,
             wait,
         } => {
             let args = parse_json("args", &args)?;
@@ -106,13 +221,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     _ => return Err(format!("--metadata must be a JSON object: {text}")),
                 },
             };
-            let timeout = match wait {
-                Some(s) if !(s.is_finite() && s >= 0.0) => {
-                    return Err(format!("--wait must be a number of seconds, not {s}"))
-                }
-                Some(s) => Some(Duration::from_secs_f64(s)),
-                None => None,
-            };
+            let timeout = seconds("wait", wait)?;
+            let delay = seconds("delay", delay)?;
             // Check names before connecting, so a bad id is refused even with no server.
             if let Some(id) = &id {
                 jetq::names::validate_id(id).map_err(|e| e.to_string())?;
@@ -131,22 +241,11 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             if let Some(n) = max_retries {
                 request = request.max_retries(n);
             }
-            let handle = request.publish().await.map_err(|e| e.to_string())?;
-            match timeout {
-                None => {
-                    println!("{}", handle.id());
-                    Ok(ExitCode::SUCCESS)
-                }
-                Some(timeout) => {
-                    let record = handle.wait(timeout).await.map_err(|e| e.to_string())?;
-                    print_record(&record)?;
-                    Ok(if record.status == Status::Succeeded {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    })
-                }
+            if let Some(delay) = delay {
+                request = request.delay(delay);
             }
+            let handle = request.publish().await.map_err(|e| e.to_string())?;
+            finish(handle, timeout).await
         }
         Command::Get { id } => {
             jetq::names::validate_id(&id).map_err(|e| e.to_string())?;
@@ -155,5 +254,68 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             print_record(&record)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cancel { id, wait } => {
+            jetq::names::validate_id(&id).map_err(|e| e.to_string())?;
+            let timeout = seconds("wait", wait)?;
+            let client = connect(&cli.nats).await?;
+            let mut record = client.cancel(&id).await.map_err(|e| e.to_string())?;
+            if let Some(timeout) = timeout {
+                if !record.status.is_terminal() {
+                    record = client.wait(&id, timeout).await.map_err(|e| e.to_string())?;
+                }
+            }
+            print_record(&record)?;
+            let cancelled = record.status == Status::Cancelled
+                || (!record.status.is_terminal() && record.cancel_requested_at.is_some());
+            Ok(if cancelled {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Dead { command } => match command {
+            DeadCommand::List { limit, json } => {
+                let client = connect(&cli.nats).await?;
+                let letters = client
+                    .dead_letters(limit)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if json {
+                    for letter in &letters {
+                        println!("{}", dead_letter_json(letter));
+                    }
+                } else {
+                    let width = letters.iter().map(|l| l.id.len()).max().unwrap_or(2).max(2);
+                    let task_width = letters
+                        .iter()
+                        .map(|l| l.task.len())
+                        .max()
+                        .unwrap_or(4)
+                        .max(4);
+                    println!(
+                        "{:width$}  {:task_width$}  {:30}  REASON",
+                        "ID", "TASK", "TIME"
+                    );
+                    for l in &letters {
+                        let reason =
+                            one_line(&format!("{}: {}", l.error.kind, l.error.message), 120);
+                        println!(
+                            "{:width$}  {:task_width$}  {:30}  {reason}",
+                            l.id,
+                            l.task,
+                            time_text(l.died_at)
+                        );
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            DeadCommand::Requeue { id, wait } => {
+                jetq::names::validate_id(&id).map_err(|e| e.to_string())?;
+                let timeout = seconds("wait", wait)?;
+                let client = connect(&cli.nats).await?;
+                let handle = client.requeue(&id).await.map_err(|e| e.to_string())?;
+                finish(handle, timeout).await
+            }
+        },
     }
 }

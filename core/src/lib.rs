@@ -28,8 +28,8 @@
 
 pub mod broker;
 pub mod client;
-pub mod dead;
 pub mod context;
+pub mod dead;
 pub mod error;
 pub mod extract;
 pub mod handler;

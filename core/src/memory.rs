@@ -204,14 +204,19 @@ impl Broker for MemoryBroker {
                                 tokio::time::sleep(delay).await;
                                 let due = {
                                     let mut st = inner.lock();
-                                    st.delayed.get(&id) == Some(&seq) && st.delayed.remove(&id).is_some()
+                                    st.delayed.get(&id) == Some(&seq)
+                                        && st.delayed.remove(&id).is_some()
                                 };
                                 if due {
                                     inner.requeue(&queue, msg);
                                 }
                             });
                         }
-                        None => st.queues.entry(request.queue.clone()).or_default().push_back(msg),
+                        None => st
+                            .queues
+                            .entry(request.queue.clone())
+                            .or_default()
+                            .push_back(msg),
                     }
                     PublishAck::new(seq, false)
                 }

@@ -365,10 +365,11 @@ impl Env {
     ) -> Registration {
         let key = self.next_registration.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut running) = self.running.lock() {
-            running
-                .entry(id.to_owned())
-                .or_default()
-                .push((key, cancel.clone(), by_client.clone()));
+            running.entry(id.to_owned()).or_default().push((
+                key,
+                cancel.clone(),
+                by_client.clone(),
+            ));
         }
         Registration {
             env: Arc::clone(self),
@@ -939,7 +940,14 @@ async fn process(
         };
         if by_client.is_cancelled() {
             info!(attempt, "attempt ended after a cancellation");
-            conclude(&env, &writer, &*delivery, &|r| mark_cancelled(r), Settle::Ack).await;
+            conclude(
+                &env,
+                &writer,
+                &*delivery,
+                &|r| mark_cancelled(r),
+                Settle::Ack,
+            )
+            .await;
             return;
         }
         match outcome {
