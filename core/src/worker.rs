@@ -720,7 +720,12 @@ impl RecordWriter {
                     }
                     *guard = (current, entry.revision);
                 }
-                Err(e) if tokio::time::Instant::now() < deadline => {
+                // Only an outage is worth waiting out; a record that is too
+                // large or cannot be encoded will not get better.
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::Broker | ErrorKind::Timeout)
+                        && tokio::time::Instant::now() < deadline =>
+                {
                     warn!(id = %self.id, error = %e, "record write failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
@@ -777,6 +782,9 @@ enum Claim {
     /// This message's request already failed, but the worker that failed it
     /// stopped before dead-lettering and terminating it: finish that.
     Bury(Record),
+    /// The worker running this message dead-lettered it and stopped before
+    /// it could fail the record; the record is failed now: terminate.
+    Terminate,
 }
 
 /// A request held back until this long before its due time is put back.
@@ -837,6 +845,12 @@ async fn process(
             }
             Claim::Bury(record) => {
                 bury(&env, &*delivery, &record).await;
+                return;
+            }
+            Claim::Terminate => {
+                if let Err(e) = delivery.term("jetq: failed (dead-lettered)").await {
+                    warn!(error = %e, "cannot terminate a dead-lettered request");
+                }
                 return;
             }
             Claim::GiveUp(writer, attempt) => {
@@ -1035,21 +1049,36 @@ async fn conclude(
             change(r)
         }
     };
+    let mut how = how;
     let written = match writer.apply(&guarded).await {
         Err(e) if e.kind() == ErrorKind::PayloadTooLarge => {
             // The value (or metadata) cannot be stored: fail with a record
             // that fits rather than retrying something that never will.
             let message = format!("the task's outcome does not fit in a record: {e}");
             warn!("{message}");
+            let error = ErrorInfo {
+                kind: kinds::TOO_LARGE.to_owned(),
+                message,
+            };
+            let current = writer.state.lock().await.0.clone();
+            if let Err(e) = env
+                .broker
+                .put_dead_letter(dead_letter_of(env, delivery, &current, error.clone()))
+                .await
+            {
+                error!(error = %e, "cannot store the dead letter; releasing the request");
+                if let Err(e) = delivery.nak(Some(Duration::from_secs(1))).await {
+                    warn!(error = %e, "cannot release the request");
+                }
+                return;
+            }
+            how = Settle::Term;
             let now = OffsetDateTime::now_utc();
             let shrink = |r: &mut Record| {
                 r.status = Status::Failed;
                 r.value = None;
                 r.progress = None;
-                r.error = Some(ErrorInfo {
-                    kind: kinds::TOO_LARGE.to_owned(),
-                    message: message.clone(),
-                });
+                r.error = Some(error.clone());
                 r.finished_at = Some(now);
                 r.next_attempt_at = None;
             };
@@ -1059,9 +1088,18 @@ async fn conclude(
     };
     let result = match written {
         Ok(record) => match (record.status, how) {
+            // The dead letter was written before the record (finish_failed).
+            (Status::Failed, Settle::Term) => delivery.term("jetq: failed").await,
             (Status::Failed, _) => {
                 bury(env, delivery, &record).await;
                 Ok(())
+            }
+            // Cancelled while being failed: it is no dead letter after all.
+            (Status::Cancelled, Settle::Term) => {
+                if let Err(e) = env.broker.remove_dead_letter(&record.id).await {
+                    warn!(error = %e, "cannot remove the dead letter of a cancelled request");
+                }
+                delivery.ack().await
             }
             (Status::Cancelled | Status::Succeeded, _) | (_, Settle::Ack) => delivery.ack().await,
             (_, Settle::Nak(d)) => delivery.nak(Some(d)).await,
@@ -1085,6 +1123,21 @@ async fn finish_failed(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery
     warn!(error = %err, "request failed");
     let now = OffsetDateTime::now_utc();
     let info = err.info();
+    // The dead letter first: once a client sees the record `failed`, the
+    // dead letter is there. A worker dying in between leaves a `running`
+    // record that the next delivery fails from the dead letter (see `claim`).
+    let current = writer.state.lock().await.0.clone();
+    if current.cancel_requested_at.is_none() {
+        let mut letter = dead_letter_of(env, delivery, &current, info.clone());
+        letter.died_at = now;
+        if let Err(e) = env.broker.put_dead_letter(letter).await {
+            error!(error = %e, "cannot store the dead letter; releasing the request to fail it again");
+            if let Err(e) = delivery.nak(Some(Duration::from_secs(1))).await {
+                warn!(error = %e, "cannot release the request");
+            }
+            return;
+        }
+    }
     let change = |r: &mut Record| {
         r.status = Status::Failed;
         r.error = Some(info.clone());
@@ -1092,6 +1145,27 @@ async fn finish_failed(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery
         r.next_attempt_at = None;
     };
     conclude(env, writer, delivery, &change, Settle::Term).await;
+}
+
+/// The dead letter of the request `record` describes, delivered as `delivery`.
+fn dead_letter_of(
+    env: &Env,
+    delivery: &dyn Delivery,
+    record: &Record,
+    error: ErrorInfo,
+) -> DeadLetter {
+    let mut letter = DeadLetter::new(
+        record.id.clone(),
+        record.queue.clone(),
+        record.task.clone(),
+        error,
+        Bytes::copy_from_slice(delivery.payload()),
+    );
+    letter.attempts = record.attempts;
+    letter.died_at = record.finished_at.unwrap_or_else(OffsetDateTime::now_utc);
+    letter.worker = env.name.clone();
+    letter.sequence = delivery.info().sequence;
+    letter
 }
 
 /// Dead-letter a failed request's message, then terminate it. If the dead
@@ -1102,17 +1176,7 @@ async fn bury(env: &Env, delivery: &dyn Delivery, record: &Record) {
         kind: kinds::ERROR.to_owned(),
         message: "failed".to_owned(),
     });
-    let mut letter = DeadLetter::new(
-        record.id.clone(),
-        record.queue.clone(),
-        record.task.clone(),
-        error.clone(),
-        Bytes::copy_from_slice(delivery.payload()),
-    );
-    letter.attempts = record.attempts;
-    letter.died_at = record.finished_at.unwrap_or_else(OffsetDateTime::now_utc);
-    letter.worker = env.name.clone();
-    letter.sequence = delivery.info().sequence;
+    let letter = dead_letter_of(env, delivery, record, error);
     bury_letter(env, delivery, letter).await;
 }
 
@@ -1168,6 +1232,26 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
             return Ok(Claim::Skip(
                 "another message owns this request (a duplicate)",
             ));
+        }
+        if record.seq == Some(seq) && record.status == Status::Running {
+            // Redelivered while its record says running: did the worker that
+            // ran it dead-letter it before it stopped?
+            if let Some(letter) = env.broker.get_dead_letter(&request.id).await? {
+                if letter.sequence == seq {
+                    record.status = Status::Failed;
+                    record.error = Some(letter.error);
+                    record.finished_at = Some(letter.died_at);
+                    record.next_attempt_at = None;
+                    let bytes = Bytes::from(record.to_json()?);
+                    if let Some(rev) = revision {
+                        match env.broker.update_record(&request.id, bytes, rev).await {
+                            Ok(_) => return Ok(Claim::Terminate),
+                            Err(e) if e.kind() == ErrorKind::Conflict => continue,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
         }
         let cancelled = record.cancel_requested_at.is_some();
         if cancelled {
@@ -1236,52 +1320,63 @@ async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, err: Error) {
         kind: kinds::INVALID_REQUEST.to_owned(),
         message: reason.clone(),
     };
-    let mut attempts = 0;
-    if let Some(id) = &id {
-        let now = OffsetDateTime::now_utc();
-        let mut req = Request::new(task.clone());
-        req.id = id.clone();
-        req.queue = queue.to_owned();
-        let write = async {
-            let existing = env.broker.get_record(id).await?;
-            let mut record = match &existing {
-                Some(entry) => {
-                    Record::from_json(&entry.value).unwrap_or_else(|_| Record::pending(&req))
-                }
-                None => Record::pending(&req),
-            };
-            attempts = record.attempts;
-            if record.status.is_terminal() {
-                return Ok(());
-            }
-            record.status = Status::Failed;
-            record.error = Some(error.clone());
-            record.finished_at = Some(now);
-            record.worker = Some(env.name.clone());
-            let bytes = Bytes::from(record.to_json()?);
-            match existing {
-                Some(entry) => env
-                    .broker
-                    .update_record(id, bytes, entry.revision)
-                    .await
-                    .map(|_| ()),
-                None => env.broker.create_record(id, bytes).await.map(|_| ()),
-            }
-        };
-        if let Err(e) = write.await {
-            warn!(id = %id, error = %e, "cannot write the failed record of an invalid request");
-        }
-    }
-    let key = id.unwrap_or_else(|| DeadLetter::invalid_key(queue, info.sequence));
+    let existing = match &id {
+        Some(id) => env.broker.get_record(id).await.ok().flatten(),
+        None => None,
+    };
+    let decoded = existing
+        .as_ref()
+        .and_then(|entry| Record::from_json(&entry.value).ok());
+    // The dead letter first, then the record, then the message goes.
+    let key = id
+        .clone()
+        .unwrap_or_else(|| DeadLetter::invalid_key(queue, info.sequence));
     let mut letter = DeadLetter::new(
         key,
         queue,
-        task,
-        error,
+        task.clone(),
+        error.clone(),
         Bytes::copy_from_slice(delivery.payload()),
     );
-    letter.attempts = attempts;
+    letter.attempts = decoded.as_ref().map_or(0, |r| r.attempts);
     letter.worker = env.name.clone();
     letter.sequence = info.sequence;
-    bury_letter(env, delivery, letter).await;
+    if let Err(e) = env.broker.put_dead_letter(letter).await {
+        error!(error = %e, "cannot store the dead letter of an invalid request; releasing it to try again");
+        if let Err(e) = delivery.nak(Some(Duration::from_secs(1))).await {
+            warn!(error = %e, "cannot release an invalid request");
+        }
+        return;
+    }
+    if let Some(id) = &id {
+        let now = OffsetDateTime::now_utc();
+        let mut req = Request::new(task);
+        req.id = id.clone();
+        req.queue = queue.to_owned();
+        let mut record = decoded.unwrap_or_else(|| Record::pending(&req));
+        if !record.status.is_terminal() {
+            record.status = Status::Failed;
+            record.error = Some(error);
+            record.finished_at = Some(now);
+            record.next_attempt_at = None;
+            record.worker = Some(env.name.clone());
+            let write = async {
+                let bytes = Bytes::from(record.to_json()?);
+                match existing {
+                    Some(entry) => env
+                        .broker
+                        .update_record(id, bytes, entry.revision)
+                        .await
+                        .map(|_| ()),
+                    None => env.broker.create_record(id, bytes).await.map(|_| ()),
+                }
+            };
+            if let Err(e) = write.await {
+                warn!(id = %id, error = %e, "cannot write the failed record of an invalid request");
+            }
+        }
+    }
+    if let Err(e) = delivery.term(&reason).await {
+        warn!(error = %e, "cannot terminate an invalid request");
+    }
 }
