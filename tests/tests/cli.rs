@@ -172,3 +172,204 @@ async fn sigterm_releases_the_running_task_and_nothing_is_lost() {
     assert_eq!((rec.status, rec.attempts), (Status::Succeeded, 2));
     assert_eq!(later.result::<i64>(jetq_tests::WAIT).await.unwrap(), 3);
 }
+
+/// Start `jetq-demo-worker` with a name and an ack wait.
+fn named_worker(server: &NatsServer, name: &str, ack_wait: &str) -> jetq_tests::ChildProcess {
+    let child = Command::new(workspace_bin("jetq-demo-worker"))
+        .args([
+            "--nats",
+            &server.url(),
+            "--name",
+            name,
+            "--ack-wait",
+            ack_wait,
+            "--concurrency",
+            "4",
+        ])
+        .env(
+            "RUST_LOG",
+            std::env::var("JETQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
+    jetq_tests::ChildProcess(child)
+}
+
+fn ok_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}, stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json(out)
+}
+
+/// The delivery guarantees, as the issue's done-when list walks them, with
+/// the real binaries.
+#[tokio::test]
+async fn delivery_guarantees_tour_with_the_cli_and_the_demo_worker() {
+    let server = NatsServer::start();
+    let mut first = named_worker(&server, "first", "1");
+
+    // Retried with backoff until it succeeds on the third attempt.
+    let record = ok_json(&jetq(
+        &server,
+        &[
+            "publish",
+            "demo.fail",
+            "--args",
+            r#"{"times":2}"#,
+            "--max-retries",
+            "5",
+            "--wait",
+            "30",
+        ],
+    ));
+    assert_eq!(record["status"], "succeeded");
+    assert_eq!(record["attempts"], 3);
+    assert_eq!(record["value"], 3);
+
+    // Retries exhausted: failed, and in the dead letters.
+    let out = jetq(
+        &server,
+        &[
+            "publish",
+            "demo.fail",
+            "--args",
+            r#"{"times":9}"#,
+            "--max-retries",
+            "1",
+            "--id",
+            "fails-for-good",
+            "--wait",
+            "30",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let record = json(&out);
+    assert_eq!(record["status"], "failed");
+    assert_eq!(record["attempts"], 2);
+    let out = jetq(&server, &["dead", "list"]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("fails-for-good "))
+        .unwrap_or_else(|| panic!("not in the dead letters:\n{table}"));
+    assert!(row.contains("demo.fail"), "{row}");
+    assert!(row.contains("failing on purpose: attempt 2"), "{row}");
+    let out = jetq(&server, &["dead", "list", "--json"]);
+    let letter: Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["id"] == "fails-for-good")
+        .unwrap();
+    assert_eq!(letter["task"], "demo.fail");
+    assert_eq!(letter["error"]["kind"], "error");
+    assert_eq!(letter["attempts"], 2);
+    assert_eq!(letter["request"]["args"]["times"], 9);
+
+    // Requeued as a fresh request: fails again the same way (times 9 > 2 attempts).
+    let out = jetq(
+        &server,
+        &["dead", "requeue", "fails-for-good", "--wait", "30"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["attempts"], 2, "attempts count from zero again");
+
+    // A panic fails the request; the worker lives on.
+    let out = jetq(
+        &server,
+        &[
+            "publish",
+            "demo.panic",
+            "--max-retries",
+            "1",
+            "--wait",
+            "30",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let record = json(&out);
+    assert_eq!(record["status"], "failed");
+    assert_eq!(record["error"]["kind"], "panic");
+    assert!(first.0.try_wait().unwrap().is_none(), "the worker died");
+
+    // Arguments of the wrong type fail at once.
+    let out = jetq(
+        &server,
+        &[
+            "publish",
+            "demo.add",
+            "--args",
+            r#"{"a":"x"}"#,
+            "--wait",
+            "30",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let record = json(&out);
+    assert_eq!(record["status"], "failed");
+    assert_eq!(record["attempts"], 1);
+    assert_eq!(record["error"]["kind"], "invalid_args");
+
+    // The same id published twice runs once.
+    let args = [
+        "publish",
+        "demo.fail",
+        "--args",
+        r#"{"times":0}"#,
+        "--id",
+        "once-only",
+        "--wait",
+        "30",
+    ];
+    let a = ok_json(&jetq(&server, &args));
+    let b = ok_json(&jetq(&server, &args));
+    assert_eq!(a, b, "the second publish returns the same record");
+    assert_eq!(b["attempts"], 1);
+
+    // A running demo.sleep cancelled with `jetq cancel` ends cancelled.
+    let broker = jetq_tests::connect(&server).await;
+    let out = jetq(
+        &server,
+        &[
+            "publish",
+            "demo.sleep",
+            "--args",
+            r#"{"ms":60000}"#,
+            "--id",
+            "to-cancel",
+        ],
+    );
+    assert!(out.status.success());
+    jetq_tests::wait_for_record(&broker, "to-cancel", |r| r.status == jetq::Status::Running).await;
+    let record = ok_json(&jetq(&server, &["cancel", "to-cancel", "--wait", "30"]));
+    assert_eq!(record["status"], "cancelled");
+    assert_eq!(record["error"]["kind"], "cancelled");
+
+    // A demo.sleep whose worker is SIGKILLed mid-task ends succeeded on another worker.
+    let out = jetq(
+        &server,
+        &[
+            "publish",
+            "demo.sleep",
+            "--args",
+            r#"{"ms":1500}"#,
+            "--id",
+            "survivor",
+        ],
+    );
+    assert!(out.status.success());
+    jetq_tests::wait_for_record(&broker, "survivor", |r| r.status == jetq::Status::Running).await;
+    first.0.kill().unwrap(); // SIGKILL
+    first.0.wait().unwrap();
+    let _second = named_worker(&server, "second", "1");
+    let record = jetq_tests::wait_for_record(&broker, "survivor", |r| r.status.is_terminal()).await;
+    assert_eq!(record.status, jetq::Status::Succeeded);
+    assert_eq!(record.attempts, 2);
+    assert_eq!(record.worker.as_deref(), Some("second"));
+    drop(first);
+}
