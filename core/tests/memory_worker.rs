@@ -521,3 +521,140 @@ async fn a_permanent_error_during_shutdown_still_fails_the_request() {
     assert_eq!(rec.status, Status::Failed);
     assert_eq!(broker.queued("default"), 0);
 }
+
+async fn fail_always() -> Result<(), TaskError> {
+    Err(TaskError::new("always fails"))
+}
+
+#[tokio::test]
+async fn failed_requests_are_dead_lettered_and_can_be_requeued() {
+    let broker = MemoryBroker::new();
+    let w = start(
+        Worker::builder(broker.clone())
+            .register(Task::new("fail", fail_always).retry_policy(fast_retries(1))),
+    );
+    let client = Client::new(broker.clone());
+    let handle = client.task("fail").id("dl-1").publish().await.unwrap();
+    let rec = handle.wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Failed);
+    // Written before the record was failed: there once the record says so.
+    let letter = client.dead_letter("dl-1").await.unwrap().unwrap();
+    assert_eq!(letter.error, rec.error.clone().unwrap());
+    assert_eq!(letter.attempts, 2);
+    assert_eq!(letter.task, "fail");
+    assert_eq!(letter.request().unwrap().id, "dl-1");
+
+    let again = client.requeue("dl-1").await.unwrap();
+    let rec = again.wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Failed);
+    assert_eq!(
+        rec.attempts, 2,
+        "a requeued request starts from zero attempts"
+    );
+    let letters = client.dead_letters(10).await.unwrap();
+    assert_eq!(letters.len(), 1, "the old dead letter went, a new one came");
+    assert_eq!(
+        client.requeue("nope").await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    w.shutdown().await.unwrap();
+}
+
+async fn until_cancelled(ctx: Context) -> Result<(), TaskError> {
+    ctx.cancelled().await;
+    Err(TaskError::new("stopped"))
+}
+
+#[tokio::test]
+async fn cancellation_of_pending_and_running_requests() {
+    let broker = MemoryBroker::new();
+    let client = Client::new(broker.clone());
+    // Pending: never runs.
+    let pending = client.task("wait").id("c-1").publish().await.unwrap();
+    assert_eq!(
+        client.cancel("c-1").await.unwrap().status,
+        Status::Cancelled
+    );
+    let w = start(Worker::builder(broker.clone()).task("wait", until_cancelled));
+    // Running: the token fires, the record ends cancelled.
+    let running = client.task("wait").id("c-2").publish().await.unwrap();
+    let mut watch = broker.watch_record("c-2").await.unwrap();
+    while let Some(entry) = futures_util::StreamExt::next(&mut watch).await {
+        if jetq::Record::from_json(&entry.unwrap().value)
+            .unwrap()
+            .status
+            == Status::Running
+        {
+            break;
+        }
+    }
+    let rec = client.cancel("c-2").await.unwrap();
+    assert_eq!(rec.status, Status::Running);
+    let rec = running.wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Cancelled);
+    assert_eq!(rec.attempts, 1);
+    assert_eq!(pending.record().await.unwrap().attempts, 0);
+    assert_eq!(broker.queued("default"), 0);
+    assert!(client.dead_letters(10).await.unwrap().is_empty());
+    w.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn delayed_requests_wait_and_oversized_ones_are_refused() {
+    let broker = MemoryBroker::with_max_payload(512);
+    let w = start(Worker::builder(broker.clone()).task("demo.add", add));
+    let client = Client::new(broker.clone());
+    let handle = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 1, "b": 2}))
+        .delay(Duration::from_millis(300))
+        .publish()
+        .await
+        .unwrap();
+    let due = handle.record().await.unwrap().next_attempt_at.unwrap();
+    let rec = handle.wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Succeeded);
+    assert!(rec.started_at.unwrap() >= due);
+
+    let err = client
+        .task("demo.add")
+        .id("too-big")
+        .args(&"z".repeat(600))
+        .publish()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    assert!(err.to_string().contains("512"), "{err}");
+    assert_eq!(
+        client.record("too-big").await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    w.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_delivered_before_it_is_due_waits_without_counting_an_attempt() {
+    // A producer that bypasses the broker's delay: the worker puts it back.
+    let broker = MemoryBroker::new();
+    let w = start(Worker::builder(broker.clone()).task("demo.add", add));
+    let mut request = jetq::Request::new("demo.add");
+    request.args = serde_json::json!({"a": 1, "b": 1});
+    let due = jetq::time::OffsetDateTime::now_utc() + Duration::from_millis(800);
+    request.not_before = Some(due);
+    let id = request.id.clone();
+    broker
+        .publish(OutgoingRequest::new(
+            id.clone(),
+            "default",
+            "demo.add",
+            Bytes::from(request.to_json().unwrap()),
+        ))
+        .await
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let rec = client.wait(&id, WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Succeeded);
+    assert_eq!(rec.attempts, 1);
+    assert!(rec.started_at.unwrap() + Duration::from_millis(600) >= due);
+    w.shutdown().await.unwrap();
+}
