@@ -34,15 +34,19 @@
 //!
 //! | thing | name |
 //! |---|---|
-//! | task stream | `{P}_TASKS`: work-queue retention, subjects `{p}.tasks.>`; a request for `task` on `queue` is published on `{p}.tasks.{queue}.{task}` with `Nats-Msg-Id` = request id |
+//! | task stream | `{P}_TASKS`: work-queue retention, subjects `{p}.tasks.>` and `{p}.delayed.>`, message schedules allowed; a request for `task` on `queue` is published on `{p}.tasks.{queue}.{task}` with `Nats-Msg-Id` = request id |
+//! | delayed request | a one-shot message schedule on `{p}.delayed.{id}` (`Nats-Schedule: @at <time>`, `Nats-Schedule-Target` = the task subject); the server publishes it to the task subject when due |
 //! | consumer per queue | durable pull consumer `{p}-{queue}`, filter `{p}.tasks.{queue}.>`, explicit ack |
 //! | records | KV bucket `{P}_RESULTS` (stream `KV_{P}_RESULTS`), key = request id, history 1 |
 //! | record changes | every committed record change is republished on `{p}.records.{id}` with its revision in `Nats-Sequence`; [`watch_record`](jetq::broker::Broker::watch_record) subscribes there, so a watch costs no server-side consumer |
+//! | dead letters | stream `{P}_DEAD`, subject `{p}.dead.{id}`: the original request, the reason in `Jetq-*` headers |
+//! | cancellation | core NATS subject `{p}.cancel.{id}`; workers subscribe to `{p}.cancel.*` |
 //!
 //! Provisioning is idempotent and safe when several processes start at once.
 //! Users with restricted permissions need publish rights on `{p}.tasks.>`,
-//! `$KV.{P}_RESULTS.>`, `$JS.API.>` and `$JS.ACK.>`, and subscribe rights on
-//! `_INBOX.>` and `{p}.records.>`.
+//! `{p}.delayed.>`, `{p}.dead.>`, `{p}.cancel.>`, `$KV.{P}_RESULTS.>`,
+//! `$JS.API.>` and `$JS.ACK.>`, and subscribe rights on `_INBOX.>`,
+//! `{p}.records.>` and `{p}.cancel.>`.
 //!
 //! ## Errors
 //!
