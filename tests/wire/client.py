@@ -25,7 +25,16 @@ Checks (the section of docs/wire-format.md each one proves in brackets):
   e. the raw direct get of a record, 404 for a missing one, and the stream
      API fallback [1];
   f. the `run_task` function of the Python example [8], taken from the
-     document itself, returns the succeeded record.
+     document itself, returns the succeeded record;
+  g. the failed request of c. has a dead letter: a direct get of the last
+     message on `jetq.dead.<id>` of `JETQ_DEAD` returns the original body
+     with the `Jetq-*` headers naming the reason [6 "Dead letters"];
+  h. a delayed request published as a message schedule on
+     `jetq.delayed.<id>` (`Nats-Schedule: @at T`, `Nats-Schedule-Target`)
+     runs once, not before T [3 "Delayed requests", 4 `not_before`];
+  i. a delayed request cancelled as documented (revision-checked record
+     update to `cancelled`, purge of `jetq.delayed.<id>`) never runs
+     [6 "Cancelling"].
 
 With --before-worker it checks one thing only, on a server where no jetq
 worker or client has run yet: a JetStream publish to jetq.tasks.default.demo.add
@@ -324,6 +333,89 @@ async def check_c(nc, js, kv):
     check(record["attempts"] == 1, f"attempts {record['attempts']!r}, expected 1")
     check(record["metadata"] == {}, f"metadata {record['metadata']!r}, expected {{}} (none was sent)")
     ok(f"c. demo.add {{\"a\":\"x\"}}: failed, kind invalid_args, attempts 1 ({record['error']['message']!r})")
+    return env
+
+
+async def check_g(nc, env):
+    subject = f"$JS.API.DIRECT.GET.JETQ_DEAD.jetq.dead.{env['id']}"
+    msg = await nc.request(subject, b"", timeout=WAIT)
+    headers = msg.headers or {}
+    check("Status" not in headers, f"no dead letter for {env['id']}: {headers}")
+    check(json.loads(msg.data) == env, f"the dead letter's body is not the request: {msg.data!r}")
+    for name, want in [("Jetq-Error-Kind", "invalid_args"), ("Jetq-Task", "demo.add"),
+                       ("Jetq-Queue", "default"), ("Jetq-Attempts", "1")]:
+        check(headers.get(name) == want, f"dead letter header {name} is {headers.get(name)!r}, not {want!r}")
+    for name in ["Jetq-Error", "Jetq-Died-At", "Jetq-Worker", "Jetq-Sequence"]:
+        check(headers.get(name), f"dead letter has no {name} header: {headers}")
+    parse_time(headers["Jetq-Died-At"], "Jetq-Died-At")
+    ok(f"g. direct get {subject}: the original request, Jetq-Error-Kind invalid_args, "
+       f"Jetq-Error {headers['Jetq-Error'][:40]!r}...")
+
+
+def rfc3339_in(seconds):
+    at = datetime.now(timezone.utc).timestamp() + seconds
+    return datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def publish_delayed(js, env):
+    """Section 3 "Delayed requests": a one-shot schedule on jetq.delayed.<id>."""
+    return await js.publish(
+        f"jetq.delayed.{env['id']}",
+        json.dumps(env).encode(),
+        headers={
+            "Nats-Msg-Id": env["id"],
+            "Nats-Schedule": f"@at {env['not_before']}",
+            "Nats-Schedule-Target": f"jetq.tasks.{env['queue']}.{env['task']}",
+        },
+        timeout=WAIT,
+    )
+
+
+async def check_h(nc, js, kv):
+    env = envelope(new_id("delayed"), "demo.add", {"a": 20, "b": 22})
+    env["not_before"] = rfc3339_in(1.5)
+    follower = await Follower(nc, kv, env["id"]).subscribe()
+    try:
+        await publish_delayed(js, env)
+        record = await follower.wait_terminal()
+    finally:
+        await follower.close()
+    check(record["status"] == "succeeded" and record["value"] == 42, f"delayed request ended {record}")
+    check(record["attempts"] == 1, f"delayed request ran {record['attempts']} times")
+    started = parse_time(record["started_at"], "started_at")
+    due = parse_time(env["not_before"], "not_before")
+    check(started >= due, f"started at {record['started_at']}, before not_before {env['not_before']}")
+    ok(f"h. delayed request: published as a schedule, ran once at {record['started_at']} "
+       f"(not_before {env['not_before']}, {(started - due).total_seconds() * 1000:.0f} ms later)")
+
+
+async def check_i(nc, js, kv):
+    env = envelope(new_id("cancel"), "demo.add", {"a": 1, "b": 1})
+    env["not_before"] = rfc3339_in(1.0)
+    # Section 6, submitting: the pending record first, then the schedule.
+    pending = {
+        "v": 1, "id": env["id"], "task": env["task"], "queue": env["queue"], "status": "pending",
+        "value": None, "error": None, "metadata": {}, "progress": None, "attempts": 0,
+        "max_retries": 3, "enqueued_at": env["enqueued_at"], "started_at": None,
+        "finished_at": None, "next_attempt_at": env["not_before"], "worker": None,
+    }
+    revision = await kv.create(env["id"], json.dumps(pending).encode())
+    await publish_delayed(js, env)
+    # Section 6, cancelling: a pending record becomes cancelled, the schedule is purged.
+    now = now_rfc3339()
+    cancelled = dict(pending, status="cancelled", cancel_requested_at=now, finished_at=now,
+                     next_attempt_at=None, error={"kind": "cancelled", "message": "cancelled from Python"})
+    await kv.update(env["id"], json.dumps(cancelled).encode(), last=revision)
+    await js.purge_stream("JETQ_TASKS", subject=f"jetq.delayed.{env['id']}")
+    # Past its due time, a request published after it completes; the cancelled one did not run.
+    await asyncio.sleep(1.2)
+    later = envelope(new_id("after-cancel"), "demo.add", {"a": 1, "b": 2})
+    await run_and_wait(nc, js, kv, later)
+    entry = await kv.get(env["id"])
+    record = json.loads(entry.value)
+    check(record["status"] == "cancelled" and record["attempts"] == 0,
+          f"the cancelled delayed request changed: {record}")
+    ok("i. delayed request cancelled (record update + purge of jetq.delayed.<id>): never ran, still cancelled")
 
 
 async def check_d(nc, js, kv):
@@ -403,10 +495,13 @@ async def main(url, mode):
         js = nc.jetstream(timeout=WAIT)
         kv = await wait_for_jetq(js)
         request_id, entry = await check_a_b(nc, js, kv)
-        await check_c(nc, js, kv)
+        failed = await check_c(nc, js, kv)
         await check_d(nc, js, kv)
         await check_e(nc, request_id, entry)
         await check_f(nc)
+        await check_g(nc, failed)
+        await check_h(nc, js, kv)
+        await check_i(nc, js, kv)
     finally:
         await nc.close()
 
