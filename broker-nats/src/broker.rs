@@ -1007,9 +1007,19 @@ impl NatsBroker {
                     e,
                 )
             })?;
-        let current = self.get_record_impl(id).await?;
+        // A server that is down (or a leader election) does not end the
+        // watch: the record is read again on reconnect, and soon anyway.
         let period = self.inner.config.watch_resync;
-        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let (current, first_resync) = match self.get_record_impl(id).await {
+            Ok(current) => (current, period),
+            Err(e) if matches!(e.kind(), ErrorKind::Broker | ErrorKind::Timeout) => {
+                tracing::debug!(id, error = %e, "cannot read the watched record yet; will retry");
+                (None, period.min(Duration::from_secs(1)))
+            }
+            Err(e) => return Err(e),
+        };
+        let mut resync =
+            tokio::time::interval_at(tokio::time::Instant::now() + first_resync, period);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let state = WatchState {
             sub,
