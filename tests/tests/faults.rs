@@ -558,7 +558,6 @@ async fn an_attempt_past_its_timeout_fails_with_kind_timeout_and_is_retried() {
         .unwrap_or_else(|| panic!("no retrying revision: {:#?}", log.history(h.id())));
     let err = retrying.record.error.unwrap();
     assert_eq!(err.kind, "timeout", "{err:?}");
-    assert!(err.message.contains("300ms"), "{}", err.message);
     assert_eq!(retrying.record.attempts, 1);
 
     let rec = client
@@ -756,7 +755,7 @@ async fn an_id_published_again_after_the_dedup_window_runs_once() {
     envelope.id = "once-only".to_owned();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", "once-only");
-    let mut stored = false;
+    let mut stored = None;
     for _ in 0..20 {
         let ack = js
             .publish_with_headers(
@@ -769,16 +768,14 @@ async fn an_id_published_again_after_the_dedup_window_runs_once() {
             .await
             .unwrap();
         if !ack.duplicate {
-            stored = true;
+            stored = Some(ack.sequence);
             break;
         }
         // The server forgets ids on a timer; a duplicate ack stored nothing.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(
-        stored,
-        "the server dropped the id as a duplicate long after its window"
-    );
+    let stored =
+        stored.expect("the server still dropped the id as a duplicate long after its window");
 
     // A later request on the same queue has run, so the duplicate was handled.
     let marker = client.task("noop").publish().await.unwrap();
@@ -795,6 +792,10 @@ async fn an_id_published_again_after_the_dedup_window_runs_once() {
         "nothing wrote the record again"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    // The worker was handed the duplicate, once, and acknowledged it.
+    let (delivered, last_delivered) = deliveries(&server).await;
+    assert!(last_delivered > stored, "{last_delivered} <= {stored}");
+    assert_eq!(delivered, last_delivered, "nothing was redelivered");
     assert_eq!(
         stored_requests(&server).await,
         0,
