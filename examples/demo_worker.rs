@@ -1,7 +1,10 @@
 //! `jetq-demo-worker`: serves the demo tasks, for trying jetq with the CLI.
 //!
 //! - `demo.add` `{"a": i64, "b": i64}` → the sum
-//! - `demo.sleep` `{"ms": u64}` → sleeps, then returns the milliseconds slept
+//! - `demo.sleep` `{"ms": u64}` → sleeps, then returns the milliseconds slept;
+//!   stops early (a retryable error) when the worker shuts down
+//! - `demo.slow` `{"ms": u64}` → like `demo.sleep`, but ignores shutdown: it
+//!   finishes within the shutdown timeout or is stopped and released
 //! - `demo.fail` `{"times": u32}` → a retryable error until the attempt
 //!   number exceeds `times`, then succeeds with the attempt number
 //! - `demo.panic` → panics
@@ -12,7 +15,7 @@ use clap::Parser;
 use jetq::{Args, Context, TaskError, Worker};
 use serde::Deserialize;
 
-/// Serve the demo tasks `demo.add`, `demo.sleep`, `demo.fail` and `demo.panic`.
+/// Serve the demo tasks `demo.add`, `demo.sleep`, `demo.slow`, `demo.fail` and `demo.panic`.
 #[derive(Debug, Parser)]
 #[command(name = "jetq-demo-worker", version, about)]
 struct Opts {
@@ -31,6 +34,10 @@ struct Opts {
     /// Seconds before an unacknowledged request goes to another worker.
     #[arg(long, default_value_t = 30.0)]
     ack_wait: f64,
+    /// Seconds running tasks may take to finish after SIGINT/SIGTERM before
+    /// they are stopped and released for redelivery.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_timeout: f64,
 }
 
 #[derive(Deserialize)]
@@ -55,6 +62,11 @@ async fn sleep(ctx: Context, Args(args): Args<SleepArgs>) -> Result<u64, TaskErr
         _ = tokio::time::sleep(Duration::from_millis(args.ms)) => Ok(args.ms),
         _ = ctx.cancelled() => Err(TaskError::new("interrupted")),
     }
+}
+
+async fn slow(Args(args): Args<SleepArgs>) -> Result<u64, TaskError> {
+    tokio::time::sleep(Duration::from_millis(args.ms)).await;
+    Ok(args.ms)
 }
 
 #[derive(Deserialize)]
@@ -103,13 +115,21 @@ async fn run(opts: Opts) -> jetq::Result<()> {
             "--ack-wait must be a positive number of seconds",
         ));
     }
+    if !(opts.shutdown_timeout.is_finite() && opts.shutdown_timeout >= 0.0) {
+        return Err(jetq::Error::new(
+            jetq::ErrorKind::Config,
+            "--shutdown-timeout must be zero or a positive number of seconds",
+        ));
+    }
     let broker = jetq_nats::NatsBroker::connect(&opts.nats).await?;
     let mut builder = Worker::builder(broker)
         .default_queue(opts.queue)
         .concurrency(opts.concurrency)
         .ack_wait(Duration::from_secs_f64(opts.ack_wait))
+        .shutdown_timeout(Duration::from_secs_f64(opts.shutdown_timeout))
         .task("demo.add", add)
         .task("demo.sleep", sleep)
+        .task("demo.slow", slow)
         .task("demo.fail", fail)
         .task("demo.panic", panic);
     if let Some(name) = opts.name {

@@ -1,11 +1,13 @@
 //! Helpers shared by jetq's integration tests: a real nats-server per test,
 //! brokers connected to it, and paths of the workspace's binaries.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use jetq_nats::NatsBroker;
 pub use jetq_test_server::NatsServer;
+use tokio::sync::watch;
 
 /// A generous bound for anything a test waits on; reaching it is a failure.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -87,8 +89,16 @@ impl Drop for ChildProcess {
 /// Start `jetq-demo-worker` against `server` (concurrency 4). It logs warnings
 /// only, or what `JETQ_TEST_LOG` says (a `RUST_LOG` filter, e.g. `jetq=debug`).
 pub fn demo_worker(server: &NatsServer) -> ChildProcess {
+    demo_worker_with(server, &["--concurrency", "4"])
+}
+
+/// Start `jetq-demo-worker` against `server` with these arguments after
+/// `--nats URL` (e.g. `--name`, `--concurrency`, `--ack-wait`,
+/// `--shutdown-timeout`); logging as for [`demo_worker`].
+pub fn demo_worker_with(server: &NatsServer, args: &[&str]) -> ChildProcess {
     let child = std::process::Command::new(workspace_bin("jetq-demo-worker"))
-        .args(["--nats", &server.url(), "--concurrency", "4"])
+        .args(["--nats", &server.url()])
+        .args(args)
         .env(
             "RUST_LOG",
             std::env::var("JETQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -97,4 +107,151 @@ pub fn demo_worker(server: &NatsServer) -> ChildProcess {
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
     ChildProcess(child)
+}
+
+/// Send SIGTERM to a child process (with the `kill` command).
+pub fn sigterm(child: &ChildProcess) {
+    let pid = child.0.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run kill: {e}"));
+    assert!(status.success(), "kill -TERM {pid} failed: {status}");
+}
+
+/// Wait (off the async threads) for a child process to exit; panics after [`WAIT`].
+pub async fn wait_exit(mut child: ChildProcess) -> std::process::ExitStatus {
+    let waited = tokio::task::spawn_blocking(move || child.0.wait());
+    match tokio::time::timeout(WAIT, waited).await {
+        Ok(Ok(Ok(status))) => status,
+        Ok(Ok(Err(e))) => panic!("cannot wait for the child process: {e}"),
+        Ok(Err(e)) => panic!("the waiting thread failed: {e}"),
+        Err(_) => panic!("the child process did not exit within {WAIT:?}"),
+    }
+}
+
+/// One committed revision of a record, as a [`RecordLog`] saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// The record's KV revision.
+    pub revision: u64,
+    /// The record at that revision.
+    pub record: jetq::Record,
+    /// When the log received it (this machine's clock).
+    pub seen_at: jetq::time::OffsetDateTime,
+}
+
+/// Every revision a [`RecordLog`] saw, by record id, in revision order.
+pub type Revisions = HashMap<String, Vec<Seen>>;
+
+/// Follows every committed revision of every record of the default prefix,
+/// from the subject the server republishes them on (`jetq.records.>`, with
+/// the revision in `Nats-Sequence`): a test can look at each state a record
+/// went through, not only the last one, and wait for any condition over all
+/// records without polling. Revisions published while the log's own
+/// connection is down (a server restart) are missed.
+#[derive(Debug)]
+pub struct RecordLog {
+    rx: watch::Receiver<Revisions>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RecordLog {
+    /// Subscribe; every record revision committed after this returns is seen.
+    pub async fn start(server: &NatsServer) -> RecordLog {
+        use futures_util::StreamExt;
+        let nats = async_nats::connect(server.url())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", server.url()));
+        let mut sub = nats
+            .subscribe("jetq.records.>")
+            .await
+            .unwrap_or_else(|e| panic!("cannot subscribe to jetq.records.>: {e}"));
+        // The subscription is registered on the server once the flush returns.
+        nats.flush()
+            .await
+            .unwrap_or_else(|e| panic!("cannot flush: {e}"));
+        let (tx, rx) = watch::channel(Revisions::new());
+        let task = tokio::spawn(async move {
+            let _keep = nats;
+            while let Some(message) = sub.next().await {
+                let Some(headers) = message.headers.as_ref() else {
+                    continue;
+                };
+                if headers.get("KV-Operation").is_some() {
+                    continue; // a delete or purge marker, not a record
+                }
+                let Some(revision) = headers
+                    .get(async_nats::header::NATS_SEQUENCE)
+                    .and_then(|v| v.as_str().parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                let record = jetq::Record::from_json(&message.payload).unwrap_or_else(|e| {
+                    panic!(
+                        "a republished record does not decode: {e}: {:?}",
+                        message.payload
+                    )
+                });
+                let seen = Seen {
+                    revision,
+                    record,
+                    seen_at: jetq::time::OffsetDateTime::now_utc(),
+                };
+                tx.send_modify(|all| {
+                    let list = all.entry(seen.record.id.clone()).or_default();
+                    if list.last().is_none_or(|last| last.revision < revision) {
+                        list.push(seen);
+                    }
+                });
+            }
+        });
+        RecordLog { rx, task }
+    }
+
+    /// The revisions of record `id` seen so far, oldest first.
+    pub fn history(&self, id: &str) -> Vec<Seen> {
+        self.rx.borrow().get(id).cloned().unwrap_or_default()
+    }
+
+    /// Everything seen so far.
+    pub fn snapshot(&self) -> Revisions {
+        self.rx.borrow().clone()
+    }
+
+    /// Wait (on each new revision, not polling) until `check` returns a
+    /// value for what has been seen; panics after [`WAIT`], naming `what`.
+    pub async fn wait_until<T>(
+        &self,
+        what: &str,
+        mut check: impl FnMut(&Revisions) -> Option<T>,
+    ) -> T {
+        let mut rx = self.rx.clone();
+        let mut found = None;
+        let waited = tokio::time::timeout(
+            WAIT,
+            rx.wait_for(|all| {
+                found = check(all);
+                found.is_some()
+            }),
+        )
+        .await;
+        match waited {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => panic!("the record log stopped while waiting for {what}"),
+            Err(_) => panic!("{what}: not seen within {WAIT:?}"),
+        }
+        found.unwrap_or_else(|| panic!("{what}: the condition held but gave no value"))
+    }
+}
+
+impl Drop for RecordLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The latest revision of `id` in `all`, if any.
+pub fn latest<'a>(all: &'a Revisions, id: &str) -> Option<&'a jetq::Record> {
+    all.get(id).and_then(|l| l.last()).map(|s| &s.record)
 }
