@@ -466,7 +466,6 @@ async fn requests_survive_a_server_killed_with_sigkill() {
 /// while the server is down keeps waiting (within its timeout) and returns
 /// the record once the server is back and a worker has run the request.
 #[tokio::test]
-#[ignore = "bug: Client::wait fails at once (request timeout or 503 no responders) when the server is down as it starts, instead of waiting within its timeout; NatsBroker::watch_record_impl propagates the error of its first get_record"]
 async fn a_wait_begun_while_the_server_is_down_returns_once_it_is_back() {
     let mut server = NatsServer::start();
     let config = NatsConfig::new(&server.url()).request_timeout(Duration::from_secs(1));
