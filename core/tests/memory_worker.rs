@@ -658,3 +658,47 @@ async fn a_request_delivered_before_it_is_due_waits_without_counting_an_attempt(
     assert!(rec.started_at.unwrap() + Duration::from_millis(600) >= due);
     w.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_request_whose_workers_all_died_fails_instead_of_looping() {
+    // As if every earlier attempt's worker died mid-task: the record says
+    // running, owned by this message, with all attempts used.
+    let broker = MemoryBroker::new();
+    let mut request = jetq::Request::new("demo.add");
+    request.id = "doomed".into();
+    request.args = serde_json::json!({"a": 1, "b": 1});
+    let ack = broker
+        .publish(OutgoingRequest::new(
+            "doomed",
+            "default",
+            "demo.add",
+            Bytes::from(request.to_json().unwrap()),
+        ))
+        .await
+        .unwrap();
+    let mut record = jetq::Record::pending(&request);
+    record.status = Status::Running;
+    record.attempts = 4;
+    record.max_retries = 3;
+    record.seq = Some(ack.sequence);
+    broker
+        .create_record("doomed", Bytes::from(record.to_json().unwrap()))
+        .await
+        .unwrap();
+    let w = start(Worker::builder(broker.clone()).task("demo.add", add));
+    let client = Client::new(broker.clone());
+    let rec = client.wait("doomed", WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Failed);
+    assert_eq!(rec.attempts, 5);
+    assert!(
+        rec.error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("gave up after 4 attempts"),
+        "{:?}",
+        rec.error
+    );
+    assert!(client.dead_letter("doomed").await.unwrap().is_some());
+    w.shutdown().await.unwrap();
+}
