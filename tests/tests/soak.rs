@@ -2,24 +2,80 @@
 //! through several `jetq-soak-worker` processes, while workers are killed
 //! with SIGKILL at random moments and the nats-server restarts once. Then:
 //! every request has exactly one terminal record, none is lost or stuck, and
-//! no request that succeeded ran its final attempt twice (checked against an
-//! audit trail every handler execution leaves in its own JetStream stream).
+//! no request that succeeded ran its final attempt twice, checked against an
+//! audit trail that every handler execution leaves in its own JetStream
+//! stream (see `src/bin/jetq-soak-worker.rs`).
 //!
-//! Run it with `scripts/soak` (builds the binaries first), or
-//! `cargo build -p jetq-tests --bins && cargo test -p jetq-tests --test soak -- --ignored --nocapture`.
+//! Two tests, the same chaos (5 SIGKILLs, 1 server restart):
 //!
-//! Environment (all optional):
+//! - `soak`, ignored by default: 10,000 requests (`JETQ_SOAK_REQUESTS`).
+//!   Run it with `scripts/soak [REQUESTS]`, or
+//!   `cargo test -p jetq-tests --test soak -- --ignored --nocapture`.
+//! - `soak_quick`: 400 requests, a few seconds, part of the default run.
+//!
+//! The chaos fires at random points of progress (share of requests seen
+//! terminal): kills between 5 % and 75 %, the restart between 25 % and 60 %.
+//! Each killed worker is replaced at once.
+//!
+//! ## The mix (seeded, `JETQ_SOAK_SEED`)
+//!
+//! 25 % `demo.add`, 10 % `demo.sleep` (0-100 ms), 15 % `demo.fail` (times
+//! 0-3), 2 % `demo.panic` (max retries 2), 2 % `demo.add` with arguments of
+//! the wrong type, 46 % `soak.flaky` (fails with p = 0.20, panics with
+//! q = 0.05, sleeps 0-20 ms; max retries 3). Workers: retry policy of 5
+//! retries, backoff from 50 ms doubling to 500 ms with jitter; ack wait 2 s.
+//!
+//! ## Expected outcomes
+//!
+//! A panic is a retryable failure of kind `panic` (`core/src/handler.rs`);
+//! arguments that do not decode are a permanent `invalid_args` failure raised
+//! before the handler runs (`core/src/extract.rs`). So:
+//!
+//! - `demo.add`, `demo.sleep`, `demo.fail`: `succeeded`, with a + b, the
+//!   milliseconds, the attempt number (above `times`);
+//! - `demo.panic`: `failed`, kind `panic`, after 3 attempts;
+//! - bad arguments: `failed`, kind `invalid_args`, 1 attempt, no execution;
+//! - `soak.flaky`: `succeeded` with `{attempt, worker, exec}` naming the
+//!   execution that produced it, or (0.25^4, about 0.4 %) `failed` with kind
+//!   `error` or `panic` after 4 attempts;
+//! - any of them may instead fail with "gave up after N attempts" when its
+//!   last allowed attempt was cut short (its worker was killed, or its
+//!   delivery was taken over after the restart): the record then counts
+//!   max retries + 2 claims, and the last claim ran nothing.
+//!
+//! ## Invariants (a violation fails the test, with the record and its audit trail)
+//!
+//! - every id has a record and it is terminal; the record bucket holds
+//!   exactly one key per request; no record was seen with two different
+//!   terminal revisions; the task stream ends empty, nothing unacknowledged;
+//! - no attempt (id, attempt number) was executed twice, and none above the
+//!   record's `attempts`;
+//! - a `succeeded` record: exactly one execution of its final attempt, which
+//!   ended `success`, on the worker the record names, with the record's value;
+//! - a `failed` record (other than "gave up"): exactly one execution of its
+//!   final attempt, which ended as the error kind says (`fail` or `panic`);
+//! - every execution has an end entry unless its worker was SIGKILLed (the
+//!   surviving workers are stopped with SIGTERM before the audit is read, so
+//!   handlers still running finish).
+//!
+//! Allowed, and counted in the figures (at-least-once delivery): an earlier
+//! attempt that succeeded but did not count, because its worker was killed
+//! before writing the record, or because its delivery was taken over when the
+//! server restart outlasted the ack wait; the request then ran again under
+//! the next attempt number.
+//!
+//! ## Environment (all optional)
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
-//! | `JETQ_SOAK_REQUESTS` | 10000 | requests to publish |
+//! | `JETQ_SOAK_REQUESTS` | 10000 | requests to publish (`soak` only) |
 //! | `JETQ_SOAK_WORKERS` | 4 | worker processes running at once |
 //! | `JETQ_SOAK_CONCURRENCY` | 16 | tasks each worker runs at once |
 //! | `JETQ_SOAK_KILLS` | 5 | workers killed with SIGKILL (each replaced at once) |
 //! | `JETQ_SOAK_RESTARTS` | 1 | nats-server restarts (same port and store) |
-//! | `JETQ_SOAK_SERVER_SIGKILL` | 0 | `1`: restart the server after a SIGKILL instead of a SIGTERM |
+//! | `JETQ_SOAK_SERVER_SIGKILL` | 0 | `1`: stop the server with SIGKILL instead of SIGTERM |
 //! | `JETQ_SOAK_DOWN_MS` | 1000 | how long the server stays down |
-//! | `JETQ_SOAK_SEED` | time-based | seed of the request mix and of the chaos schedule |
+//! | `JETQ_SOAK_SEED` | time-based | seed of the mix and of the chaos schedule |
 //! | `JETQ_SOAK_TIMEOUT_SECS` | 600 | overall bound; reaching it is a failure |
 //! | `JETQ_SOAK_PUBLISH_CONCURRENCY` | 64 | publishes in flight |
 //! | `JETQ_SOAK_LOG_DIR` | a temporary directory, kept on failure | worker logs |
@@ -38,7 +94,7 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use jetq::{Client, Record, Status};
 use jetq_nats::NatsBroker;
-use jetq_tests::{workspace_bin, NatsServer};
+use jetq_tests::NatsServer;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -96,6 +152,9 @@ impl Config {
 
 // ---------------------------------------------------------------------------
 // The request mix
+
+/// Requests of `soak_quick`.
+const QUICK_REQUESTS: usize = 400;
 
 /// Retries the worker's policy allows (`jetq-soak-worker --max-retries`).
 const WORKER_MAX_RETRIES: u32 = 5;
@@ -233,7 +292,7 @@ impl Fleet {
         let name = format!("soak-w{}", self.started);
         let log = std::fs::File::create(self.log_dir.join(format!("{name}.log")))
             .unwrap_or_else(|e| panic!("cannot create the log of {name}: {e}"));
-        let child = Command::new(workspace_bin("jetq-soak-worker"))
+        let child = Command::new(env!("CARGO_BIN_EXE_jetq-soak-worker"))
             .args(["--nats", &self.url, "--name", &name])
             .args(["--concurrency", &self.cfg.concurrency.to_string()])
             .args(["--ack-wait", &self.cfg.ack_wait_secs.to_string()])
@@ -424,6 +483,7 @@ struct Exec {
     end: Option<String>,
     detail: Value,
     start_ms: i64,
+    end_ms: Option<i64>,
 }
 
 async fn read_audit(js: &jetstream::Context) -> (Vec<AuditEntry>, u64) {
@@ -614,10 +674,21 @@ async fn run_chaos(
 // ---------------------------------------------------------------------------
 // The test
 
+/// The soak as the project's issue asks for it: 10,000 requests by default
+/// (`JETQ_SOAK_REQUESTS`), five SIGKILLs, one server restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run with scripts/soak, or cargo test -p jetq-tests --test soak -- --ignored --nocapture"]
 async fn soak() {
     run_soak(Config::from_env()).await;
+}
+
+/// The same chaos on a few hundred requests (a few seconds), in the default
+/// test run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_quick() {
+    let mut cfg = Config::from_env();
+    cfg.requests = QUICK_REQUESTS;
+    run_soak(cfg).await;
 }
 
 async fn run_soak(cfg: Config) {
@@ -821,6 +892,7 @@ async fn run_soak(cfg: Config) {
         &entries,
         &chaos_log,
         &progress.lock().unwrap(),
+        (t0_utc.unix_timestamp_nanos() / 1_000_000) as i64,
     );
 
     // ----- Figures
@@ -871,8 +943,8 @@ async fn run_soak(cfg: Config) {
     .unwrap();
     writeln!(
         w,
-        "claims without an execution (worker died or lost the server between claim and handler; gave-up claims; invalid args): {}",
-        verdict.claims_without_exec
+        "claims that ran no handler: {} invalid arguments, {} claims that gave up, {} where the worker died or lost the server between claim and handler",
+        verdict.claims_invalid_args, verdict.claims_gave_up, verdict.claims_lost
     )
     .unwrap();
     writeln!(
@@ -1063,7 +1135,12 @@ struct Verdict {
     exec_panic: usize,
     exec_cut: usize,
     cut_by_worker: HashMap<String, usize>,
-    claims_without_exec: usize,
+    /// Claims (attempts counted in a record) that ran no handler: the
+    /// arguments did not decode; the extra claim that gives up; the worker
+    /// died or lost the server between its claim and the handler's start.
+    claims_invalid_args: usize,
+    claims_gave_up: usize,
+    claims_lost: usize,
     superseded_success: usize,
     superseded_success_killed: usize,
     duplicate_entries: usize,
@@ -1079,6 +1156,7 @@ fn verify(
     entries: &[AuditEntry],
     chaos: &ChaosLog,
     progress: &Progress,
+    t0_ms: i64,
 ) -> Verdict {
     let mut v = Verdict::default();
     let killed: HashSet<&str> = chaos.kills.iter().map(|k| k.worker.as_str()).collect();
@@ -1103,6 +1181,7 @@ fn verify(
             x.start_ms = e.at_ms;
         } else {
             x.end = Some(e.phase.clone());
+            x.end_ms = Some(e.at_ms);
             x.detail = e.detail.clone();
         }
     }
@@ -1149,10 +1228,13 @@ fn verify(
         let trail = || {
             mine.iter()
                 .map(|x| {
+                    let at = |ms: i64| format!("{:.2}s", (ms - t0_ms) as f64 / 1000.0);
                     format!(
-                        "attempt {} on {} -> {}",
+                        "attempt {} on {} {}..{} -> {}",
                         x.attempt,
                         x.worker,
+                        at(x.start_ms),
+                        x.end_ms.map_or("?".to_owned(), at),
                         x.end.as_deref().unwrap_or("(no end)")
                     )
                 })
@@ -1220,7 +1302,15 @@ fn verify(
             .as_ref()
             .is_some_and(|e| e.message.starts_with("gave up"));
         let executed: HashSet<u32> = mine.iter().map(|x| x.attempt).collect();
-        v.claims_without_exec += (1..=r.attempts).filter(|a| !executed.contains(a)).count();
+        for a in (1..=r.attempts).filter(|a| !executed.contains(a)) {
+            if p.kind == Kind::BadArgs {
+                v.claims_invalid_args += 1;
+            } else if gave_up && a == r.attempts {
+                v.claims_gave_up += 1;
+            } else {
+                v.claims_lost += 1;
+            }
+        }
         for x in mine
             .iter()
             .filter(|x| x.end.as_deref() == Some("success") && x.attempt != r.attempts)
