@@ -23,6 +23,11 @@
 //! does not return until its entry is stored (it retries through a server
 //! restart), so a succeeded record without a `success` entry, or two
 //! executions of the same attempt, would be jetq's doing.
+//!
+//! Unlike the demo worker, it keeps trying to start for up to a minute while
+//! the server is unreachable (the soak test starts replacement workers while
+//! the server may be restarting), and a SIGTERM during start-up stops it
+//! cleanly (exit 0).
 
 use std::future::Future;
 use std::io::IsTerminal;
