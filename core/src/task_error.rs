@@ -25,6 +25,9 @@ pub mod kinds {
     pub const TIMEOUT: &str = "timeout";
     /// The request was cancelled by a client (on a `cancelled` record).
     pub const CANCELLED: &str = "cancelled";
+    /// The request used up its attempts without the last one reporting back
+    /// within the ack wait (its worker stopped, died or was cut off).
+    pub const ABANDONED: &str = "abandoned";
     /// The task's value or metadata does not fit in a record (the broker's
     /// message size limit).
     pub const TOO_LARGE: &str = "too_large";

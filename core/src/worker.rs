@@ -854,11 +854,16 @@ async fn process(
                 return;
             }
             Claim::GiveUp(writer, attempt) => {
+                let last = writer.state.lock().await.0.error.clone();
+                let last = match last {
+                    Some(e) => format!("; the last error reported: {}: {}", e.kind, e.message),
+                    None => String::new(),
+                };
                 let err = TaskError::permanent(format!(
-                    "gave up after {} attempts: the worker running it stopped or died each time",
+                    "gave up after {} attempts: the last one did not report back within the ack wait (its worker stopped, died or lost its connection to NATS){last}",
                     attempt - 1
                 ))
-                .with_kind(kinds::ERROR);
+                .with_kind(kinds::ABANDONED);
                 finish_failed(&env, &writer, &*delivery, &err).await;
                 return;
             }

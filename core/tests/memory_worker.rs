@@ -690,6 +690,7 @@ async fn a_request_whose_workers_all_died_fails_instead_of_looping() {
     let rec = client.wait("doomed", WAIT).await.unwrap();
     assert_eq!(rec.status, Status::Failed);
     assert_eq!(rec.attempts, 5);
+    assert_eq!(rec.error.as_ref().unwrap().kind, "abandoned");
     assert!(
         rec.error
             .as_ref()
