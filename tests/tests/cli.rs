@@ -175,25 +175,10 @@ async fn sigterm_releases_the_running_task_and_nothing_is_lost() {
 
 /// Start `jetq-demo-worker` with a name and an ack wait.
 fn named_worker(server: &NatsServer, name: &str, ack_wait: &str) -> jetq_tests::ChildProcess {
-    let child = Command::new(workspace_bin("jetq-demo-worker"))
-        .args([
-            "--nats",
-            &server.url(),
-            "--name",
-            name,
-            "--ack-wait",
-            ack_wait,
-            "--concurrency",
-            "4",
-        ])
-        .env(
-            "RUST_LOG",
-            std::env::var("JETQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
-    jetq_tests::ChildProcess(child)
+    jetq_tests::demo_worker_with(
+        server,
+        &["--name", name, "--ack-wait", ack_wait, "--concurrency", "4"],
+    )
 }
 
 fn ok_json(out: &Output) -> Value {
