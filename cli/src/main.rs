@@ -165,20 +165,36 @@ fn time_text(t: jetq::time::OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
-fn dead_letter_json(letter: &jetq::DeadLetter) -> Value {
+/// One dead letter as `jetq dead list --json` prints it.
+#[derive(serde::Serialize)]
+struct DeadLetterJson<'a> {
+    id: &'a str,
+    queue: &'a str,
+    task: &'a str,
+    error: &'a jetq::ErrorInfo,
+    attempts: u32,
+    died_at: String,
+    worker: &'a str,
+    sequence: u64,
+    /// The original request: JSON if it is JSON, else its text.
+    request: Value,
+}
+
+fn dead_letter_json(letter: &jetq::DeadLetter) -> Result<String, String> {
     let request = serde_json::from_slice::<Value>(&letter.payload)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&letter.payload).into_owned()));
-    serde_json::json!({
-        "id": letter.id,
-        "queue": letter.queue,
-        "task": letter.task,
-        "error": { "kind": letter.error.kind, "message": letter.error.message },
-        "attempts": letter.attempts,
-        "died_at": time_text(letter.died_at),
-        "worker": letter.worker,
-        "sequence": letter.sequence,
-        "request": request,
+    serde_json::to_string(&DeadLetterJson {
+        id: &letter.id,
+        queue: &letter.queue,
+        task: &letter.task,
+        error: &letter.error,
+        attempts: letter.attempts,
+        died_at: time_text(letter.died_at),
+        worker: &letter.worker,
+        sequence: letter.sequence,
+        request,
     })
+    .map_err(|e| format!("cannot encode a dead letter: {e}"))
 }
 
 fn one_line(text: &str, max: usize) -> String {
@@ -282,7 +298,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     .map_err(|e| e.to_string())?;
                 if json {
                     for letter in &letters {
-                        println!("{}", dead_letter_json(letter));
+                        println!("{}", dead_letter_json(letter)?);
                     }
                 } else {
                     let width = letters.iter().map(|l| l.id.len()).max().unwrap_or(2).max(2);
