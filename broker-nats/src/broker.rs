@@ -81,7 +81,7 @@ struct Inner {
     client: Client,
     js: jetstream::Context,
     config: NatsConfig,
-    stream_ready: OnceCell<()>,
+    tasks: OnceCell<stream::Stream>,
     bucket: OnceCell<kv::Store>,
     dead: OnceCell<stream::Stream>,
     queues: Mutex<HashSet<String>>,
@@ -284,7 +284,7 @@ impl NatsBroker {
                 client,
                 js,
                 config,
-                stream_ready: OnceCell::new(),
+                tasks: OnceCell::new(),
                 bucket: OnceCell::new(),
                 dead: OnceCell::new(),
                 queues: Mutex::new(HashSet::new()),
@@ -461,23 +461,38 @@ impl NatsBroker {
         })
     }
 
-    /// Create the task stream once per broker (idempotent across processes).
-    async fn ensure_stream(&self) -> Result<()> {
+    /// The task stream, created once per broker (idempotent across processes).
+    async fn ensure_stream(&self) -> Result<&stream::Stream> {
         self.inner
-            .stream_ready
-            .get_or_try_init(|| self.provision_stream())
-            .await?;
-        Ok(())
+            .tasks
+            .get_or_try_init(|| self.create_or_update_stream(self.stream_config(), "task stream"))
+            .await
     }
 
-    async fn provision_stream(&self) -> Result<()> {
-        let config = self.stream_config();
+    /// The dead-letter stream, created once per broker.
+    async fn dead_stream(&self) -> Result<&stream::Stream> {
+        self.inner
+            .dead
+            .get_or_try_init(|| {
+                self.create_or_update_stream(self.dead_stream_config(), "dead-letter stream")
+            })
+            .await
+    }
+
+    /// Create the stream `config` describes, or bring one that exists with
+    /// other settings (a changed duplicate window or replica count) to them;
+    /// `what` names it in errors.
+    async fn create_or_update_stream(
+        &self,
+        config: stream::Config,
+        what: &str,
+    ) -> Result<stream::Stream> {
         let name = config.name.clone();
+        let subjects = config.subjects.join(", ");
         match self.inner.js.create_stream(config.clone()).await {
-            Ok(_) => Ok(()),
+            Ok(stream) => Ok(stream),
             Err(err) if jetstream_code(&err) == Some(ErrorCode::STREAM_NAME_EXIST) => {
-                // Same name, other settings (a changed duplicate window or replica count).
-                tracing::info!(stream = %name, "updating the task stream to the configured settings");
+                tracing::info!(stream = %name, "updating the {what} to the configured settings");
                 self.inner.js.update_stream(config).await.map_err(|e| {
                     wrap(
                         ErrorKind::Config,
@@ -485,19 +500,52 @@ impl NatsBroker {
                         e,
                     )
                 })?;
-                Ok(())
+                self.inner
+                    .js
+                    .get_stream(&name)
+                    .await
+                    .map_err(|e| management(format!("cannot open the {what} {name}"), e))
             }
             Err(err) if jetstream_code(&err) == Some(ErrorCode::STREAM_SUBJECT_OVERLAP) => Err(wrap(
                 ErrorKind::Config,
-                format!("cannot create stream {name}: another stream already captures subjects {}.tasks.>; choose another prefix", self.inner.config.prefix),
+                format!("cannot create the {what} {name}: another stream already captures subjects {subjects}; choose another prefix"),
                 err,
             )),
             Err(err) if err.kind() == CreateStreamErrorKind::JetStreamUnavailable => Err(wrap(
                 ErrorKind::Broker,
-                format!("cannot create the task stream {name}: JetStream does not answer; enable it on the server (nats-server -js) and check the account's JetStream limits"),
+                format!("cannot create the {what} {name}: JetStream does not answer; enable it on the server (nats-server -js) and check the account's JetStream limits"),
                 err,
             )),
-            Err(err) => Err(management(format!("cannot create the task stream {name}"), err)),
+            Err(err) => Err(management(format!("cannot create the {what} {name}"), err)),
+        }
+    }
+
+    /// Provision with `provision` until it succeeds or `deadline` passes,
+    /// riding out a server that is (re)starting; a configuration error is
+    /// returned at once.
+    async fn provision_retrying<'a, T, F, Fut>(
+        what: &str,
+        deadline: tokio::time::Instant,
+        mut provision: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + 'a,
+    {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match provision().await {
+                Ok(done) => return Ok(done),
+                Err(err)
+                    if err.kind() != ErrorKind::Config
+                        && tokio::time::Instant::now() + delay <= deadline =>
+                {
+                    tracing::debug!(error = %err, ?delay, "creating the {what} failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(err) => return Err(err),
+            }
         }
     }
 
@@ -620,15 +668,7 @@ impl NatsBroker {
             .headers(headers);
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
         // First use: create the stream, riding out a server that is (re)starting.
-        let mut delay = Duration::from_millis(50);
-        while let Err(err) = self.ensure_stream().await {
-            if err.kind() == ErrorKind::Config || tokio::time::Instant::now() + delay > deadline {
-                return Err(err);
-            }
-            tracing::debug!(error = %err, ?delay, "creating the task stream failed; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
-        }
+        Self::provision_retrying("task stream", deadline, || self.ensure_stream()).await?;
         self.publish_retrying(
             subject,
             message,
@@ -701,55 +741,17 @@ impl NatsBroker {
         }
     }
 
-    /// The dead-letter stream, created once per broker.
-    async fn dead_stream(&self) -> Result<&stream::Stream> {
-        self.inner
-            .dead
-            .get_or_try_init(|| async {
-                let config = self.dead_stream_config();
-                let name = config.name.clone();
-                match self.inner.js.create_stream(config.clone()).await {
-                    Ok(stream) => Ok(stream),
-                    Err(err) if jetstream_code(&err) == Some(ErrorCode::STREAM_NAME_EXIST) => {
-                        self.inner.js.update_stream(config).await.map_err(|e| {
-                            wrap(
-                                ErrorKind::Config,
-                                format!("stream {name} exists with settings jetq cannot change to its own; delete the stream or choose another prefix"),
-                                e,
-                            )
-                        })?;
-                        self.inner.js.get_stream(&name).await.map_err(|e| {
-                            management(format!("cannot open the dead-letter stream {name}"), e)
-                        })
-                    }
-                    Err(err) => Err(management(
-                        format!("cannot create the dead-letter stream {name}"),
-                        err,
-                    )),
-                }
-            })
-            .await
-    }
-
     async fn put_dead_letter_impl(&self, letter: DeadLetter) -> Result<()> {
         letter.validate()?;
         let subject = self.dead_letter_subject(&letter.id)?;
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
-        let mut delay = Duration::from_millis(50);
-        let stream_name = loop {
-            match self.dead_stream().await {
-                Ok(stream) => break stream.cached_info().config.name.clone(),
-                Err(err)
-                    if err.kind() != ErrorKind::Config
-                        && tokio::time::Instant::now() + delay <= deadline =>
-                {
-                    tracing::debug!(error = %err, ?delay, "creating the dead-letter stream failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-                Err(err) => return Err(err),
-            }
-        };
+        let stream_name =
+            Self::provision_retrying("dead-letter stream", deadline, || self.dead_stream())
+                .await?
+                .cached_info()
+                .config
+                .name
+                .clone();
         let died_at = letter
             .died_at
             .format(&Rfc3339)
@@ -803,10 +805,7 @@ impl NatsBroker {
             id,
             get(DEAD_QUEUE),
             get(DEAD_TASK),
-            ErrorInfo {
-                kind: get(DEAD_KIND),
-                message: get(DEAD_REASON),
-            },
+            ErrorInfo::new(get(DEAD_KIND), get(DEAD_REASON)),
             message.payload,
         );
         letter.attempts = get(DEAD_ATTEMPTS).parse().unwrap_or(0);
@@ -864,14 +863,9 @@ impl NatsBroker {
 
     async fn remove_delayed_impl(&self, id: &str) -> Result<bool> {
         let subject = self.delayed_subject(id)?;
-        self.ensure_stream().await?;
-        let stream = self
-            .inner
-            .js
-            .get_stream(self.stream_name())
-            .await
-            .map_err(|e| management(format!("cannot open stream {}", self.stream_name()), e))?;
-        let purged = stream
+        let purged = self
+            .ensure_stream()
+            .await?
             .purge()
             .filter(subject)
             .await

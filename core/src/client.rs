@@ -91,17 +91,7 @@ impl Client {
             }
             Err(e) => return Err(e),
         };
-        let mut outgoing = OutgoingRequest::new(
-            request.id.clone(),
-            request.queue.clone(),
-            request.task.clone(),
-            payload,
-        );
-        outgoing.headers = request
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut outgoing = outgoing(&request, payload);
         outgoing.not_before = not_before;
         if let Err(e) = self.broker.publish(outgoing).await {
             // Leave no pending record behind for a request that was never stored.
@@ -159,14 +149,7 @@ impl Client {
                 }
                 record.cancel_requested_at = Some(now);
             } else {
-                record.status = Status::Cancelled;
-                record.cancel_requested_at = Some(now);
-                record.finished_at = Some(now);
-                record.next_attempt_at = None;
-                record.error = Some(crate::record::ErrorInfo {
-                    kind: crate::task_error::kinds::CANCELLED.to_owned(),
-                    message: "cancelled at a client's request".to_owned(),
-                });
+                record.mark_cancelled(now);
             }
             let bytes = Bytes::from(record.to_json()?);
             match self.broker.update_record(id, bytes, entry.revision).await {
@@ -258,17 +241,7 @@ impl Client {
                 format!("record `{id}` keeps changing; cannot requeue it"),
             ));
         }
-        let mut outgoing = OutgoingRequest::new(
-            id.to_owned(),
-            request.queue.clone(),
-            request.task.clone(),
-            letter.payload.clone(),
-        );
-        outgoing.headers = request
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let mut outgoing = outgoing(&request, letter.payload.clone());
         // A new message for an old id: its own dedup key, so the broker does
         // not take it for the first publish (or an earlier requeue).
         outgoing.dedup_key = Some(format!("{id}.requeue.{}", letter.sequence));
@@ -341,6 +314,22 @@ impl Client {
             )),
         }
     }
+}
+
+/// The broker's view of `request`, encoded as `payload`.
+fn outgoing(request: &Request, payload: Bytes) -> OutgoingRequest {
+    let mut outgoing = OutgoingRequest::new(
+        request.id.clone(),
+        request.queue.clone(),
+        request.task.clone(),
+        payload,
+    );
+    outgoing.headers = request
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    outgoing
 }
 
 /// Builds one request; [`publish`](Self::publish) sends it.

@@ -64,6 +64,16 @@ pub struct ErrorInfo {
     pub message: String,
 }
 
+impl ErrorInfo {
+    /// An error of `kind` (see [`crate::task_error::kinds`]) with a message.
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorInfo {
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// How far a running task has come.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
@@ -165,6 +175,21 @@ impl Record {
             worker: None,
             seq: None,
         }
+    }
+
+    /// Make this record `cancelled` at a client's request, as of `now`: the
+    /// terminal state the client writes for a request that is not running,
+    /// and the worker writes when a cancelled attempt ends.
+    pub fn mark_cancelled(&mut self, now: OffsetDateTime) {
+        self.status = Status::Cancelled;
+        self.value = None;
+        self.error = Some(ErrorInfo::new(
+            crate::task_error::kinds::CANCELLED,
+            "cancelled at a client's request",
+        ));
+        self.cancel_requested_at.get_or_insert(now);
+        self.finished_at = Some(now);
+        self.next_attempt_at = None;
     }
 
     /// Encode as JSON.

@@ -686,8 +686,8 @@ struct RecordWriter {
 }
 
 impl RecordWriter {
-    /// Write `change` over the record; returns the record as written.
-    async fn apply(&self, change: &(dyn Fn(&mut Record) + Send + Sync)) -> Result<Record> {
+    /// Write `change` over the record; returns the status as written.
+    async fn apply(&self, change: &(dyn Fn(&mut Record) + Send + Sync)) -> Result<Status> {
         let mut guard = self.state.lock().await;
         let (seq, attempts) = (guard.0.seq, guard.0.attempts);
         let deadline = tokio::time::Instant::now() + RECORD_WRITE_PATIENCE;
@@ -698,8 +698,9 @@ impl RecordWriter {
             let bytes = Bytes::from(next.to_json()?);
             match self.broker.update_record(&self.id, bytes, guard.1).await {
                 Ok(revision) => {
-                    *guard = (next.clone(), revision);
-                    return Ok(next);
+                    let status = next.status;
+                    *guard = (next, revision);
+                    return Ok(status);
                 }
                 Err(e) if e.kind() == ErrorKind::Conflict => {
                     let Some(entry) = self.broker.get_record(&self.id).await? else {
@@ -959,14 +960,9 @@ async fn process(
         };
         if by_client.is_cancelled() {
             info!(attempt, "attempt ended after a cancellation");
-            conclude(
-                &env,
-                &writer,
-                &*delivery,
-                &|r| mark_cancelled(r),
-                Settle::Ack,
-            )
-            .await;
+            let now = OffsetDateTime::now_utc();
+            let change = |r: &mut Record| r.mark_cancelled(now);
+            conclude(&env, &writer, &*delivery, &change, Settle::Ack).await;
             return;
         }
         match outcome {
@@ -1021,20 +1017,6 @@ enum Settle {
     Term,
 }
 
-/// Mark a record cancelled at a client's request.
-fn mark_cancelled(r: &mut Record) {
-    let now = OffsetDateTime::now_utc();
-    r.status = Status::Cancelled;
-    r.value = None;
-    r.error = Some(ErrorInfo {
-        kind: kinds::CANCELLED.to_owned(),
-        message: "cancelled at a client's request".to_owned(),
-    });
-    r.cancel_requested_at.get_or_insert(now);
-    r.finished_at = Some(now);
-    r.next_attempt_at = None;
-}
-
 /// Write the attempt's outcome, then settle the message: `how` once the
 /// record is written (a `failed` record is dead-lettered before the message
 /// is terminated); a cancellation found in the record wins over `change`.
@@ -1047,9 +1029,10 @@ async fn conclude(
     change: &(dyn Fn(&mut Record) + Send + Sync),
     how: Settle,
 ) {
+    let now = OffsetDateTime::now_utc();
     let guarded = |r: &mut Record| {
         if r.cancel_requested_at.is_some() {
-            mark_cancelled(r)
+            r.mark_cancelled(now)
         } else {
             change(r)
         }
@@ -1061,24 +1044,13 @@ async fn conclude(
             // that fits rather than retrying something that never will.
             let message = format!("the task's outcome does not fit in a record: {e}");
             warn!("{message}");
-            let error = ErrorInfo {
-                kind: kinds::TOO_LARGE.to_owned(),
-                message,
-            };
+            let error = ErrorInfo::new(kinds::TOO_LARGE, message);
             let current = writer.state.lock().await.0.clone();
-            if let Err(e) = env
-                .broker
-                .put_dead_letter(dead_letter_of(env, delivery, &current, error.clone()))
-                .await
-            {
-                error!(error = %e, "cannot store the dead letter; releasing the request");
-                if let Err(e) = delivery.nak(Some(Duration::from_secs(1))).await {
-                    warn!(error = %e, "cannot release the request");
-                }
+            let letter = dead_letter_of(env, delivery, &current, error.clone());
+            if !store_dead_letter(env, delivery, letter).await {
                 return;
             }
             how = Settle::Term;
-            let now = OffsetDateTime::now_utc();
             let shrink = |r: &mut Record| {
                 r.status = Status::Failed;
                 r.value = None;
@@ -1091,24 +1063,20 @@ async fn conclude(
         }
         other => other,
     };
+    // `Term` means the dead letter is already stored (finish_failed, or the
+    // too-large path above); only a failure is written with it.
     let result = match written {
-        Ok(record) => match (record.status, how) {
-            // The dead letter was written before the record (finish_failed).
-            (Status::Failed, Settle::Term) => delivery.term("jetq: failed").await,
-            (Status::Failed, _) => {
-                bury(env, delivery, &record).await;
-                Ok(())
-            }
+        Ok(Status::Failed) => delivery.term("jetq: failed").await,
+        Ok(status) => match how {
             // Cancelled while being failed: it is no dead letter after all.
-            (Status::Cancelled, Settle::Term) => {
-                if let Err(e) = env.broker.remove_dead_letter(&record.id).await {
+            Settle::Term => {
+                if let Err(e) = env.broker.remove_dead_letter(&writer.id).await {
                     warn!(error = %e, "cannot remove the dead letter of a cancelled request");
                 }
                 delivery.ack().await
             }
-            (Status::Cancelled | Status::Succeeded, _) | (_, Settle::Ack) => delivery.ack().await,
-            (_, Settle::Nak(d)) => delivery.nak(Some(d)).await,
-            (_, Settle::Term) => delivery.term("jetq: failed").await,
+            Settle::Nak(d) if status == Status::Retrying => delivery.nak(Some(d)).await,
+            Settle::Nak(_) | Settle::Ack => delivery.ack().await,
         },
         Err(e) if e.kind() == ErrorKind::Conflict => {
             warn!(error = %e, "leaving the message to the attempt that owns the record");
@@ -1135,11 +1103,7 @@ async fn finish_failed(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery
     if current.cancel_requested_at.is_none() {
         let mut letter = dead_letter_of(env, delivery, &current, info.clone());
         letter.died_at = now;
-        if let Err(e) = env.broker.put_dead_letter(letter).await {
-            error!(error = %e, "cannot store the dead letter; releasing the request to fail it again");
-            if let Err(e) = delivery.nak(Some(Duration::from_secs(1))).await {
-                warn!(error = %e, "cannot release the request");
-            }
+        if !store_dead_letter(env, delivery, letter).await {
             return;
         }
     }
@@ -1177,38 +1141,49 @@ fn dead_letter_of(
 /// letter cannot be stored the message is released instead, to be buried by
 /// a later delivery: it must not vanish without a trace.
 async fn bury(env: &Env, delivery: &dyn Delivery, record: &Record) {
-    let error = record.error.clone().unwrap_or_else(|| ErrorInfo {
-        kind: kinds::ERROR.to_owned(),
-        message: "failed".to_owned(),
-    });
+    let error = record
+        .error
+        .clone()
+        .unwrap_or_else(|| ErrorInfo::new(kinds::ERROR, "failed"));
     let letter = dead_letter_of(env, delivery, record, error);
     bury_letter(env, delivery, letter).await;
 }
 
 async fn bury_letter(env: &Env, delivery: &dyn Delivery, letter: DeadLetter) {
     let reason = format!("jetq: {}: {}", letter.error.kind, letter.error.message);
-    let id = letter.id.clone();
-    let result = match env.broker.put_dead_letter(letter).await {
-        Ok(()) => delivery.term(&reason).await,
-        Err(e) => {
-            error!(id = %id, error = %e, "cannot store the dead letter; releasing the message to try again");
-            delivery.nak(Some(Duration::from_secs(1))).await
+    if store_dead_letter(env, delivery, letter).await {
+        if let Err(e) = delivery.term(&reason).await {
+            warn!(error = %e, "cannot terminate a dead-lettered message; it will be buried again");
         }
-    };
-    if let Err(e) = result {
-        warn!(id = %id, error = %e, "cannot terminate a dead-lettered message; it will be buried again");
+    }
+}
+
+/// Store a dead letter; if that fails, release the message (to be failed
+/// again by a later delivery: it must not vanish without a trace) and
+/// return false.
+async fn store_dead_letter(env: &Env, delivery: &dyn Delivery, letter: DeadLetter) -> bool {
+    let id = letter.id.clone();
+    match env.broker.put_dead_letter(letter).await {
+        Ok(()) => true,
+        Err(e) => {
+            error!(id = %id, error = %e, "cannot store the dead letter; releasing the request to try again");
+            if let Err(e) = delivery.nak(Some(Duration::from_secs(1))).await {
+                warn!(id = %id, error = %e, "cannot release the request");
+            }
+            false
+        }
     }
 }
 
 /// Give the request back for immediate redelivery (worker shutting down).
 async fn release(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery) {
-    let info = ErrorInfo {
-        kind: kinds::INTERRUPTED.to_owned(),
-        message: format!(
+    let info = ErrorInfo::new(
+        kinds::INTERRUPTED,
+        format!(
             "worker `{}` shut down during the attempt; released for redelivery",
             env.name
         ),
-    };
+    );
     let change = |r: &mut Record| {
         r.status = Status::Retrying;
         r.error = Some(info.clone());
@@ -1261,7 +1236,7 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
         let cancelled = record.cancel_requested_at.is_some();
         if cancelled {
             // Its worker died after a client asked to cancel it.
-            mark_cancelled(&mut record);
+            record.mark_cancelled(OffsetDateTime::now_utc());
             record.seq = Some(seq);
         } else {
             record.seq = Some(seq);
@@ -1321,10 +1296,7 @@ async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, err: Error) {
     let task = field("task").unwrap_or_default();
     let info = delivery.info();
     warn!(queue, id = id.as_deref().unwrap_or("?"), "{reason}");
-    let error = ErrorInfo {
-        kind: kinds::INVALID_REQUEST.to_owned(),
-        message: reason.clone(),
-    };
+    let error = ErrorInfo::new(kinds::INVALID_REQUEST, reason.clone());
     let existing = match &id {
         Some(id) => env.broker.get_record(id).await.ok().flatten(),
         None => None,
@@ -1346,11 +1318,7 @@ async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, err: Error) {
     letter.attempts = decoded.as_ref().map_or(0, |r| r.attempts);
     letter.worker = env.name.clone();
     letter.sequence = info.sequence;
-    if let Err(e) = env.broker.put_dead_letter(letter).await {
-        error!(error = %e, "cannot store the dead letter of an invalid request; releasing it to try again");
-        if let Err(e) = delivery.nak(Some(Duration::from_secs(1))).await {
-            warn!(error = %e, "cannot release an invalid request");
-        }
+    if !store_dead_letter(env, delivery, letter).await {
         return;
     }
     if let Some(id) = &id {

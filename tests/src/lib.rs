@@ -19,6 +19,38 @@ pub async fn server_and_broker() -> (NatsServer, NatsBroker) {
     (server, broker)
 }
 
+/// Requests still stored in the task stream `JETQ_TASKS` (a work queue:
+/// settled ones are gone), read with plain async-nats.
+pub async fn stored_requests(server: &NatsServer) -> u64 {
+    let nats = match async_nats::connect(server.url()).await {
+        Ok(n) => n,
+        Err(e) => panic!("cannot connect to {}: {e}", server.url()),
+    };
+    let js = async_nats::jetstream::new(nats);
+    let mut stream = match js.get_stream("JETQ_TASKS").await {
+        Ok(s) => s,
+        Err(e) => panic!("no stream JETQ_TASKS: {e}"),
+    };
+    match stream.info().await {
+        Ok(info) => info.state.messages,
+        Err(e) => panic!("cannot read the info of JETQ_TASKS: {e}"),
+    }
+}
+
+/// The arguments of the `demo.add` test task.
+#[derive(Debug, serde::Deserialize)]
+pub struct AddArgs {
+    /// First term.
+    pub a: i64,
+    /// Second term.
+    pub b: i64,
+}
+
+/// The `demo.add` test task: the sum of its arguments.
+pub async fn add(jetq::Args(args): jetq::Args<AddArgs>) -> Result<i64, jetq::TaskError> {
+    Ok(args.a + args.b)
+}
+
 /// Connect a new broker to `server`.
 pub async fn connect(server: &NatsServer) -> NatsBroker {
     match NatsBroker::connect(&server.url()).await {

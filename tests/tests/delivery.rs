@@ -11,19 +11,10 @@ use jetq::broker::Broker;
 use jetq::time::OffsetDateTime;
 use jetq::{Args, Client, Context, ErrorKind, RetryPolicy, State, Status, Task, TaskError, Worker};
 use jetq_nats::NatsBroker;
-use jetq_tests::{connect, server_and_broker, wait_for_record, NatsServer, WAIT};
-use serde::Deserialize;
+use jetq_tests::{
+    add, connect, server_and_broker, stored_requests, wait_for_record, NatsServer, WAIT,
+};
 use tokio::sync::Notify;
-
-#[derive(Deserialize)]
-struct AddArgs {
-    a: i64,
-    b: i64,
-}
-
-async fn add(Args(args): Args<AddArgs>) -> Result<i64, TaskError> {
-    Ok(args.a + args.b)
-}
 
 /// Counts runs; fails while `fail` is set.
 #[derive(Clone, Default)]
@@ -39,14 +30,6 @@ async fn flaky(State(runs): State<Runs>) -> Result<u32, TaskError> {
     } else {
         Ok(n)
     }
-}
-
-/// Messages left in the task stream (every settled request is removed).
-async fn stream_messages(server: &NatsServer, stream: &str) -> u64 {
-    let nats = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(nats);
-    let mut stream = js.get_stream(stream).await.unwrap();
-    stream.info().await.unwrap().state.messages
 }
 
 fn fast_retries(n: u32) -> RetryPolicy {
@@ -117,7 +100,7 @@ async fn exhausted_retries_dead_letter_the_original_request() {
         serde_json::from_slice::<serde_json::Value>(&raw.payload).unwrap()["id"],
         "dies-1"
     );
-    assert_eq!(stream_messages(&server, "JETQ_TASKS").await, 0);
+    assert_eq!(stored_requests(&server).await, 0);
     worker.shutdown().await.unwrap();
 }
 
@@ -202,7 +185,7 @@ async fn poison_requests_are_dead_lettered_at_once_and_the_worker_lives() {
     // A garbage dead letter cannot be requeued, and says why.
     let err = client.requeue(&invalid_key).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Serialization, "{err}");
-    assert_eq!(stream_messages(&server, "JETQ_TASKS").await, 0);
+    assert_eq!(stored_requests(&server).await, 0);
     worker.shutdown().await.unwrap();
 }
 
@@ -276,7 +259,7 @@ async fn a_pending_request_cancelled_never_runs() {
     );
     let err = handle.result::<u32>(WAIT).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Cancelled);
-    assert_eq!(stream_messages(&server, "JETQ_TASKS").await, 0);
+    assert_eq!(stored_requests(&server).await, 0);
     assert!(client.dead_letters(10).await.unwrap().is_empty());
     // Cancelling again, or an unknown id.
     assert_eq!(
@@ -349,7 +332,7 @@ async fn a_running_request_cancelled_sees_its_token_fire_on_its_worker() {
     let record = handle.wait(WAIT).await.unwrap();
     assert_eq!(record.status, Status::Cancelled);
     assert_eq!(record.value, None);
-    assert_eq!(stream_messages(&server, "JETQ_TASKS").await, 0);
+    assert_eq!(stored_requests(&server).await, 0);
     for w in workers {
         w.shutdown().await.unwrap();
     }
@@ -444,7 +427,7 @@ async fn a_delayed_request_runs_once_when_due_and_holds_no_slot() {
         "started {started}, long after due {due}"
     );
     assert_eq!(runs.count.load(Ordering::SeqCst), 1);
-    assert_eq!(stream_messages(&server, "JETQ_TASKS").await, 0);
+    assert_eq!(stored_requests(&server).await, 0);
     worker.shutdown().await.unwrap();
 }
 
@@ -500,14 +483,10 @@ async fn a_delayed_request_cancelled_never_runs() {
         .publish()
         .await
         .unwrap();
-    assert_eq!(stream_messages(&server, "JETQ_TASKS").await, 1);
+    assert_eq!(stored_requests(&server).await, 1);
     let record = client.cancel("later-2").await.unwrap();
     assert_eq!(record.status, Status::Cancelled);
-    assert_eq!(
-        stream_messages(&server, "JETQ_TASKS").await,
-        0,
-        "the schedule is gone"
-    );
+    assert_eq!(stored_requests(&server).await, 0, "the schedule is gone");
     // Past its due time, a later request runs and the cancelled one did not.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let after = client.task("flaky").publish().await.unwrap();

@@ -14,8 +14,8 @@ use jetq::time::OffsetDateTime;
 use jetq::{Args, Client, Context, Record, RetryPolicy, State, Status, Task, TaskError, Worker};
 use jetq_nats::{NatsBroker, NatsConfig};
 use jetq_tests::{
-    connect, demo_worker_with, latest, server_and_broker, sigterm, wait_exit, wait_for_record,
-    NatsServer, RecordLog, Seen, WAIT,
+    connect, demo_worker_with, latest, server_and_broker, sigterm, stored_requests, wait_exit,
+    wait_for_record, NatsServer, RecordLog, Seen, WAIT,
 };
 use serde_json::json;
 
@@ -38,13 +38,6 @@ async fn deliveries(server: &NatsServer) -> (u64, u64) {
         info.delivered.consumer_sequence,
         info.delivered.stream_sequence,
     )
-}
-
-/// Messages still stored in the task stream (a work queue: acked ones are gone).
-async fn stored_requests(server: &NatsServer) -> u64 {
-    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
-    let mut stream = js.get_stream("JETQ_TASKS").await.unwrap();
-    stream.info().await.unwrap().state.messages
 }
 
 fn terminal(r: &Record) -> bool {

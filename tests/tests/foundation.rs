@@ -8,19 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jetq::{Args, Client, Context, ErrorKind, RetryPolicy, State, Status, Task, TaskError, Worker};
-use jetq_tests::{connect, server_and_broker, WAIT};
-use serde::Deserialize;
+use jetq_tests::{add, connect, server_and_broker, WAIT};
 use tokio::sync::Notify;
-
-#[derive(Deserialize)]
-struct AddArgs {
-    a: i64,
-    b: i64,
-}
-
-async fn add(Args(args): Args<AddArgs>) -> Result<i64, TaskError> {
-    Ok(args.a + args.b)
-}
 
 #[tokio::test]
 async fn a_request_runs_and_its_record_lands_in_kv() {
@@ -169,8 +158,7 @@ async fn bad_input_fails_at_once_and_the_worker_keeps_running() {
     assert_eq!(ok.result::<i64>(WAIT).await.unwrap(), 42);
 
     // Nothing is left to be redelivered forever.
-    let mut stream = js.get_stream("JETQ_TASKS").await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+    assert_eq!(jetq_tests::stored_requests(&server).await, 0);
     worker.shutdown().await.unwrap();
 }
 
