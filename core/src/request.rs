@@ -18,6 +18,17 @@ pub const DEFAULT_QUEUE: &str = "default";
 /// Retries allowed when neither the request nor the task says otherwise.
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
 
+/// The most retries a request may ask for. Larger values are refused at
+/// publish and lowered to this by workers (a foreign producer may send any
+/// number), so every count derived from it stays far from overflow.
+pub const MAX_RETRIES_LIMIT: u32 = 10_000;
+
+/// The longest delay a request may ask for (about ten years). NATS stores
+/// schedule times and nak delays as 64-bit nanoseconds; a time it cannot
+/// represent fires at once, so longer delays are refused at publish and
+/// refused by workers.
+pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// A request to run a task: the versioned JSON envelope published to the
 /// task stream. See `docs/wire-format.md`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
