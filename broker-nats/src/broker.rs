@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use async_nats::header::{
     HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID, NATS_SCHEDULE, NATS_SCHEDULE_TARGET,
-    NATS_SEQUENCE,
 };
 use async_nats::jetstream::context::{
     CreateKeyValueErrorKind, CreateStreamErrorKind, PublishError, PublishErrorKind,
 };
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
 use async_nats::jetstream::message::{PublishMessage, StreamMessage};
-use async_nats::jetstream::stream::{self, ConsumerCreateStrictErrorKind, DirectGetErrorKind};
+use async_nats::jetstream::stream::{
+    self, ConsumerCreateStrictErrorKind, DirectGetErrorKind, LastRawMessageErrorKind,
+};
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, consumer};
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, Subscriber};
@@ -35,9 +36,6 @@ use crate::config::{Auth, NatsConfig, Storage};
 use crate::consumer::NatsConsumer;
 use crate::error::{is_transient_code, jetstream_code, management, record, wrap};
 
-/// Header carrying the KV operation (`DEL`, `PURGE`) of a record message.
-const KV_OPERATION: &str = "KV-Operation";
-
 // Headers of a dead letter (its payload is the original request).
 const DEAD_QUEUE: &str = "Jetq-Queue";
 const DEAD_TASK: &str = "Jetq-Task";
@@ -47,6 +45,9 @@ const DEAD_ATTEMPTS: &str = "Jetq-Attempts";
 const DEAD_AT: &str = "Jetq-Died-At";
 const DEAD_WORKER: &str = "Jetq-Worker";
 const DEAD_SEQUENCE: &str = "Jetq-Sequence";
+/// On a dead letter stored without its request (it did not fit): the size
+/// of the request left out, in bytes.
+const DEAD_OMITTED: &str = "Jetq-Payload-Omitted";
 
 /// Longest header value jetq writes (a reason is cut there).
 const MAX_HEADER_VALUE: usize = 2048;
@@ -778,18 +779,30 @@ impl NatsBroker {
                 .map_err(|e| wrap(ErrorKind::InvalidName, format!("invalid {name} header"), e))?;
             headers.insert(name, value);
         }
+        let what = format!("the dead letter of {}", letter.id);
+        let size = letter.payload.len();
         let message = PublishMessage::build()
             .payload(letter.payload)
-            .headers(headers);
-        self.publish_retrying(
-            subject,
-            message,
-            &format!("the dead letter of {}", letter.id),
-            &stream_name,
-            deadline,
-        )
-        .await?;
-        Ok(())
+            .headers(headers.clone());
+        match self
+            .publish_retrying(subject.clone(), message, &what, &stream_name, deadline)
+            .await
+        {
+            Err(e) if e.kind() == ErrorKind::PayloadTooLarge => {
+                // The request fitted on its own but not with the reason in
+                // headers: keep the reason, leave the request out (and say
+                // so), rather than failing to end the request at all.
+                tracing::warn!(id = %letter.id, size, "the dead letter does not fit with its request; storing it without");
+                headers.insert(DEAD_OMITTED, size.to_string().as_str());
+                let message = PublishMessage::build()
+                    .payload(Bytes::new())
+                    .headers(headers);
+                self.publish_retrying(subject, message, &what, &stream_name, deadline)
+                    .await?;
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        }
     }
 
     fn decode_dead_letter(&self, message: StreamMessage) -> Option<DeadLetter> {
@@ -812,6 +825,7 @@ impl NatsBroker {
         letter.died_at = OffsetDateTime::parse(&get(DEAD_AT), &Rfc3339).unwrap_or(message.time);
         letter.worker = get(DEAD_WORKER);
         letter.sequence = get(DEAD_SEQUENCE).parse().unwrap_or(0);
+        letter.payload_omitted = get(DEAD_OMITTED).parse().ok();
         Some(letter)
     }
 
@@ -923,13 +937,43 @@ impl NatsBroker {
         let name = config.durable_name.clone().unwrap_or_default();
         self.ensure_stream().await?;
         self.bucket().await?;
-        // Create or update: the worker's ack wait and max deliver win.
-        let consumer = self
+        // The worker's settings apply when it creates the queue's consumer.
+        // Every worker of the queue shares that consumer, so one started with
+        // another ack wait does not change it under the others (whose
+        // running tasks would be redelivered): it says so and follows it.
+        let consumer: consumer::PullConsumer = match self
             .inner
             .js
-            .create_consumer_on_stream(config, self.stream_name())
+            .create_consumer_strict_on_stream(config.clone(), self.stream_name())
             .await
-            .map_err(|e| management(format!("cannot create or update consumer {name}"), e))?;
+        {
+            Ok(consumer) => consumer,
+            Err(err)
+                if err.kind() == ConsumerCreateStrictErrorKind::AlreadyExists
+                    || jetstream_code(&err) == Some(ErrorCode::CONSUMER_NAME_EXIST) =>
+            {
+                let existing: consumer::PullConsumer = self
+                    .inner
+                    .js
+                    .get_consumer_from_stream(&name, self.stream_name())
+                    .await
+                    .map_err(|e| management(format!("cannot open consumer {name}"), e))?;
+                let actual = existing.cached_info().config.ack_wait;
+                if actual != options.ack_wait {
+                    tracing::warn!(
+                        queue,
+                        worker = %options.worker,
+                        "queue `{queue}` has an ack wait of {actual:?}, shared by all its workers; this worker's setting ({:?}) is not applied and its keep-alives follow {actual:?} (to change it, edit consumer {name} of stream {}, e.g. `nats consumer edit`)",
+                        options.ack_wait,
+                        self.stream_name()
+                    );
+                }
+                existing
+            }
+            Err(err) => {
+                return Err(management(format!("cannot create consumer {name}"), err));
+            }
+        };
         self.mark_queue(queue);
         tracing::debug!(consumer = %name, worker = %options.worker, "consuming");
         Ok(Box::new(NatsConsumer {
@@ -938,6 +982,7 @@ impl NatsBroker {
             js: self.inner.js.clone(),
             name,
             worker: options.worker,
+            subject_prefix: format!("{}.tasks.{queue}.", self.inner.config.prefix).into(),
         }))
     }
 
@@ -1080,24 +1125,12 @@ impl WatchState {
         }
     }
 
-    async fn on_message(&mut self, message: async_nats::Message) -> Option<RecordEntry> {
-        let headers = message.headers.as_ref();
-        let op = headers
-            .and_then(|h| h.get(KV_OPERATION))
-            .map(|v| v.as_str().to_owned());
-        let revision = headers
-            .and_then(|h| h.get(NATS_SEQUENCE))
-            .and_then(|v| v.as_str().parse::<u64>().ok());
-        match (op.as_deref(), revision) {
-            (Some("DEL") | Some("PURGE"), Some(rev)) => {
-                self.last = self.last.max(rev);
-                None
-            }
-            (Some("DEL") | Some("PURGE"), None) => None,
-            (_, Some(rev)) => self.accept(RecordEntry::new(message.payload, rev)),
-            // Not a republished message (no revision): read the record back.
-            (_, None) => self.read_back().await,
-        }
+    /// A notification on the record's subject is only a hint that it
+    /// changed: anyone allowed to publish there could forge one (a fake
+    /// `succeeded`, or a huge revision that would hide every real update).
+    /// The record is read back from the bucket, and that is what is yielded.
+    async fn on_message(&mut self, _message: async_nats::Message) -> Option<RecordEntry> {
+        self.read_back().await
     }
 
     async fn step(mut self) -> Option<(Result<RecordEntry>, WatchState)> {
@@ -1130,6 +1163,9 @@ impl Broker for NatsBroker {
             }
             self.ensure_stream().await?;
             self.bucket().await?;
+            // Workers need it for their first failure: find out now whether
+            // it can exist (another stream may capture its subjects).
+            self.dead_stream().await?;
             self.ensure_consumer(&queue).await?;
             self.mark_queue(&queue);
             Ok(())
@@ -1147,6 +1183,27 @@ impl Broker for NatsBroker {
     ) -> BoxFuture<'_, Result<Box<dyn Consumer>>> {
         let queue = queue.to_owned();
         Box::pin(async move { self.consume_impl(&queue, options).await })
+    }
+
+    fn stored_request(&self, sequence: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        Box::pin(async move {
+            let stream = self.ensure_stream().await?;
+            match stream.get_raw_message(sequence).await {
+                Ok(message) => Ok(Some(message.payload)),
+                Err(err) => match err.kind() {
+                    LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                    LastRawMessageErrorKind::JetStream(e)
+                        if e.error_code() == ErrorCode::NO_MESSAGE_FOUND =>
+                    {
+                        Ok(None)
+                    }
+                    _ => Err(record(
+                        format!("cannot read message {sequence} of the task stream"),
+                        err,
+                    )),
+                },
+            }
+        })
     }
 
     fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {

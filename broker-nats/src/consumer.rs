@@ -1,6 +1,7 @@
 //! Pulling deliveries from a queue's durable consumer.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::BatchConfig;
@@ -22,6 +23,8 @@ pub struct NatsConsumer {
     pub(crate) js: jetstream::Context,
     pub(crate) name: String,
     pub(crate) worker: String,
+    /// `{prefix}.tasks.{queue}.`: what precedes the task name in a subject.
+    pub(crate) subject_prefix: Arc<str>,
 }
 
 impl fmt::Debug for NatsConsumer {
@@ -45,6 +48,19 @@ fn heartbeat_for(expires: Duration) -> Option<Duration> {
 }
 
 impl Consumer for NatsConsumer {
+    fn ack_wait(&mut self) -> BoxFuture<'_, Result<Option<Duration>>> {
+        Box::pin(async move {
+            let info = self.consumer.info().await.map_err(|e| {
+                wrap(
+                    ErrorKind::Broker,
+                    format!("cannot read the settings of consumer {}", self.name),
+                    e,
+                )
+            })?;
+            Ok(Some(info.config.ack_wait))
+        })
+    }
+
     fn pull(
         &mut self,
         max: usize,
@@ -84,6 +100,7 @@ impl Consumer for NatsConsumer {
                 })?;
             let now = Instant::now();
             let state = PullState {
+                subject_prefix: Arc::clone(&self.subject_prefix),
                 sub,
                 js: self.js.clone(),
                 client: self.client.clone(),
@@ -103,6 +120,7 @@ impl Consumer for NatsConsumer {
 }
 
 struct PullState {
+    subject_prefix: Arc<str>,
     sub: Subscriber,
     js: jetstream::Context,
     client: Client,
@@ -183,10 +201,16 @@ impl PullState {
                         }
                     };
                     self.remaining -= 1;
+                    let task_at = message
+                        .subject
+                        .as_str()
+                        .starts_with(&*self.subject_prefix)
+                        .then_some(self.subject_prefix.len());
                     let delivery = NatsDelivery {
                         message,
                         info,
                         client: self.client.clone(),
+                        task_at,
                     };
                     return Some((Ok(Box::new(delivery)), self));
                 }
@@ -229,6 +253,8 @@ pub struct NatsDelivery {
     message: jetstream::Message,
     info: DeliveryInfo,
     client: Client,
+    /// Where the task name starts in the subject, if it has the queue's prefix.
+    task_at: Option<usize>,
 }
 
 impl fmt::Debug for NatsDelivery {
@@ -312,6 +338,24 @@ impl Delivery for NatsDelivery {
 
     fn in_progress(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.send(AckKind::Progress, "in-progress notice"))
+    }
+
+    fn routed_task(&self) -> Option<&str> {
+        // A subject outside the queue's (it cannot be, given the consumer's
+        // filter) names no task; an empty string then refuses any envelope.
+        Some(
+            self.task_at
+                .and_then(|at| self.message.subject.as_str().get(at..))
+                .unwrap_or(""),
+        )
+    }
+
+    fn dedup_key(&self) -> Option<&str> {
+        self.message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str())
     }
 
     fn term(&self, reason: &str) -> BoxFuture<'_, Result<()>> {

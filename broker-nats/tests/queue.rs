@@ -30,20 +30,35 @@ async fn provisioning_is_idempotent_and_safe_concurrently() {
     c.ensure_queue("default").await.unwrap();
     c.ensure_queue("emails").await.unwrap();
 
-    // Consuming with other options updates the consumer; provisioning afterwards leaves it alone.
-    let _consumer = c
+    // The first consumer's settings stay: a worker consuming with another ack
+    // wait does not change it under the queue's other workers; it reads the
+    // queue's value back and follows it.
+    let mut consumer = c
         .consume(
             "default",
             ConsumeOptions::new("w1").ack_wait(Duration::from_secs(7)),
         )
         .await
         .unwrap();
+    assert_eq!(
+        consumer.ack_wait().await.unwrap(),
+        Some(Duration::from_secs(30))
+    );
+    // A queue whose consumer a worker creates gets that worker's ack wait.
+    let mut fresh = c
+        .consume(
+            "fresh",
+            ConsumeOptions::new("w1").ack_wait(Duration::from_secs(7)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fresh.ack_wait().await.unwrap(), Some(Duration::from_secs(7)));
     let d = connect(&server.url()).await;
     d.ensure_queue("default").await.unwrap();
     let js = async_nats::jetstream::new(d.client().clone());
     let stream = js.get_stream(d.stream_name()).await.unwrap();
     let info = stream.consumer_info("jetq-default").await.unwrap();
-    assert_eq!(info.config.ack_wait, Duration::from_secs(7));
+    assert_eq!(info.config.ack_wait, Duration::from_secs(30));
     assert_eq!(info.config.filter_subject, "jetq.tasks.default.>");
     assert_eq!(info.config.max_deliver, -1);
     assert_eq!(info.config.max_ack_pending, 10_000);

@@ -178,6 +178,17 @@ pub trait Delivery: Send + Sync + Debug {
     fn in_progress(&self) -> BoxFuture<'_, Result<()>>;
     /// Never deliver it again; `reason` is for the broker's logs and advisories.
     fn term(&self, reason: &str) -> BoxFuture<'_, Result<()>>;
+    /// The task name the broker routed this delivery by (NATS: the last
+    /// tokens of its subject), if it routes by task. The worker refuses an
+    /// envelope that names another task.
+    fn routed_task(&self) -> Option<&str> {
+        None
+    }
+    /// The message's deduplication key (NATS: `Nats-Msg-Id`), if it has one.
+    /// The worker refuses a message whose key belongs to another request.
+    fn dedup_key(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A worker's subscription to one queue.
@@ -185,6 +196,14 @@ pub trait Consumer: Send + Debug {
     /// Pull up to `max` deliveries. The stream yields them as they arrive and
     /// ends when `max` were yielded or `expires` has passed.
     fn pull(&mut self, max: usize, expires: Duration) -> BoxFuture<'_, Result<Deliveries>>;
+
+    /// The ack wait the broker applies to this queue now, read back from it
+    /// (on NATS every worker of a queue shares one consumer, and the last one
+    /// to start sets it). `None` if the broker has no ack wait. Workers send
+    /// keep-alives by this value, not by their own setting.
+    fn ack_wait(&mut self) -> BoxFuture<'_, Result<Option<Duration>>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The message system and record store behind jetq.
@@ -201,6 +220,11 @@ pub trait Broker: Send + Sync + Debug + 'static {
         queue: &str,
         options: ConsumeOptions,
     ) -> BoxFuture<'_, Result<Box<dyn Consumer>>>;
+
+    /// The encoded request stored at `sequence`, if it is still there (not
+    /// yet consumed). A client told that its publish was a duplicate checks
+    /// with it that the message holding its deduplication key is its own.
+    fn stored_request(&self, sequence: u64) -> BoxFuture<'_, Result<Option<Bytes>>>;
 
     /// Read a record.
     fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>>;

@@ -61,6 +61,7 @@ impl Client {
     /// Publish a prepared request; see [`RequestBuilder::publish`].
     pub async fn publish_request(&self, request: Request) -> Result<TaskHandle> {
         request.validate()?;
+        check_bounds(&request)?;
         let payload = Bytes::from(request.to_json()?);
         self.check_size(&request.id, payload.len())?;
         let handle = TaskHandle {
@@ -75,7 +76,7 @@ impl Client {
             Ok(revision) => Some(revision),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                 if let Some(entry) = self.broker.get_record(&request.id).await? {
-                    let existing = Record::from_json(&entry.value)?;
+                    let existing = Record::decode(&request.id, &entry.value)?;
                     if existing.status != Status::Pending {
                         // Already running, done or cancelled: the same
                         // request, not a new one.
@@ -93,7 +94,11 @@ impl Client {
         };
         let mut outgoing = outgoing(&request, payload);
         outgoing.not_before = not_before;
-        if let Err(e) = self.broker.publish(outgoing).await {
+        let published = match self.broker.publish(outgoing).await {
+            Ok(ack) if ack.duplicate => self.check_duplicate(&request.id, ack.sequence).await,
+            other => other.map(|_| ()),
+        };
+        if let Err(e) = published {
             // Leave no pending record behind for a request that was never stored.
             if let Some(revision) = created {
                 if let Err(cleanup) = self.broker.delete_record(&request.id, revision).await {
@@ -103,6 +108,43 @@ impl Client {
             return Err(e);
         }
         Ok(handle)
+    }
+
+    /// The broker took a publish of `id` for a duplicate of the message at
+    /// `sequence`: make sure that message is this request (a retried publish,
+    /// or the same id published twice), not another request squatting on its
+    /// deduplication key, which would otherwise leave this one `pending` for ever.
+    async fn check_duplicate(&self, id: &str, sequence: u64) -> Result<()> {
+        let squatted = |holder: String| {
+            Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "request `{id}` was not stored: the broker holds its deduplication key for message {sequence}, which is {holder}; publish it again with another id, or after the broker's duplicate window"
+                ),
+            )
+        };
+        if let Some(payload) = self.broker.stored_request(sequence).await? {
+            let holder: Option<String> = serde_json::from_slice::<Map<String, Value>>(&payload)
+                .ok()
+                .and_then(|m| m.get("id").and_then(Value::as_str).map(str::to_owned));
+            return match holder {
+                Some(h) if h == id => Ok(()),
+                Some(h) => Err(squatted(format!("request `{}`", names::escape(&h)))),
+                None => Err(squatted("not a request of this id".to_owned())),
+            };
+        }
+        // Consumed already: if it was this request, its record names it.
+        match self.broker.get_record(id).await? {
+            Some(entry) => {
+                let record = Record::decode(id, &entry.value)?;
+                if record.seq == Some(sequence) || record.status != Status::Pending {
+                    Ok(())
+                } else {
+                    Err(squatted("gone, and was not this request".to_owned()))
+                }
+            }
+            None => Err(squatted("gone, and was not this request".to_owned())),
+        }
     }
 
     /// Refuse a request the broker would refuse, before anything is written.
@@ -135,7 +177,7 @@ impl Client {
                     format!("no request with id `{id}` to cancel"),
                 ));
             };
-            let mut record = Record::from_json(&entry.value)?;
+            let mut record = Record::decode(id, &entry.value)?;
             if record.status.is_terminal() {
                 return Ok(record);
             }
@@ -267,7 +309,7 @@ impl Client {
     pub async fn record(&self, id: &str) -> Result<Record> {
         names::validate_id(id)?;
         match self.broker.get_record(id).await? {
-            Some(entry) => Record::from_json(&entry.value),
+            Some(entry) => Record::decode(id, &entry.value),
             None => Err(Error::new(
                 ErrorKind::NotFound,
                 format!("no record for id `{id}`"),
@@ -288,7 +330,7 @@ impl Client {
         let watch = async {
             let mut stream = self.broker.watch_record(id).await?;
             while let Some(entry) = stream.next().await {
-                let record = Record::from_json(&entry?.value)?;
+                let record = Record::decode(id, &entry?.value)?;
                 last = Some(record.status);
                 if record.status.is_terminal() {
                     return Ok(record);
@@ -314,6 +356,44 @@ impl Client {
             )),
         }
     }
+}
+
+fn delay_too_long(delay: Duration) -> Error {
+    Error::new(
+        ErrorKind::Config,
+        format!(
+            "a delay of {delay:?} is longer than jetq supports (at most {} days)",
+            crate::request::MAX_DELAY.as_secs() / 86_400
+        ),
+    )
+}
+
+/// Refuse values a worker could not honour: more retries than
+/// [`MAX_RETRIES_LIMIT`](crate::request::MAX_RETRIES_LIMIT), a due time
+/// further ahead than [`MAX_DELAY`](crate::request::MAX_DELAY).
+fn check_bounds(request: &Request) -> Result<()> {
+    if let Some(n) = request.max_retries {
+        if n > crate::request::MAX_RETRIES_LIMIT {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "max_retries {n} is more than jetq allows (at most {})",
+                    crate::request::MAX_RETRIES_LIMIT
+                ),
+            ));
+        }
+    }
+    if let Some(at) = request.not_before {
+        let ahead = at - time::OffsetDateTime::now_utc();
+        if ahead
+            > time::Duration::try_from(crate::request::MAX_DELAY).unwrap_or(time::Duration::MAX)
+        {
+            return Err(delay_too_long(
+                Duration::try_from(ahead).unwrap_or(Duration::MAX),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The broker's view of `request`, encoded as `payload`.
@@ -396,15 +476,17 @@ impl RequestBuilder {
     /// Run no sooner than `delay` from now. The request is stored at once
     /// (durable across worker and broker restarts) and holds no worker slot
     /// while it waits; its record is `pending` with `next_attempt_at` set.
+    /// At most [`MAX_DELAY`](crate::request::MAX_DELAY) (about ten years);
+    /// a longer one is refused at publish.
     pub fn delay(mut self, delay: Duration) -> Self {
-        match time::Duration::try_from(delay) {
-            Ok(d) => self.request.not_before = Some(time::OffsetDateTime::now_utc() + d),
-            Err(e) => {
-                self.error = Some(Error::new(
-                    ErrorKind::Config,
-                    format!("delay {delay:?} is out of range: {e}"),
-                ))
-            }
+        let now = time::OffsetDateTime::now_utc();
+        match time::Duration::try_from(delay)
+            .ok()
+            .filter(|_| delay <= crate::request::MAX_DELAY)
+            .and_then(|d| now.checked_add(d))
+        {
+            Some(at) => self.request.not_before = Some(at),
+            None => self.error = Some(delay_too_long(delay)),
         }
         self
     }

@@ -31,8 +31,11 @@ pub struct DeadLetter {
     pub worker: String,
     /// The broker sequence of the original message.
     pub sequence: u64,
-    /// The original request envelope.
+    /// The original request envelope (empty if it was left out).
     pub payload: Bytes,
+    /// The size of the request, when the dead letter was stored without it
+    /// because the two together were larger than the broker accepts.
+    pub payload_omitted: Option<usize>,
 }
 
 impl DeadLetter {
@@ -54,6 +57,7 @@ impl DeadLetter {
             worker: String::new(),
             sequence: 0,
             payload,
+            payload_omitted: None,
         }
     }
 
@@ -67,6 +71,15 @@ impl DeadLetter {
     /// [`ErrorKind::InvalidName`](crate::ErrorKind::InvalidName) if the
     /// envelope itself was the problem.
     pub fn request(&self) -> Result<Request> {
+        if let Some(size) = self.payload_omitted {
+            return Err(Error::new(
+                crate::ErrorKind::PayloadTooLarge,
+                format!(
+                    "the dead letter `{}` was stored without its request ({size} bytes): with the reason it did not fit in a message",
+                    self.id
+                ),
+            ));
+        }
         Request::from_json(&self.payload).map_err(|e| {
             Error::new(
                 e.kind(),

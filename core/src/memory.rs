@@ -84,6 +84,8 @@ struct State {
     /// Delayed requests not yet due: id -> sequence.
     delayed: HashMap<String, u64>,
     dead: Vec<DeadLetter>,
+    /// Messages stored and not yet acknowledged or terminated, by sequence.
+    stored: HashMap<u64, Bytes>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +93,8 @@ struct Msg {
     seq: u64,
     payload: Bytes,
     delivered: u64,
+    task: String,
+    dedup_key: String,
 }
 
 impl Inner {
@@ -190,10 +194,13 @@ impl Broker for MemoryBroker {
                 } else {
                     st.next_seq += 1;
                     let seq = st.next_seq;
+                    st.stored.insert(seq, request.payload.clone());
                     let msg = Msg {
                         seq,
+                        dedup_key: request.dedup_key().to_owned(),
                         payload: request.payload,
                         delivered: 0,
+                        task: request.task.clone(),
                     };
                     match delay {
                         Some(delay) => {
@@ -239,6 +246,11 @@ impl Broker for MemoryBroker {
                 queue,
             }) as Box<dyn Consumer>)
         })
+    }
+
+    fn stored_request(&self, sequence: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        let found = self.inner.lock().stored.get(&sequence).cloned();
+        Box::pin(async move { Ok(found) })
     }
 
     fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
@@ -474,6 +486,13 @@ impl MemoryDelivery {
     fn settle(&self) -> bool {
         !self.settled.swap(true, Ordering::SeqCst)
     }
+
+    /// Settled for good (acked or terminated): the message is gone.
+    fn remove(&self) {
+        if self.settle() {
+            self.inner.lock().stored.remove(&self.msg.seq);
+        }
+    }
 }
 
 impl Delivery for MemoryDelivery {
@@ -486,7 +505,7 @@ impl Delivery for MemoryDelivery {
     }
 
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
-        self.settle();
+        self.remove();
         Box::pin(async { Ok(()) })
     }
 
@@ -513,8 +532,16 @@ impl Delivery for MemoryDelivery {
     }
 
     fn term(&self, _reason: &str) -> BoxFuture<'_, Result<()>> {
-        self.settle();
+        self.remove();
         Box::pin(async { Ok(()) })
+    }
+
+    fn routed_task(&self) -> Option<&str> {
+        Some(&self.msg.task)
+    }
+
+    fn dedup_key(&self) -> Option<&str> {
+        Some(&self.msg.dedup_key)
     }
 }
 

@@ -110,6 +110,26 @@ pub fn validate_key(what: &str, key: &str) -> Result<()> {
     check_token(what, key, MAX_ID_LEN)
 }
 
+/// `text` with control characters escaped (`\n`, `\u{1b}`, ...) and cut to
+/// 200 characters: safe to quote from the wire in a message or log line (a
+/// forged name cannot put terminal escapes on a screen).
+pub fn escape(text: &str) -> String {
+    const MAX: usize = 200;
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == MAX {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

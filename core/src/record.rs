@@ -28,6 +28,11 @@ pub enum Status {
     Failed,
     /// Cancelled. Terminal.
     Cancelled,
+    /// A status this version does not know (written by a newer one); treated
+    /// as not terminal. Written back as `unknown` if this version rewrites
+    /// the record.
+    #[serde(other)]
+    Unknown,
 }
 
 impl Status {
@@ -45,6 +50,7 @@ impl Status {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
+            Status::Unknown => "unknown",
         }
     }
 }
@@ -148,6 +154,10 @@ pub struct Record {
     /// duplicate and is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// Fields this version does not know (written by a newer one), kept as
+    /// they are when the record is rewritten.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 impl Record {
@@ -167,13 +177,14 @@ impl Record {
             max_retries: req
                 .max_retries
                 .unwrap_or(crate::request::DEFAULT_MAX_RETRIES),
-            enqueued_at: req.enqueued_at,
+            enqueued_at: req.enqueued_at.to_offset(time::UtcOffset::UTC),
             started_at: None,
             finished_at: None,
             next_attempt_at: req.not_before,
             cancel_requested_at: None,
             worker: None,
             seq: None,
+            extra: Map::new(),
         }
     }
 
@@ -200,6 +211,19 @@ impl Record {
     /// Decode from JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         serde_json::from_slice(bytes).map_err(|e| Error::serialization("malformed record", e))
+    }
+
+    /// Decode the stored record of request `id`; an error names the id.
+    pub fn decode(id: &str, bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            Error::serialization(
+                &format!(
+                    "the stored record of `{id}` is not a jetq record ({} bytes)",
+                    bytes.len()
+                ),
+                e,
+            )
+        })
     }
 
     /// Decode the value of a `succeeded` record into `T`.

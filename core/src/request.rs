@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::names;
 
 /// Version of the request envelope written by this crate.
@@ -45,8 +45,9 @@ pub struct Request {
     /// The task's arguments.
     #[serde(default)]
     pub args: Value,
-    /// Free-form metadata (a JSON object), readable in the task and copied to the record.
-    #[serde(default)]
+    /// Free-form metadata (a JSON object), readable in the task and copied
+    /// to the record; `null` means none.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub metadata: Map<String, Value>,
     /// When the producer published it.
     #[serde(with = "time::serde::rfc3339")]
@@ -66,7 +67,11 @@ pub struct Request {
     pub not_before: Option<OffsetDateTime>,
     /// Propagated headers: trace context (`traceparent`, `tracestate`) and
     /// auth (`authorization`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub headers: BTreeMap<String, String>,
 }
 
@@ -100,13 +105,52 @@ impl Request {
         serde_json::to_vec(self).map_err(|e| Error::serialization("encoding the request", e))
     }
 
-    /// Decode from JSON and validate its names.
+    /// Decode from JSON and validate its version and names.
     pub fn from_json(bytes: &[u8]) -> Result<Self> {
         let req: Request = serde_json::from_slice(bytes)
             .map_err(|e| Error::serialization("malformed request envelope", e))?;
+        if req.v != REQUEST_VERSION {
+            return Err(Error::new(
+                ErrorKind::Serialization,
+                format!(
+                    "request envelope version {} is not supported (this version of jetq reads version {REQUEST_VERSION})",
+                    req.v
+                ),
+            ));
+        }
         req.validate()?;
         Ok(req)
     }
+
+    /// Whether `key`, a message's deduplication key (`Nats-Msg-Id`), belongs
+    /// to this request: the id itself, or the key of a requeue
+    /// (`<id>.requeue.<sequence>`). A message whose key belongs to another
+    /// request could make the broker drop that request as a duplicate.
+    pub fn owns_dedup_key(&self, key: &str) -> bool {
+        match key.strip_prefix(self.id.as_str()) {
+            Some("") => true,
+            Some(rest) => rest
+                .strip_prefix(".requeue.")
+                .is_some_and(|seq| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())),
+            None => false,
+        }
+    }
+
+    /// The key of a requeue of request `id` from the dead letter of the
+    /// message at `sequence`: a new message for an old id needs its own key.
+    pub fn requeue_dedup_key(id: &str, sequence: u64) -> String {
+        format!("{id}.requeue.{sequence}")
+    }
+}
+
+/// `null` and absent alike give the default (Go and other clients send
+/// `null` for an empty map).
+fn null_as_default<'de, D, T>(de: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(de)?.unwrap_or_default())
 }
 
 /// A new request id: a UUID v7 (time-ordered, so ids sort by creation).

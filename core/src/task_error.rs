@@ -34,6 +34,13 @@ pub mod kinds {
     /// The worker shut down during the attempt and released the request for
     /// immediate redelivery (on a `retrying` record).
     pub const INTERRUPTED: &str = "interrupted";
+    /// The message carries an id that another request holds (a different
+    /// task or queue), so it was refused without touching that request's
+    /// record (on its dead letter, keyed `invalid-<queue>-<sequence>`).
+    pub const ID_CONFLICT: &str = "id_conflict";
+    /// The stored record of the request is not a jetq record (not JSON); the
+    /// request was failed with a fresh record instead of looping on it.
+    pub const CORRUPT_RECORD: &str = "corrupt_record";
 }
 
 /// Whether and when a failed attempt should be retried.

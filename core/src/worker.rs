@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ use crate::extract::{Requirements, ResourceCell};
 use crate::handler::{call_catching, BlockingHandler, ErasedHandler, Handler};
 use crate::names;
 use crate::record::{ErrorInfo, Record, Status};
-use crate::request::{Request, DEFAULT_QUEUE};
+use crate::request::{Request, DEFAULT_QUEUE, MAX_DELAY, MAX_RETRIES_LIMIT};
 use crate::retry::RetryPolicy;
 use crate::task_error::{kinds, Retry, TaskError};
 
@@ -34,6 +34,27 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How long record writes are retried through a broker outage (a leader
 /// election takes up to ~20 s) before the attempt is released.
 const RECORD_WRITE_PATIENCE: Duration = Duration::from_secs(30);
+/// Deliveries allowed beyond a request's attempts (`max_retries + 1`) before
+/// the backstop ends it: room for releases after outages (each put back for
+/// longer, see [`release_delay`]) and for early deliveries put back until due.
+pub const DELIVERY_SLACK: u64 = 10;
+/// How often a pulling worker reads its queue's ack wait back from the
+/// broker (another worker may have changed it).
+const ACK_WAIT_REFRESH: Duration = Duration::from_secs(5);
+
+/// The most deliveries a message may have before the worker ends it,
+/// whatever its state: `max_retries + 1 + DELIVERY_SLACK`.
+pub fn delivery_budget(max_retries: u32) -> u64 {
+    u64::from(max_retries) + 1 + DELIVERY_SLACK
+}
+
+/// How long to put a message back for when it could not be handled (the
+/// record or dead letter could not be read or written): a second per
+/// delivery so far, at most 30 s, so an outage is ridden out within the
+/// delivery slack rather than burning it in seconds.
+fn release_delay(delivered: u64) -> Duration {
+    Duration::from_secs(delivered.clamp(1, 30))
+}
 
 /// A task registration: name, handler, queues and policy.
 pub struct Task {
@@ -221,6 +242,12 @@ impl WorkerBuilder {
     /// How long a delivery may go unacknowledged before the broker gives it
     /// to another worker (default 30 s). Running tasks send keep-alives every
     /// third of it, so it bounds crash recovery, not task length.
+    ///
+    /// On NATS all workers of a queue share one consumer: this setting
+    /// applies when the first worker creates it. A worker started later with
+    /// another value says so at start and follows the queue's value (its
+    /// keep-alives track the consumer's ack wait, read back every few
+    /// seconds); change it on the consumer itself (`nats consumer edit`).
     pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
         self.ack_wait = ack_wait.max(Duration::from_millis(300));
         self
@@ -485,12 +512,19 @@ impl Worker {
         let tracker = TaskTracker::new();
         let mut loops = Vec::new();
         for queue in self.queues() {
-            self.env.broker.ensure_queue(&queue).await?;
+            // Consume first: the consumer is created with this worker's
+            // settings if it does not exist yet (an existing one keeps its own).
             let options = ConsumeOptions::new(self.env.name.clone()).ack_wait(self.env.ack_wait);
-            let consumer = self.env.broker.consume(&queue, options).await?;
+            let mut consumer = self.env.broker.consume(&queue, options).await?;
+            self.env.broker.ensure_queue(&queue).await?;
+            let ack_wait = Arc::new(SharedAckWait::new(self.env.ack_wait));
+            ack_wait
+                .refresh(&queue, &mut *consumer, self.env.ack_wait)
+                .await;
             loops.push(tokio::spawn(pull_loop(
                 queue,
                 consumer,
+                ack_wait,
                 Arc::clone(&self.env),
                 Arc::clone(&permits),
                 tracker.clone(),
@@ -603,9 +637,48 @@ async fn cancel_listener(env: Arc<Env>, stop: CancellationToken) {
     }
 }
 
+/// A queue's ack wait as the broker applies it, in milliseconds, shared by
+/// the queue's pull loop (which reads it back now and then) and its running
+/// attempts (whose keep-alives follow it).
+struct SharedAckWait(AtomicU64);
+
+impl SharedAckWait {
+    fn new(initial: Duration) -> Self {
+        SharedAckWait(AtomicU64::new(duration_ms(initial)))
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed).max(1))
+    }
+
+    /// Read the queue's ack wait back from the broker; say so when it is not
+    /// `own` (this worker's setting) or when it changed.
+    async fn refresh(&self, queue: &str, consumer: &mut dyn Consumer, own: Duration) {
+        match consumer.ack_wait().await {
+            Ok(Some(actual)) => {
+                let before = self.0.swap(duration_ms(actual), Ordering::Relaxed);
+                if before != duration_ms(actual) {
+                    warn!(
+                        queue,
+                        "the queue's ack wait is {actual:?} (this worker was configured with {own:?}; another worker of the queue changed it); keep-alives follow {actual:?}"
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(e) => debug!(queue, error = %e, "cannot read the queue's ack wait back"),
+        }
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn pull_loop(
     queue: String,
     mut consumer: Box<dyn Consumer>,
+    ack_wait: Arc<SharedAckWait>,
     env: Arc<Env>,
     permits: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -613,7 +686,12 @@ async fn pull_loop(
     hard_stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut refreshed = tokio::time::Instant::now();
     loop {
+        if refreshed.elapsed() >= ACK_WAIT_REFRESH {
+            ack_wait.refresh(&queue, &mut *consumer, env.ack_wait).await;
+            refreshed = tokio::time::Instant::now();
+        }
         // Wait for at least one free slot, then take all free slots.
         let first = tokio::select! {
             _ = stop.cancelled() => return,
@@ -663,8 +741,9 @@ async fn pull_loop(
                     let queue = queue.clone();
                     let stop = stop.clone();
                     let hard_stop = hard_stop.clone();
+                    let ack_wait = Arc::clone(&ack_wait);
                     tracker.spawn(async move {
-                        process(env, queue, delivery, stop, hard_stop).await;
+                        process(env, queue, delivery, ack_wait, stop, hard_stop).await;
                         drop(permit);
                     });
                 }
@@ -709,7 +788,7 @@ impl RecordWriter {
                             format!("record `{}` was deleted while its task ran", self.id),
                         ));
                     };
-                    let current = Record::from_json(&entry.value)?;
+                    let current = Record::decode(&self.id, &entry.value)?;
                     if current.seq != seq
                         || current.attempts != attempts
                         || current.status.is_terminal()
@@ -748,7 +827,7 @@ impl RecordWriter {
         let Some(entry) = broker.get_record(&self.id).await? else {
             return Ok(Watch::Lost);
         };
-        let current = Record::from_json(&entry.value)?;
+        let current = Record::decode(&self.id, &entry.value)?;
         Ok(if current.seq != seq || current.attempts != attempts {
             Watch::Lost
         } else if current.cancel_requested_at.is_some() {
@@ -780,6 +859,12 @@ enum Claim {
     Skip(&'static str),
     /// The request has used up its attempts (its workers died each time).
     GiveUp(RecordWriter, u32),
+    /// This attempt owns the record but the request cannot run (its record
+    /// was corrupt or too large, ...): fail it with this error.
+    Fail(RecordWriter, TaskError),
+    /// The id is another request's (another task or queue): refuse the
+    /// message without touching the record.
+    NotOwner(String),
     /// This message's request already failed, but the worker that failed it
     /// stopped before dead-lettering and terminating it: finish that.
     Bury(Record),
@@ -795,30 +880,25 @@ async fn process(
     env: Arc<Env>,
     queue: String,
     delivery: Box<dyn Delivery>,
+    ack_wait: Arc<SharedAckWait>,
     stop: CancellationToken,
     hard_stop: CancellationToken,
 ) {
     let info = delivery.info();
     let request = match Request::from_json(delivery.payload()) {
         Ok(r) => r,
-        Err(e) => return poison(&env, &queue, &*delivery, e).await,
+        Err(e) => {
+            let reason = format!("invalid request envelope: {e}");
+            return poison(&env, &queue, &*delivery, kinds::INVALID_REQUEST, reason).await;
+        }
     };
+    // A message must not speak for another request, task or queue: refuse
+    // it without touching any record.
+    if let Err(reason) = check_routing(&request, &queue, &*delivery) {
+        return poison(&env, &queue, &*delivery, kinds::INVALID_REQUEST, reason).await;
+    }
     let span = info_span!("jetq.task", task = %request.task, id = %request.id, queue = %queue, seq = info.sequence);
     async move {
-        // Delivered before it is due (a broker without delayed delivery, or
-        // clocks apart): put it back until then; no attempt is counted.
-        if let Some(due) = request.not_before {
-            let early = due - OffsetDateTime::now_utc();
-            if let Ok(early) = Duration::try_from(early) {
-                if early > EARLY_TOLERANCE {
-                    debug!("not due for {early:?}; putting it back");
-                    if let Err(e) = delivery.nak(Some(early)).await {
-                        warn!(error = %e, "cannot put back a request that is not due");
-                    }
-                    return;
-                }
-            }
-        }
         let entry = env
             .registry
             .get(&queue)
@@ -827,12 +907,52 @@ async fn process(
         let max_retries = request
             .max_retries
             .or(entry.as_ref().map(|e| e.retry.max_retries))
-            .unwrap_or(crate::request::DEFAULT_MAX_RETRIES);
+            .unwrap_or(crate::request::DEFAULT_MAX_RETRIES)
+            .min(MAX_RETRIES_LIMIT);
+        // The backstop: whatever keeps this message coming back, it ends here.
+        let budget = delivery_budget(max_retries);
+        if info.delivered > budget {
+            return abandon(&env, &queue, &*delivery, &request, budget).await;
+        }
+        let mut refuse: Option<TaskError> = None;
+        if let Some(due) = request.not_before {
+            let early = due - OffsetDateTime::now_utc();
+            if early > time::Duration::try_from(MAX_DELAY).unwrap_or(time::Duration::MAX) {
+                // Further ahead than any broker can hold it: it would come
+                // back at once, for ever. Fail it (below, once claimed).
+                refuse = Some(
+                    TaskError::permanent(format!(
+                        "not_before {due} is more than {} days ahead, the longest delay jetq supports",
+                        MAX_DELAY.as_secs() / 86_400
+                    ))
+                    .with_kind(kinds::INVALID_REQUEST),
+                );
+            } else if let Ok(early) = Duration::try_from(early) {
+                // Delivered before it is due (a producer that bypassed the
+                // schedule, or clocks apart): put it back until then, no
+                // attempt counted; unless it was cancelled meanwhile.
+                if early > EARLY_TOLERANCE {
+                    if ended_before_due(&env, &request.id).await {
+                        debug!("cancelled or finished before it was due; dropping it");
+                        if let Err(e) = delivery.ack().await {
+                            warn!(error = %e, "cannot acknowledge a dropped delivery");
+                        }
+                    } else {
+                        debug!("not due for {early:?}; putting it back");
+                        if let Err(e) = delivery.nak(Some(early)).await {
+                            warn!(error = %e, "cannot put back a request that is not due");
+                        }
+                    }
+                    return;
+                }
+            }
+        }
         let claim = match claim(&env, &request, info.sequence, max_retries).await {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, "cannot claim the record; releasing the request");
-                let _ = delivery.nak(Some(Duration::from_secs(1))).await;
+                let delay = release_delay(info.delivered);
+                warn!(error = %e, "cannot claim the record; releasing the request for {delay:?}");
+                let _ = delivery.nak(Some(delay)).await;
                 return;
             }
         };
@@ -844,6 +964,9 @@ async fn process(
                 }
                 return;
             }
+            Claim::NotOwner(reason) => {
+                return poison(&env, &queue, &*delivery, kinds::ID_CONFLICT, reason).await;
+            }
             Claim::Bury(record) => {
                 bury(&env, &*delivery, &record).await;
                 return;
@@ -854,6 +977,10 @@ async fn process(
                 }
                 return;
             }
+            Claim::Fail(writer, err) => {
+                finish_failed(&env, &writer, &*delivery, &err).await;
+                return;
+            }
             Claim::GiveUp(writer, attempt) => {
                 let last = writer.state.lock().await.0.error.clone();
                 let last = match last {
@@ -862,7 +989,7 @@ async fn process(
                 };
                 let err = TaskError::permanent(format!(
                     "gave up after {} attempts: the last one did not report back within the ack wait (its worker stopped, died or lost its connection to NATS){last}",
-                    attempt - 1
+                    attempt.saturating_sub(1)
                 ))
                 .with_kind(kinds::ABANDONED);
                 finish_failed(&env, &writer, &*delivery, &err).await;
@@ -870,6 +997,10 @@ async fn process(
             }
             Claim::Run(writer, attempt) => (writer, attempt),
         };
+        if let Some(err) = refuse {
+            finish_failed(&env, &writer, &*delivery, &err).await;
+            return;
+        }
         let Some(entry) = entry else {
             let registered: Vec<&String> = env
                 .registry
@@ -928,10 +1059,10 @@ async fn process(
         // cancellation whose signal this worker missed, or another attempt
         // that took the request over, stops this one.
         let keepalive = async {
-            let mut tick = tokio::time::interval(env.ack_wait / 3);
-            tick.tick().await;
             loop {
-                tick.tick().await;
+                // A third of the queue's ack wait as the broker applies it now
+                // (another worker of the queue may have changed it).
+                tokio::time::sleep(ack_wait.get() / 3).await;
                 if let Err(e) = delivery.in_progress().await {
                     debug!(error = %e, "keep-alive failed");
                 }
@@ -990,8 +1121,10 @@ async fn process(
                     let delay = match err.retry() {
                         Retry::After(d) => d,
                         _ => entry.retry.delay(retry_no),
-                    };
-                    let due = OffsetDateTime::now_utc() + delay;
+                    }
+                    .min(MAX_DELAY);
+                    let now = OffsetDateTime::now_utc();
+                    let due = now.checked_add(time::Duration::try_from(delay).unwrap_or(time::Duration::ZERO)).unwrap_or(now);
                     let info = err.info();
                     info!(attempt, error = %err, "attempt failed; retrying in {delay:?}");
                     let change = |r: &mut Record| {
@@ -1083,8 +1216,9 @@ async fn conclude(
             Ok(())
         }
         Err(e) => {
-            error!(error = %e, "cannot write the record; releasing the request for another attempt");
-            delivery.nak(Some(Duration::from_secs(1))).await
+            let delay = release_delay(delivery.info().delivered);
+            error!(error = %e, "cannot write the record; releasing the request for another attempt in {delay:?}");
+            delivery.nak(Some(delay)).await
         }
     };
     if let Err(e) = result {
@@ -1166,8 +1300,9 @@ async fn store_dead_letter(env: &Env, delivery: &dyn Delivery, letter: DeadLette
     match env.broker.put_dead_letter(letter).await {
         Ok(()) => true,
         Err(e) => {
-            error!(id = %id, error = %e, "cannot store the dead letter; releasing the request to try again");
-            if let Err(e) = delivery.nak(Some(Duration::from_secs(1))).await {
+            let delay = release_delay(delivery.info().delivered);
+            error!(id = %id, error = %e, "cannot store the dead letter; releasing the request to try again in {delay:?}");
+            if let Err(e) = delivery.nak(Some(delay)).await {
                 warn!(id = %id, error = %e, "cannot release the request");
             }
             false
@@ -1192,13 +1327,81 @@ async fn release(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery) {
     conclude(env, writer, delivery, &change, Settle::Nak(Duration::ZERO)).await;
 }
 
+/// Whether the record of `request` is owned by the message at `seq`: it
+/// names that message, or no message yet and the same task and queue (the
+/// `pending` record its producer wrote).
+fn owns(record: &Record, request: &Request, seq: u64) -> bool {
+    match record.seq {
+        Some(s) => s == seq,
+        None => record.task == request.task && record.queue == request.queue,
+    }
+}
+
+/// Why a message may not be run as the request its envelope describes, if
+/// so: it came for another queue or task than its envelope names, or its
+/// deduplication key belongs to another request.
+fn check_routing(
+    request: &Request,
+    queue: &str,
+    delivery: &dyn Delivery,
+) -> std::result::Result<(), String> {
+    if request.queue != queue {
+        return Err(format!(
+            "the envelope of request `{}` names queue `{}` but came on queue `{queue}`",
+            request.id, request.queue
+        ));
+    }
+    if let Some(task) = delivery.routed_task() {
+        if task != request.task {
+            return Err(format!(
+                "the envelope of request `{}` names task `{}` but was published for task `{task}`",
+                request.id, request.task
+            ));
+        }
+    }
+    if let Some(key) = delivery.dedup_key() {
+        if !request.owns_dedup_key(key) {
+            return Err(format!(
+                "the message of request `{}` carries the deduplication key (Nats-Msg-Id) `{}`, which belongs to another request",
+                request.id,
+                names::escape(key)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether request `id` was cancelled (or otherwise ended) before it was due.
+async fn ended_before_due(env: &Env, id: &str) -> bool {
+    match env.broker.get_record(id).await {
+        Ok(Some(entry)) => Record::decode(id, &entry.value)
+            .map(|r| r.status.is_terminal() || r.cancel_requested_at.is_some())
+            .unwrap_or(false),
+        _ => false,
+    }
+}
+
 /// Take ownership of the request's record for this attempt.
 async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Result<Claim> {
+    let mut fail: Option<TaskError> = None;
     for _ in 0..16 {
         let existing = env.broker.get_record(&request.id).await?;
         let (mut record, revision) = match existing {
             None => (Record::pending(request), None),
-            Some(entry) => (Record::from_json(&entry.value)?, Some(entry.revision)),
+            Some(entry) => match Record::decode(&request.id, &entry.value) {
+                Ok(record) => (record, Some(entry.revision)),
+                Err(e) => {
+                    // Not a record at all: replace it with a fresh one and
+                    // fail the request, naming the problem, instead of
+                    // looping on it.
+                    warn!(error = %e, "the stored record is not a jetq record; failing the request");
+                    fail = Some(
+                        TaskError::permanent(format!("{}; the request cannot run", e.message()))
+                            .with_kind(kinds::CORRUPT_RECORD),
+                    );
+                    (Record::pending(request), Some(entry.revision))
+                }
+            },
         };
         if record.status.is_terminal() {
             if record.status == Status::Failed && record.seq == Some(seq) {
@@ -1212,6 +1415,16 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
             return Ok(Claim::Skip(
                 "another message owns this request (a duplicate)",
             ));
+        }
+        if !owns(&record, request, seq) {
+            return Ok(Claim::NotOwner(format!(
+                "request id `{}` is taken by a request for task `{}` on queue `{}`; this message is for task `{}` on queue `{}`",
+                request.id,
+                names::escape(&record.task),
+                names::escape(&record.queue),
+                request.task,
+                request.queue
+            )));
         }
         if record.seq == Some(seq) && record.status == Status::Running {
             // Redelivered while its record says running: did the worker that
@@ -1240,7 +1453,7 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
             record.seq = Some(seq);
         } else {
             record.seq = Some(seq);
-            record.attempts += 1;
+            record.attempts = record.attempts.saturating_add(1);
             record.max_retries = max_retries;
             record.status = Status::Running;
             record.started_at = Some(OffsetDateTime::now_utc());
@@ -1248,11 +1461,41 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
             record.worker = Some(env.name.clone());
         }
         let attempt = record.attempts;
-        let bytes = Bytes::from(record.to_json()?);
-        let written = match revision {
-            None => env.broker.create_record(&request.id, bytes).await,
-            Some(rev) => env.broker.update_record(&request.id, bytes, rev).await,
+        let write = |record: &Record| {
+            let bytes = record.to_json().map(Bytes::from);
+            async move {
+                let bytes = bytes?;
+                match revision {
+                    None => env.broker.create_record(&request.id, bytes).await,
+                    Some(rev) => env.broker.update_record(&request.id, bytes, rev).await,
+                }
+            }
         };
+        let mut written = write(&record).await;
+        if matches!(&written, Err(e) if e.kind() == ErrorKind::PayloadTooLarge) {
+            // The claimed record (start time, worker, sequence) does not fit
+            // where the pending one did: drop what makes it large and fail
+            // the request with a record that fits.
+            let size = record.to_json().map(|b| b.len()).unwrap_or(0);
+            record.metadata = Map::new();
+            record.extra = Map::new();
+            record.progress = None;
+            record.value = None;
+            record.error = None;
+            if fail.is_none() {
+                fail = Some(
+                    TaskError::permanent(format!(
+                        "the request's record ({size} bytes with its metadata) does not fit in the record store{}; its metadata was dropped",
+                        env.broker
+                            .max_payload()
+                            .map(|m| format!(" (at most {m} bytes)"))
+                            .unwrap_or_default()
+                    ))
+                    .with_kind(kinds::TOO_LARGE),
+                );
+            }
+            written = write(&record).await;
+        }
         match written {
             Ok(_) if cancelled => return Ok(Claim::Skip("cancelled by a client")),
             Ok(rev) => {
@@ -1261,14 +1504,17 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
                     id: request.id.clone(),
                     state: Mutex::new((record, rev)),
                 };
-                return Ok(if attempt > max_retries + 1 {
+                return Ok(if let Some(err) = fail {
+                    Claim::Fail(writer, err)
+                } else if u64::from(attempt) > u64::from(max_retries) + 1 {
                     Claim::GiveUp(writer, attempt)
                 } else {
                     Claim::Run(writer, attempt)
                 });
             }
             Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
-                continue
+                fail = None;
+                continue;
             }
             Err(e) => return Err(e),
         }
@@ -1279,10 +1525,12 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
     ))
 }
 
-/// A delivery whose envelope cannot be decoded: fail its record if its id is
-/// readable, dead-letter it, and stop its redelivery.
-async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, err: Error) {
-    let reason = format!("invalid request envelope: {err}");
+/// A message that may not run: its envelope cannot be decoded, or it speaks
+/// for a request, task or queue it does not belong to. It is dead-lettered
+/// under its own key (`invalid-<queue>-<sequence>`) and terminated; no
+/// record is written, since the message owns none (an id in it may be
+/// another request's).
+async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, kind: &str, reason: String) {
     let loose: Option<serde_json::Map<String, Value>> =
         serde_json::from_slice(delivery.payload()).ok();
     let field = |k: &str| {
@@ -1292,64 +1540,116 @@ async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, err: Error) {
             .and_then(Value::as_str)
             .map(str::to_owned)
     };
-    let id = field("id").filter(|id| names::validate_id(id).is_ok());
-    let task = field("task").unwrap_or_default();
+    let claimed = field("id").filter(|id| names::validate_id(id).is_ok());
+    let task = field("task")
+        .filter(|t| names::validate_task(t).is_ok())
+        .unwrap_or_default();
     let info = delivery.info();
-    warn!(queue, id = id.as_deref().unwrap_or("?"), "{reason}");
-    let error = ErrorInfo::new(kinds::INVALID_REQUEST, reason.clone());
-    let existing = match &id {
-        Some(id) => env.broker.get_record(id).await.ok().flatten(),
-        None => None,
+    let reason = match &claimed {
+        Some(id) if !reason.contains(id.as_str()) => format!("{reason} (claims id `{id}`)"),
+        _ => reason,
     };
+    warn!(queue, seq = info.sequence, "refusing a message: {reason}");
+    let mut letter = DeadLetter::new(
+        DeadLetter::invalid_key(queue, info.sequence),
+        queue,
+        task,
+        ErrorInfo::new(kind, reason.clone()),
+        Bytes::copy_from_slice(delivery.payload()),
+    );
+    letter.worker = env.name.clone();
+    letter.sequence = info.sequence;
+    // Past the budget a message ends even if its dead letter cannot be stored.
+    let give_up = info.delivered > delivery_budget(crate::request::DEFAULT_MAX_RETRIES);
+    if !give_up && !store_dead_letter(env, delivery, letter).await {
+        return;
+    }
+    if let Err(e) = delivery.term(&format!("jetq: {kind}: {reason}")).await {
+        warn!(error = %e, "cannot terminate a refused message");
+    }
+}
+
+/// The backstop: a message delivered more often than its request's budget
+/// allows, whatever the reason (a record or dead letter that cannot be read
+/// or written, a bug), is ended: its record failed (`abandoned`) where this
+/// message owns it, a dead letter stored where possible, the message
+/// terminated even if neither could be written.
+async fn abandon(env: &Env, queue: &str, delivery: &dyn Delivery, request: &Request, budget: u64) {
+    let info = delivery.info();
+    let existing = env.broker.get_record(&request.id).await.ok().flatten();
     let decoded = existing
         .as_ref()
-        .and_then(|entry| Record::from_json(&entry.value).ok());
-    // The dead letter first, then the record, then the message goes.
-    let key = id
-        .clone()
-        .unwrap_or_else(|| DeadLetter::invalid_key(queue, info.sequence));
+        .map(|entry| Record::decode(&request.id, &entry.value));
+    let (owned, last) = match &decoded {
+        None => (true, None),
+        Some(Ok(record)) => (
+            owns(record, request, info.sequence) && !record.status.is_terminal(),
+            record.error.clone(),
+        ),
+        // Not a record: nobody owns it.
+        Some(Err(_)) => (true, None),
+    };
+    let last = last
+        .map(|e| format!("; the last error reported: {}: {}", e.kind, e.message))
+        .unwrap_or_default();
+    let message = format!(
+        "delivered {} times, more than the {budget} its retries allow (max_retries + 1 + {DELIVERY_SLACK}); ended so that it cannot loop{last}",
+        info.delivered
+    );
+    error!(id = %request.id, "{message}");
+    let error = ErrorInfo::new(kinds::ABANDONED, message);
+    let key = if owned {
+        request.id.clone()
+    } else {
+        DeadLetter::invalid_key(queue, info.sequence)
+    };
     let mut letter = DeadLetter::new(
         key,
         queue,
-        task.clone(),
+        request.task.clone(),
         error.clone(),
         Bytes::copy_from_slice(delivery.payload()),
     );
-    letter.attempts = decoded.as_ref().map_or(0, |r| r.attempts);
     letter.worker = env.name.clone();
     letter.sequence = info.sequence;
-    if !store_dead_letter(env, delivery, letter).await {
-        return;
+    if let Some(Ok(record)) = &decoded {
+        letter.attempts = record.attempts;
     }
-    if let Some(id) = &id {
+    if let Err(e) = env.broker.put_dead_letter(letter).await {
+        warn!(error = %e, "cannot store the dead letter of an abandoned request");
+    }
+    if owned {
         let now = OffsetDateTime::now_utc();
-        let mut req = Request::new(task);
-        req.id = id.clone();
-        req.queue = queue.to_owned();
-        let mut record = decoded.unwrap_or_else(|| Record::pending(&req));
-        if !record.status.is_terminal() {
-            record.status = Status::Failed;
-            record.error = Some(error);
-            record.finished_at = Some(now);
-            record.next_attempt_at = None;
-            record.worker = Some(env.name.clone());
-            let write = async {
-                let bytes = Bytes::from(record.to_json()?);
-                match existing {
-                    Some(entry) => env
-                        .broker
-                        .update_record(id, bytes, entry.revision)
-                        .await
-                        .map(|_| ()),
-                    None => env.broker.create_record(id, bytes).await.map(|_| ()),
-                }
-            };
-            if let Err(e) = write.await {
-                warn!(id = %id, error = %e, "cannot write the failed record of an invalid request");
+        let mut record = match decoded {
+            Some(Ok(record)) => record,
+            _ => Record::pending(request),
+        };
+        record.status = Status::Failed;
+        record.error = Some(error);
+        record.seq = Some(info.sequence);
+        record.finished_at = Some(now);
+        record.next_attempt_at = None;
+        record.worker = Some(env.name.clone());
+        let written = async {
+            let bytes = Bytes::from(record.to_json()?);
+            match &existing {
+                Some(entry) => env
+                    .broker
+                    .update_record(&request.id, bytes, entry.revision)
+                    .await
+                    .map(|_| ()),
+                None => env
+                    .broker
+                    .create_record(&request.id, bytes)
+                    .await
+                    .map(|_| ()),
             }
+        };
+        if let Err(e) = written.await {
+            warn!(error = %e, "cannot write the failed record of an abandoned request");
         }
     }
-    if let Err(e) = delivery.term(&reason).await {
-        warn!(error = %e, "cannot terminate an invalid request");
+    if let Err(e) = delivery.term("jetq: abandoned: delivered too often").await {
+        warn!(error = %e, "cannot terminate an abandoned request");
     }
 }

@@ -116,7 +116,7 @@ async fn unknown_task_fails_with_a_clear_error() {
 }
 
 #[tokio::test]
-async fn malformed_envelope_fails_its_record_and_the_worker_lives_on() {
+async fn malformed_envelopes_are_dead_lettered_without_a_record_and_the_worker_lives_on() {
     let broker = MemoryBroker::new();
     let w = start(Worker::builder(broker.clone()).task("demo.add", add));
     // Valid JSON with a readable id but a broken envelope (no enqueued_at, args of wrong type fine).
@@ -141,9 +141,22 @@ async fn malformed_envelope_fails_its_record_and_the_worker_lives_on() {
         .await
         .unwrap();
     let client = Client::new(broker.clone());
-    let rec = client.wait("broken-1", WAIT).await.unwrap();
-    assert_eq!(rec.status, Status::Failed);
-    assert_eq!(rec.error.unwrap().kind, "invalid_request");
+    // Invalid messages own no record (the id in one may be another
+    // request's): each is dead-lettered under its sequence instead.
+    let letters = loop {
+        let letters = client.dead_letters(10).await.unwrap();
+        if letters.len() == 2 {
+            break letters;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(letters.iter().all(|l| l.id.starts_with("invalid-default-")));
+    assert!(letters.iter().all(|l| l.error.kind == "invalid_request"));
+    assert!(letters[0].error.message.contains("broken-1"), "{letters:?}");
+    assert_eq!(
+        client.record("broken-1").await.unwrap_err().kind(),
+        jetq::ErrorKind::NotFound
+    );
     let ok = client
         .task("demo.add")
         .args(&serde_json::json!({"a": 1, "b": 2}))

@@ -107,6 +107,37 @@ pub async fn wait_for_record(
     }
 }
 
+/// Wait (on a subscription to its subject, not polling) for the dead letter
+/// stored under `key`; panics after [`WAIT`].
+pub async fn wait_for_dead_letter(broker: &NatsBroker, key: &str) -> jetq::DeadLetter {
+    use futures_util::StreamExt;
+    use jetq::broker::Broker;
+    let subject = broker
+        .dead_letter_subject(key)
+        .unwrap_or_else(|e| panic!("invalid dead letter key {key}: {e}"));
+    let wait = async {
+        let mut sub = broker
+            .client()
+            .subscribe(subject)
+            .await
+            .unwrap_or_else(|e| panic!("cannot subscribe for dead letter {key}: {e}"));
+        loop {
+            match broker.get_dead_letter(key).await {
+                Ok(Some(letter)) => return letter,
+                Ok(None) => {}
+                Err(e) => panic!("cannot read dead letter {key}: {e}"),
+            }
+            if sub.next().await.is_none() {
+                panic!("the subscription for dead letter {key} ended");
+            }
+        }
+    };
+    match tokio::time::timeout(WAIT, wait).await {
+        Ok(letter) => letter,
+        Err(_) => panic!("no dead letter {key} within {WAIT:?}"),
+    }
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped.
 #[derive(Debug)]
 pub struct ChildProcess(pub std::process::Child);

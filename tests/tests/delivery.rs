@@ -127,14 +127,15 @@ async fn poison_requests_are_dead_lettered_at_once_and_the_worker_lives() {
         .await
         .unwrap();
     // An envelope with a usable id but no task field.
-    js.publish(
-        "jetq.tasks.default.demo.add",
-        r#"{"v":1,"id":"broken-1","args":{}}"#.into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let broken = js
+        .publish(
+            "jetq.tasks.default.demo.add",
+            r#"{"v":1,"id":"broken-1","args":{}}"#.into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     let unknown = client.task("no.such.task").publish().await.unwrap();
     let bad_args = client
         .task("demo.add")
@@ -153,8 +154,13 @@ async fn poison_requests_are_dead_lettered_at_once_and_the_worker_lives() {
     assert_eq!(r.status, Status::Failed);
     assert_eq!(r.attempts, 1, "invalid arguments are not retried");
     assert_eq!(r.error.unwrap().kind, "invalid_args");
-    let r = wait_for_record(&broker, "broken-1", |r| r.status.is_terminal()).await;
-    assert_eq!(r.error.unwrap().kind, "invalid_request");
+    // An invalid message owns no record, even with a readable id.
+    let broken_key = jetq::DeadLetter::invalid_key("default", broken.sequence);
+    jetq_tests::wait_for_dead_letter(&broker, &broken_key).await;
+    assert_eq!(
+        client.record("broken-1").await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 
     // The worker lives on.
     let ok = client
@@ -177,7 +183,8 @@ async fn poison_requests_are_dead_lettered_at_once_and_the_worker_lives() {
     assert_eq!(garbage.error.kind, "invalid_request");
     assert_eq!(&garbage.payload[..], b"{not json");
     assert!(garbage.request().is_err());
-    assert_eq!(find("broken-1").error.kind, "invalid_request");
+    assert_eq!(find(&broken_key).error.kind, "invalid_request");
+    assert!(find(&broken_key).error.message.contains("broken-1"));
     assert_eq!(find(unknown.id()).error.kind, "unknown_task");
     assert!(find(unknown.id()).error.message.contains("no.such.task"));
     assert_eq!(find(bad_args.id()).error.kind, "invalid_args");

@@ -95,7 +95,7 @@ async fn bad_input_fails_at_once_and_the_worker_keeps_running() {
         .register(Task::new("demo.add", add).max_retries(5))
         .spawn()
         .unwrap();
-    let client = Client::new(broker);
+    let client = Client::new(broker.clone());
 
     // Unknown task.
     let rec = client
@@ -131,22 +131,35 @@ async fn bad_input_fails_at_once_and_the_worker_keeps_running() {
     // Malformed JSON, published raw to the task subject with a readable id.
     let nats = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(nats);
-    js.publish(
-        "jetq.tasks.default.demo.add",
-        r#"{"v":1,"id":"raw-broken","task":"demo.add"}"#.into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let broken = js
+        .publish(
+            "jetq.tasks.default.demo.add",
+            r#"{"v":1,"id":"raw-broken","task":"demo.add"}"#.into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     js.publish("jetq.tasks.default.demo.add", "this is not json".into())
         .await
         .unwrap()
         .await
         .unwrap();
-    let rec = client.wait("raw-broken", WAIT).await.unwrap();
-    assert_eq!(rec.status, Status::Failed);
-    assert_eq!(rec.error.unwrap().kind, "invalid_request");
+    // A message that is not a valid request owns no record (the id in it
+    // could be another request's): it is dead-lettered under its sequence,
+    // naming the id it claims, and `raw-broken` gets no record.
+    let key = jetq::DeadLetter::invalid_key("default", broken.sequence);
+    let letter = jetq_tests::wait_for_dead_letter(&broker, &key).await;
+    assert_eq!(letter.error.kind, "invalid_request");
+    assert!(
+        letter.error.message.contains("raw-broken"),
+        "{}",
+        letter.error.message
+    );
+    assert_eq!(
+        client.record("raw-broken").await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 
     // Still serving.
     let ok = client
