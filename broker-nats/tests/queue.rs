@@ -52,7 +52,10 @@ async fn provisioning_is_idempotent_and_safe_concurrently() {
         )
         .await
         .unwrap();
-    assert_eq!(fresh.ack_wait().await.unwrap(), Some(Duration::from_secs(7)));
+    assert_eq!(
+        fresh.ack_wait().await.unwrap(),
+        Some(Duration::from_secs(7))
+    );
     let d = connect(&server.url()).await;
     d.ensure_queue("default").await.unwrap();
     let js = async_nats::jetstream::new(d.client().clone());

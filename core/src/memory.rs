@@ -147,6 +147,12 @@ impl MemoryBroker {
         }
     }
 
+    /// Requests stored and not yet acknowledged or terminated: queued,
+    /// delayed or being worked on, on any queue.
+    pub fn unsettled(&self) -> usize {
+        self.inner.lock().stored.len()
+    }
+
     /// Requests waiting on `queue` (not counting those being worked on or
     /// delayed).
     pub fn queued(&self, queue: &str) -> usize {
@@ -308,7 +314,16 @@ impl Broker for MemoryBroker {
     }
 
     fn remove_delayed(&self, id: &str) -> BoxFuture<'_, Result<bool>> {
-        let res = names::validate_id(id).map(|()| self.inner.lock().delayed.remove(id).is_some());
+        let res = names::validate_id(id).map(|()| {
+            let mut st = self.inner.lock();
+            match st.delayed.remove(id) {
+                Some(seq) => {
+                    st.stored.remove(&seq);
+                    true
+                }
+                None => false,
+            }
+        });
         Box::pin(async move { res })
     }
 
