@@ -937,6 +937,9 @@ impl NatsBroker {
         let name = config.durable_name.clone().unwrap_or_default();
         self.ensure_stream().await?;
         self.bucket().await?;
+        // A worker needs it for its first failure: find out now whether it
+        // can exist (another stream may capture its subjects).
+        self.dead_stream().await?;
         // The worker's settings apply when it creates the queue's consumer.
         // Every worker of the queue shares that consumer, so one started with
         // another ack wait does not change it under the others (whose

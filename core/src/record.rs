@@ -71,11 +71,25 @@ pub struct ErrorInfo {
 }
 
 impl ErrorInfo {
-    /// An error of `kind` (see [`crate::task_error::kinds`]) with a message.
+    /// The longest message kept, in bytes; a longer one (an error quoting a
+    /// large argument, say) is cut there, so that the record stays small.
+    pub const MAX_MESSAGE: usize = 2048;
+
+    /// An error of `kind` (see [`crate::task_error::kinds`]) with a message,
+    /// cut to [`MAX_MESSAGE`](Self::MAX_MESSAGE) bytes.
     pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > Self::MAX_MESSAGE {
+            let mut end = Self::MAX_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
         ErrorInfo {
             kind: kind.into(),
-            message: message.into(),
+            message,
         }
     }
 }

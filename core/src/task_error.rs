@@ -115,10 +115,7 @@ impl TaskError {
 
     /// The record's view of this error.
     pub fn info(&self) -> ErrorInfo {
-        ErrorInfo {
-            kind: self.kind.clone(),
-            message: self.message.clone(),
-        }
+        ErrorInfo::new(self.kind.clone(), self.message.clone())
     }
 }
 
