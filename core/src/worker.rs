@@ -36,7 +36,8 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 const RECORD_WRITE_PATIENCE: Duration = Duration::from_secs(30);
 /// Deliveries allowed beyond a request's attempts (`max_retries + 1`) before
 /// the backstop ends it: room for releases after outages (each put back for
-/// longer, see [`release_delay`]) and for early deliveries put back until due.
+/// longer: a second per delivery so far, at most 30 s) and for early
+/// deliveries put back until due.
 pub const DELIVERY_SLACK: u64 = 10;
 /// How often a pulling worker reads its queue's ack wait back from the
 /// broker (another worker may have changed it).
