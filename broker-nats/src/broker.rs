@@ -140,6 +140,23 @@ fn connect_error(servers: &[String], err: async_nats::ConnectError) -> Error {
     wrap(kind, message, err)
 }
 
+/// Whether `err` says the server could not be reached (down, refusing
+/// connections, not answering, its name not resolving), which may pass;
+/// unlike refused credentials, TLS failures and bad addresses.
+fn is_unreachable(err: &async_nats::ConnectError) -> bool {
+    match err.kind() {
+        ConnectErrorKind::Io => !is_tls_failure(err),
+        ConnectErrorKind::TimedOut | ConnectErrorKind::Dns => true,
+        _ => false,
+    }
+}
+
+/// `1s`, `0.5s`, `57s`: a duration for a log line, to a tenth of a second.
+fn seconds_text(d: Duration) -> String {
+    let text = format!("{:.1}", d.as_secs_f64());
+    format!("{}s", text.strip_suffix(".0").unwrap_or(&text))
+}
+
 /// Whether a rustls error is among the causes of `err`.
 fn is_tls_failure(err: &async_nats::ConnectError) -> bool {
     let mut cur = std::error::Error::source(err);
@@ -259,11 +276,39 @@ impl NatsBroker {
                     }
                 }
             });
-        let client = options
-            .connect(addrs)
-            .await
-            .map_err(|e| connect_error(&config.servers, e))?;
+        let client = Self::connect_waiting(&config, options, addrs).await?;
         Ok(Self::build(client, config, Some(rx)))
+    }
+
+    /// Connect; while the server cannot be reached, try again with a capped
+    /// backoff until [`connect_wait`](NatsConfig::connect_wait) has passed,
+    /// logging each failed try.
+    async fn connect_waiting(
+        config: &NatsConfig,
+        options: ConnectOptions,
+        addrs: Vec<ServerAddr>,
+    ) -> Result<Client> {
+        let deadline = tokio::time::Instant::now() + config.connect_wait;
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let err = match options.clone().connect(addrs.clone()).await {
+                Ok(client) => return Ok(client),
+                Err(err) => err,
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() || !is_unreachable(&err) {
+                return Err(connect_error(&config.servers, err));
+            }
+            let pause = delay.min(left);
+            tracing::warn!(
+                "NATS server {} not reachable ({err}); retrying in {}, giving up in {}",
+                config.servers.join(","),
+                seconds_text(pause),
+                seconds_text(left),
+            );
+            tokio::time::sleep(pause).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// Use a client you already have. Its connection options (timeouts,
