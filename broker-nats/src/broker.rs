@@ -33,7 +33,10 @@ use tokio::sync::{watch, OnceCell};
 
 use crate::config::{Auth, NatsConfig, Storage};
 use crate::consumer::NatsConsumer;
-use crate::error::{is_transient_code, jetstream_code, management, record, wrap};
+use crate::error::{
+    is_transient_code, jetstream_code, lookup_failure, management, no_jetstream, record, wrap,
+    Lookup,
+};
 
 /// Header carrying the KV operation (`DEL`, `PURGE`) of a record message.
 const KV_OPERATION: &str = "KV-Operation";
@@ -84,6 +87,10 @@ struct Inner {
     tasks: OnceCell<stream::Stream>,
     bucket: OnceCell<kv::Store>,
     dead: OnceCell<stream::Stream>,
+    /// The bucket and the dead-letter stream opened for reading only (never
+    /// created): set once they were found to exist.
+    read_bucket: OnceCell<kv::Store>,
+    read_dead: OnceCell<stream::Stream>,
     queues: Mutex<HashSet<String>>,
     /// Counts (re)connections when the broker made the connection itself.
     reconnects: Option<watch::Receiver<u64>>,
@@ -332,6 +339,8 @@ impl NatsBroker {
                 tasks: OnceCell::new(),
                 bucket: OnceCell::new(),
                 dead: OnceCell::new(),
+                read_bucket: OnceCell::new(),
+                read_dead: OnceCell::new(),
                 queues: Mutex::new(HashSet::new()),
                 reconnects,
             }),
@@ -591,6 +600,57 @@ impl NatsBroker {
                 }
                 Err(err) => return Err(err),
             }
+        }
+    }
+
+    /// The record bucket for reading: the one this broker created, else the
+    /// existing one opened without creating it; `None` if there is none
+    /// yet. Reads have no side effects on the server.
+    async fn existing_bucket(&self) -> Result<Option<&kv::Store>> {
+        if let Some(store) = self.inner.bucket.get() {
+            return Ok(Some(store));
+        }
+        if let Some(store) = self.inner.read_bucket.get() {
+            return Ok(Some(store));
+        }
+        let name = self.bucket_name();
+        match self.inner.js.get_key_value(name.as_str()).await {
+            Ok(store) => {
+                // Only a bucket that exists is remembered: a later write
+                // still creates (or updates) it.
+                let _ = self.inner.read_bucket.set(store);
+                Ok(self.inner.read_bucket.get())
+            }
+            Err(err) => match lookup_failure(&err) {
+                Lookup::Missing => Ok(None),
+                Lookup::NoJetStream => Err(no_jetstream(&self.inner.config, err)),
+                Lookup::Other => Err(record(format!("cannot open the record bucket {name}"), err)),
+            },
+        }
+    }
+
+    /// The dead-letter stream for reading, as [`existing_bucket`](Self::existing_bucket).
+    async fn existing_dead_stream(&self) -> Result<Option<&stream::Stream>> {
+        if let Some(stream) = self.inner.dead.get() {
+            return Ok(Some(stream));
+        }
+        if let Some(stream) = self.inner.read_dead.get() {
+            return Ok(Some(stream));
+        }
+        let name = self.inner.config.dead_stream_name();
+        match self.inner.js.get_stream(name.as_str()).await {
+            Ok(stream) => {
+                let _ = self.inner.read_dead.set(stream);
+                Ok(self.inner.read_dead.get())
+            }
+            Err(err) => match lookup_failure(&err) {
+                Lookup::Missing => Ok(None),
+                Lookup::NoJetStream => Err(no_jetstream(&self.inner.config, err)),
+                Lookup::Other => Err(record(
+                    format!("cannot open the dead-letter stream {name}"),
+                    err,
+                )),
+            },
         }
     }
 
@@ -861,7 +921,9 @@ impl NatsBroker {
     }
 
     async fn dead_letters_impl(&self, limit: usize) -> Result<Vec<DeadLetter>> {
-        let stream = self.dead_stream().await?;
+        let Some(stream) = self.existing_dead_stream().await? else {
+            return Ok(Vec::new());
+        };
         let filter = format!("{}.dead.>", self.inner.config.prefix);
         let mut letters = Vec::new();
         let mut next = 1u64;
@@ -887,7 +949,9 @@ impl NatsBroker {
 
     async fn get_dead_letter_impl(&self, id: &str) -> Result<Option<DeadLetter>> {
         let subject = self.dead_letter_subject(id)?;
-        let stream = self.dead_stream().await?;
+        let Some(stream) = self.existing_dead_stream().await? else {
+            return Ok(None);
+        };
         match stream.direct_get_last_for_subject(subject).await {
             Ok(message) => Ok(self.decode_dead_letter(message)),
             Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(None),
@@ -988,7 +1052,9 @@ impl NatsBroker {
 
     async fn get_record_impl(&self, id: &str) -> Result<Option<RecordEntry>> {
         validate_id(id)?;
-        let kv = self.bucket().await?;
+        let Some(kv) = self.existing_bucket().await? else {
+            return Ok(None);
+        };
         let entry = kv
             .entry(id)
             .await
