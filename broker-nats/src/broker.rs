@@ -917,6 +917,7 @@ impl NatsBroker {
         letter.died_at = OffsetDateTime::parse(&get(DEAD_AT), &Rfc3339).unwrap_or(message.time);
         letter.worker = get(DEAD_WORKER);
         letter.sequence = get(DEAD_SEQUENCE).parse().unwrap_or(0);
+        letter.dead_sequence = Some(message.sequence);
         Some(letter)
     }
 
@@ -965,6 +966,21 @@ impl NatsBroker {
         let purged = stream
             .purge()
             .filter(subject)
+            .await
+            .map_err(|e| record(format!("cannot remove the dead letters of {id}"), e))?;
+        Ok(purged.purged)
+    }
+
+    async fn remove_dead_letters_through_impl(&self, id: &str, dead_sequence: u64) -> Result<u64> {
+        let subject = self.dead_letter_subject(id)?;
+        let Some(stream) = self.existing_dead_stream().await? else {
+            return Ok(0);
+        };
+        // A purge with a sequence removes the subject's messages below it.
+        let purged = stream
+            .purge()
+            .filter(subject)
+            .sequence(dead_sequence.saturating_add(1))
             .await
             .map_err(|e| record(format!("cannot remove the dead letters of {id}"), e))?;
         Ok(purged.purged)
@@ -1317,6 +1333,18 @@ impl Broker for NatsBroker {
     fn remove_dead_letter(&self, id: &str) -> BoxFuture<'_, Result<u64>> {
         let id = id.to_owned();
         Box::pin(async move { self.remove_dead_letter_impl(&id).await })
+    }
+
+    fn remove_dead_letters_through(
+        &self,
+        id: &str,
+        dead_sequence: u64,
+    ) -> BoxFuture<'_, Result<u64>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            self.remove_dead_letters_through_impl(&id, dead_sequence)
+                .await
+        })
     }
 
     fn signal_cancel(&self, id: &str) -> BoxFuture<'_, Result<()>> {

@@ -33,6 +33,13 @@ pub struct DeadLetter {
     pub sequence: u64,
     /// The original request envelope.
     pub payload: Bytes,
+    /// Where the broker keeps this letter among its dead letters (NATS: its
+    /// sequence in the dead-letter stream), set on letters read back from a
+    /// broker; `None` on one not stored yet. Later letters have higher
+    /// numbers. [`Client::requeue`](crate::Client::requeue) removes the
+    /// letter it requeued by it, with
+    /// [`Broker::remove_dead_letters_through`](crate::broker::Broker::remove_dead_letters_through).
+    pub dead_sequence: Option<u64>,
 }
 
 impl DeadLetter {
@@ -54,6 +61,7 @@ impl DeadLetter {
             worker: String::new(),
             sequence: 0,
             payload,
+            dead_sequence: None,
         }
     }
 
