@@ -11,12 +11,12 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use jetq::{Args, Context, TaskError, Worker};
+use jetq_cli::args::{seconds, DAY, MIN_ACK_WAIT};
 use serde::Deserialize;
 
 /// Serve the demo tasks `demo.add`, `demo.sleep`, `demo.slow`, `demo.fail` and `demo.panic`.
-#[derive(Debug, Parser)]
+#[derive(Debug, clap::Parser)]
 #[command(name = "jetq-demo-worker", version, about)]
 struct Opts {
     /// NATS server URL(s), comma-separated.
@@ -31,13 +31,18 @@ struct Opts {
     /// Worker name (default: host and process id).
     #[arg(long)]
     name: Option<String>,
-    /// Seconds before an unacknowledged request goes to another worker.
-    #[arg(long, default_value_t = 30.0)]
-    ack_wait: f64,
+    /// Seconds before an unacknowledged request goes to another worker
+    /// (0.3 to 86400).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, default_value = "30", value_parser = seconds(MIN_ACK_WAIT, DAY))]
+    ack_wait: Duration,
     /// Seconds running tasks may take to finish after SIGINT/SIGTERM before
-    /// they are stopped and released for redelivery.
-    #[arg(long, default_value_t = 30.0)]
-    shutdown_timeout: f64,
+    /// they are stopped and released for redelivery (at most 86400).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, default_value = "30", value_parser = seconds(Duration::ZERO, DAY))]
+    shutdown_timeout: Duration,
+    /// Seconds to keep trying to reach the NATS server at start (at most
+    /// 86400; 0 fails at once if it is down).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, default_value = "60", value_parser = seconds(Duration::ZERO, DAY))]
+    connect_wait: Duration,
 }
 
 #[derive(Deserialize)]
@@ -98,35 +103,27 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let opts = Opts::parse();
+    let opts: Opts = jetq_cli::args::parse("jetq-demo-worker");
     match run(opts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("jetq-demo-worker: {e}");
+            eprintln!(
+                "jetq-demo-worker: {}",
+                jetq_cli::display::escape(&e.to_string())
+            );
             std::process::ExitCode::FAILURE
         }
     }
 }
 
 async fn run(opts: Opts) -> jetq::Result<()> {
-    if !(opts.ack_wait.is_finite() && opts.ack_wait > 0.0) {
-        return Err(jetq::Error::new(
-            jetq::ErrorKind::Config,
-            "--ack-wait must be a positive number of seconds",
-        ));
-    }
-    if !(opts.shutdown_timeout.is_finite() && opts.shutdown_timeout >= 0.0) {
-        return Err(jetq::Error::new(
-            jetq::ErrorKind::Config,
-            "--shutdown-timeout must be zero or a positive number of seconds",
-        ));
-    }
-    let broker = jetq_nats::NatsBroker::connect(&opts.nats).await?;
+    let config = jetq_nats::NatsConfig::new(&opts.nats).connect_wait(opts.connect_wait);
+    let broker = jetq_nats::NatsBroker::connect_with(config).await?;
     let mut builder = Worker::builder(broker)
         .default_queue(opts.queue)
         .concurrency(opts.concurrency)
-        .ack_wait(Duration::from_secs_f64(opts.ack_wait))
-        .shutdown_timeout(Duration::from_secs_f64(opts.shutdown_timeout))
+        .ack_wait(opts.ack_wait)
+        .shutdown_timeout(opts.shutdown_timeout)
         .task("demo.add", add)
         .task("demo.sleep", sleep)
         .task("demo.slow", slow)

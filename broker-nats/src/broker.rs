@@ -34,7 +34,10 @@ use tokio::sync::{watch, OnceCell};
 
 use crate::config::{Auth, NatsConfig, Storage};
 use crate::consumer::NatsConsumer;
-use crate::error::{is_transient_code, jetstream_code, management, record, wrap};
+use crate::error::{
+    is_transient_code, jetstream_code, lookup_failure, management, no_jetstream, record, wrap,
+    Lookup,
+};
 
 // Headers of a dead letter (its payload is the original request).
 const DEAD_QUEUE: &str = "Jetq-Queue";
@@ -85,6 +88,10 @@ struct Inner {
     tasks: OnceCell<stream::Stream>,
     bucket: OnceCell<kv::Store>,
     dead: OnceCell<stream::Stream>,
+    /// The bucket and the dead-letter stream opened for reading only (never
+    /// created): set once they were found to exist.
+    read_bucket: OnceCell<kv::Store>,
+    read_dead: OnceCell<stream::Stream>,
     queues: Mutex<HashSet<String>>,
     /// Counts (re)connections when the broker made the connection itself.
     reconnects: Option<watch::Receiver<u64>>,
@@ -139,6 +146,23 @@ fn connect_error(servers: &[String], err: async_nats::ConnectError) -> Error {
         ),
     };
     wrap(kind, message, err)
+}
+
+/// Whether `err` says the server could not be reached (down, refusing
+/// connections, not answering, its name not resolving), which may pass;
+/// unlike refused credentials, TLS failures and bad addresses.
+fn is_unreachable(err: &async_nats::ConnectError) -> bool {
+    match err.kind() {
+        ConnectErrorKind::Io => !is_tls_failure(err),
+        ConnectErrorKind::TimedOut | ConnectErrorKind::Dns => true,
+        _ => false,
+    }
+}
+
+/// `1s`, `0.5s`, `57s`: a duration for a log line, to a tenth of a second.
+fn seconds_text(d: Duration) -> String {
+    let text = format!("{:.1}", d.as_secs_f64());
+    format!("{}s", text.strip_suffix(".0").unwrap_or(&text))
 }
 
 /// Whether a rustls error is among the causes of `err`.
@@ -260,11 +284,39 @@ impl NatsBroker {
                     }
                 }
             });
-        let client = options
-            .connect(addrs)
-            .await
-            .map_err(|e| connect_error(&config.servers, e))?;
+        let client = Self::connect_waiting(&config, options, addrs).await?;
         Ok(Self::build(client, config, Some(rx)))
+    }
+
+    /// Connect; while the server cannot be reached, try again with a capped
+    /// backoff until [`connect_wait`](NatsConfig::connect_wait) has passed,
+    /// logging each failed try.
+    async fn connect_waiting(
+        config: &NatsConfig,
+        options: ConnectOptions,
+        addrs: Vec<ServerAddr>,
+    ) -> Result<Client> {
+        let deadline = tokio::time::Instant::now() + config.connect_wait;
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let err = match options.clone().connect(addrs.clone()).await {
+                Ok(client) => return Ok(client),
+                Err(err) => err,
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() || !is_unreachable(&err) {
+                return Err(connect_error(&config.servers, err));
+            }
+            let pause = delay.min(left);
+            tracing::warn!(
+                "NATS server {} not reachable ({err}); retrying in {}, giving up in {}",
+                config.servers.join(","),
+                seconds_text(pause),
+                seconds_text(left),
+            );
+            tokio::time::sleep(pause).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// Use a client you already have. Its connection options (timeouts,
@@ -288,6 +340,8 @@ impl NatsBroker {
                 tasks: OnceCell::new(),
                 bucket: OnceCell::new(),
                 dead: OnceCell::new(),
+                read_bucket: OnceCell::new(),
+                read_dead: OnceCell::new(),
                 queues: Mutex::new(HashSet::new()),
                 reconnects,
             }),
@@ -547,6 +601,57 @@ impl NatsBroker {
                 }
                 Err(err) => return Err(err),
             }
+        }
+    }
+
+    /// The record bucket for reading: the one this broker created, else the
+    /// existing one opened without creating it; `None` if there is none
+    /// yet. Reads have no side effects on the server.
+    async fn existing_bucket(&self) -> Result<Option<&kv::Store>> {
+        if let Some(store) = self.inner.bucket.get() {
+            return Ok(Some(store));
+        }
+        if let Some(store) = self.inner.read_bucket.get() {
+            return Ok(Some(store));
+        }
+        let name = self.bucket_name();
+        match self.inner.js.get_key_value(name.as_str()).await {
+            Ok(store) => {
+                // Only a bucket that exists is remembered: a later write
+                // still creates (or updates) it.
+                let _ = self.inner.read_bucket.set(store);
+                Ok(self.inner.read_bucket.get())
+            }
+            Err(err) => match lookup_failure(&err) {
+                Lookup::Missing => Ok(None),
+                Lookup::NoJetStream => Err(no_jetstream(&self.inner.config, err)),
+                Lookup::Other => Err(record(format!("cannot open the record bucket {name}"), err)),
+            },
+        }
+    }
+
+    /// The dead-letter stream for reading, as [`existing_bucket`](Self::existing_bucket).
+    async fn existing_dead_stream(&self) -> Result<Option<&stream::Stream>> {
+        if let Some(stream) = self.inner.dead.get() {
+            return Ok(Some(stream));
+        }
+        if let Some(stream) = self.inner.read_dead.get() {
+            return Ok(Some(stream));
+        }
+        let name = self.inner.config.dead_stream_name();
+        match self.inner.js.get_stream(name.as_str()).await {
+            Ok(stream) => {
+                let _ = self.inner.read_dead.set(stream);
+                Ok(self.inner.read_dead.get())
+            }
+            Err(err) => match lookup_failure(&err) {
+                Lookup::Missing => Ok(None),
+                Lookup::NoJetStream => Err(no_jetstream(&self.inner.config, err)),
+                Lookup::Other => Err(record(
+                    format!("cannot open the dead-letter stream {name}"),
+                    err,
+                )),
+            },
         }
     }
 
@@ -826,11 +931,14 @@ impl NatsBroker {
         letter.worker = get(DEAD_WORKER);
         letter.sequence = get(DEAD_SEQUENCE).parse().unwrap_or(0);
         letter.payload_omitted = get(DEAD_OMITTED).parse().ok();
+        letter.dead_sequence = Some(message.sequence);
         Some(letter)
     }
 
     async fn dead_letters_impl(&self, limit: usize) -> Result<Vec<DeadLetter>> {
-        let stream = self.dead_stream().await?;
+        let Some(stream) = self.existing_dead_stream().await? else {
+            return Ok(Vec::new());
+        };
         let filter = format!("{}.dead.>", self.inner.config.prefix);
         let mut letters = Vec::new();
         let mut next = 1u64;
@@ -856,7 +964,9 @@ impl NatsBroker {
 
     async fn get_dead_letter_impl(&self, id: &str) -> Result<Option<DeadLetter>> {
         let subject = self.dead_letter_subject(id)?;
-        let stream = self.dead_stream().await?;
+        let Some(stream) = self.existing_dead_stream().await? else {
+            return Ok(None);
+        };
         match stream.direct_get_last_for_subject(subject).await {
             Ok(message) => Ok(self.decode_dead_letter(message)),
             Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(None),
@@ -870,6 +980,21 @@ impl NatsBroker {
         let purged = stream
             .purge()
             .filter(subject)
+            .await
+            .map_err(|e| record(format!("cannot remove the dead letters of {id}"), e))?;
+        Ok(purged.purged)
+    }
+
+    async fn remove_dead_letters_through_impl(&self, id: &str, dead_sequence: u64) -> Result<u64> {
+        let subject = self.dead_letter_subject(id)?;
+        let Some(stream) = self.existing_dead_stream().await? else {
+            return Ok(0);
+        };
+        // A purge with a sequence removes the subject's messages below it.
+        let purged = stream
+            .purge()
+            .filter(subject)
+            .sequence(dead_sequence.saturating_add(1))
             .await
             .map_err(|e| record(format!("cannot remove the dead letters of {id}"), e))?;
         Ok(purged.purged)
@@ -991,7 +1116,9 @@ impl NatsBroker {
 
     async fn get_record_impl(&self, id: &str) -> Result<Option<RecordEntry>> {
         validate_id(id)?;
-        let kv = self.bucket().await?;
+        let Some(kv) = self.existing_bucket().await? else {
+            return Ok(None);
+        };
         let entry = kv
             .entry(id)
             .await
@@ -1266,6 +1393,18 @@ impl Broker for NatsBroker {
     fn remove_dead_letter(&self, id: &str) -> BoxFuture<'_, Result<u64>> {
         let id = id.to_owned();
         Box::pin(async move { self.remove_dead_letter_impl(&id).await })
+    }
+
+    fn remove_dead_letters_through(
+        &self,
+        id: &str,
+        dead_sequence: u64,
+    ) -> BoxFuture<'_, Result<u64>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            self.remove_dead_letters_through_impl(&id, dead_sequence)
+                .await
+        })
     }
 
     fn signal_cancel(&self, id: &str) -> BoxFuture<'_, Result<()>> {

@@ -73,6 +73,7 @@ pub struct NatsConfig {
     pub(crate) request_timeout: Duration,
     pub(crate) ping_interval: Duration,
     pub(crate) connection_timeout: Duration,
+    pub(crate) connect_wait: Duration,
     pub(crate) publish_retry_for: Duration,
     pub(crate) watch_resync: Duration,
 }
@@ -99,6 +100,7 @@ impl Default for NatsConfig {
             request_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),
             connection_timeout: Duration::from_secs(5),
+            connect_wait: Duration::ZERO,
             publish_retry_for: Duration::from_secs(20),
             watch_resync: Duration::from_secs(30),
         }
@@ -235,6 +237,19 @@ impl NatsConfig {
     /// Timeout of establishing one connection (default 5 s).
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
+        self
+    }
+
+    /// How long [`NatsBroker::connect_with`](crate::NatsBroker::connect_with)
+    /// keeps trying to reach a server that is down or unreachable before it
+    /// fails (default zero: it fails at once). While it waits it retries with
+    /// a backoff of 0.5 s doubling up to 5 s, and logs a warning on every
+    /// failed try. Refused credentials, TLS failures and bad addresses fail at
+    /// once. For a worker started together with its server (a service manager,
+    /// containers): it waits instead of exiting. Once connected, the client
+    /// reconnects by itself whatever this says.
+    pub fn connect_wait(mut self, wait: Duration) -> Self {
+        self.connect_wait = wait;
         self
     }
 

@@ -128,3 +128,71 @@ where
         wrap(ErrorKind::Broker, what, err)
     }
 }
+
+/// Why opening a stream (or a bucket's stream) failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// It does not exist.
+    Missing,
+    /// JetStream is not enabled on the server (nothing answers its API) or
+    /// for the account.
+    NoJetStream,
+    /// Anything else (a timeout, a refusal).
+    Other,
+}
+
+/// Classify the failure of `get_stream` or `get_key_value`.
+pub(crate) fn lookup_failure(err: &(dyn StdError + 'static)) -> Lookup {
+    use async_nats::jetstream::context::{
+        GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind,
+    };
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(g) = e.downcast_ref::<GetStreamError>() {
+            if let GetStreamErrorKind::JetStream(js) = g.kind() {
+                return match js.error_code() {
+                    ErrorCode::STREAM_NOT_FOUND => Lookup::Missing,
+                    ErrorCode::JETSTREAM_NOT_ENABLED
+                    | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT => Lookup::NoJetStream,
+                    _ => Lookup::Other,
+                };
+            }
+        }
+        if let Some(r) = e.downcast_ref::<RequestError>() {
+            if r.kind() == RequestErrorKind::NoResponders {
+                return Lookup::NoJetStream;
+            }
+        }
+        if let Some(r) = e.downcast_ref::<async_nats::RequestError>() {
+            if r.kind() == async_nats::RequestErrorKind::NoResponders {
+                return Lookup::NoJetStream;
+            }
+        }
+        if let Some(js) = e.downcast_ref::<async_nats::jetstream::Error>() {
+            return match js.error_code() {
+                ErrorCode::STREAM_NOT_FOUND => Lookup::Missing,
+                ErrorCode::JETSTREAM_NOT_ENABLED | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT => {
+                    Lookup::NoJetStream
+                }
+                _ => Lookup::Other,
+            };
+        }
+        cur = e.source();
+    }
+    Lookup::Other
+}
+
+/// The error for a server (or account) without JetStream.
+pub(crate) fn no_jetstream<E>(config: &crate::NatsConfig, err: E) -> Error
+where
+    E: StdError + Send + Sync + 'static,
+{
+    wrap(
+        ErrorKind::Broker,
+        format!(
+            "JetStream is not enabled on the NATS server {} (or not for this account); jetq needs it: start the server with -js or enable JetStream for the account",
+            config.servers.join(",")
+        ),
+        err,
+    )
+}

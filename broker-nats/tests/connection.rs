@@ -224,3 +224,58 @@ async fn watch_and_pull_continue_after_a_server_restart() {
     let got = pull_all(&mut consumer, 1, Duration::from_secs(5)).await;
     assert_eq!(got[0].payload(), b"after");
 }
+
+#[tokio::test]
+async fn connect_wait_rides_out_a_server_that_starts_late() {
+    let mut server = NatsServer::start();
+    let url = server.url();
+    server.stop();
+    // The default fails at once.
+    let err = NatsBroker::connect(&url).await.unwrap_err();
+    assert!(err.message().contains("cannot connect"), "{err}");
+
+    let config = NatsConfig::new(&url).connect_wait(Duration::from_secs(60));
+    let mut connecting = tokio::spawn(NatsBroker::connect_with(config));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), &mut connecting)
+            .await
+            .is_err(),
+        "still waiting for the server"
+    );
+    server.restart();
+    let broker = tokio::time::timeout(Duration::from_secs(30), connecting)
+        .await
+        .expect("connected once the server was back")
+        .unwrap()
+        .unwrap();
+    broker.ensure_queue("default").await.unwrap();
+}
+
+#[tokio::test]
+async fn connect_wait_gives_up_after_it_and_never_waits_on_refused_credentials() {
+    let mut server = NatsServer::start();
+    let url = server.url();
+    server.stop();
+    let started = tokio::time::Instant::now();
+    let config = NatsConfig::new(&url).connect_wait(Duration::from_secs(1));
+    let err = NatsBroker::connect_with(config).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(1), "waited: {took:?}");
+    assert!(took < Duration::from_secs(8), "then gave up: {took:?}");
+    assert!(
+        err.message().contains("cannot connect") && err.message().contains(&url),
+        "{err}"
+    );
+
+    let server = NatsServer::start_with_args(&["--user", "u", "--pass", "p"]);
+    let started = tokio::time::Instant::now();
+    let config = NatsConfig::new(&server.url())
+        .user_and_password("u", "wrong")
+        .connect_wait(Duration::from_secs(60));
+    let err = NatsBroker::connect_with(config).await.unwrap_err();
+    assert!(err.message().contains("refused the credentials"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no waiting on a refusal"
+    );
+}

@@ -155,13 +155,17 @@ async fn records_with_a_ttl_bucket() {
     assert_eq!(info.config.max_age, Duration::from_secs(3600));
     assert_eq!(info.config.max_messages_per_subject, 1);
 
-    // A second broker with another TTL updates the bucket instead of failing.
+    // A second broker with another TTL updates the bucket instead of failing,
+    // when it first writes: a read changes nothing on the server.
     let other = NatsBroker::connect_with(
         NatsConfig::new(&server.url()).record_ttl(Duration::from_secs(60)),
     )
     .await
     .unwrap();
     other.get_record("r").await.unwrap().unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.max_age, Duration::from_secs(3600));
+    other.create_record("s", "b".into()).await.unwrap();
     let info = stream.info().await.unwrap();
     assert_eq!(info.config.max_age, Duration::from_secs(60));
 }

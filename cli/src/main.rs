@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use jetq::{Client, Record, Status};
+use jetq_cli::args::{self, MAX_WAIT};
+use jetq_cli::display::{cell, escape, json_safe};
 use serde_json::{Map, Value};
 
 /// Durable background tasks on NATS JetStream: publish, cancel and requeue
@@ -44,20 +46,21 @@ enum Command {
         /// Metadata as a JSON object.
         #[arg(long)]
         metadata: Option<String>,
-        /// Retries allowed after the first attempt (default: the task's policy).
-        #[arg(long)]
+        /// Retries allowed after the first attempt, at most 10000 (default:
+        /// the task's policy).
+        #[arg(long, allow_hyphen_values = true, value_parser = args::max_retries())]
         max_retries: Option<u32>,
         /// Queue.
         #[arg(long, default_value = jetq::request::DEFAULT_QUEUE)]
         queue: String,
-        /// Run no sooner than this many seconds from now (durable: the
-        /// server holds the request until then).
-        #[arg(long, value_name = "SECONDS")]
-        delay: Option<f64>,
-        /// Wait up to this many seconds for the final record and print it;
-        /// the exit code is 0 only if it succeeded.
-        #[arg(long, value_name = "SECONDS")]
-        wait: Option<f64>,
+        /// Run no sooner than this many seconds from now, at most about ten
+        /// years (durable: the server holds the request until then).
+        #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, value_parser = args::seconds(Duration::ZERO, jetq::request::MAX_DELAY))]
+        delay: Option<Duration>,
+        /// Wait up to this many seconds (at most 365 days) for the final
+        /// record and print it; the exit code is 0 only if it succeeded.
+        #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, value_parser = args::seconds(Duration::ZERO, MAX_WAIT))]
+        wait: Option<Duration>,
     },
     /// Print the record of a request as JSON.
     Get {
@@ -70,10 +73,10 @@ enum Command {
     Cancel {
         /// Request id.
         id: String,
-        /// Wait up to this many seconds for the final record and print it;
-        /// the exit code is 0 only if it ended `cancelled`.
-        #[arg(long, value_name = "SECONDS")]
-        wait: Option<f64>,
+        /// Wait up to this many seconds (at most 365 days) for the final
+        /// record and print it; the exit code is 0 only if it ended `cancelled`.
+        #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, value_parser = args::seconds(Duration::ZERO, MAX_WAIT))]
+        wait: Option<Duration>,
     },
     /// Dead letters: requests that failed for good.
     Dead {
@@ -99,20 +102,21 @@ enum DeadCommand {
     Requeue {
         /// Request id.
         id: String,
-        /// Wait up to this many seconds for the final record and print it;
-        /// the exit code is 0 only if it succeeded.
-        #[arg(long, value_name = "SECONDS")]
-        wait: Option<f64>,
+        /// Wait up to this many seconds (at most 365 days) for the final
+        /// record and print it; the exit code is 0 only if it succeeded.
+        #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, value_parser = args::seconds(Duration::ZERO, MAX_WAIT))]
+        wait: Option<Duration>,
     },
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = args::parse("jetq");
     match run(cli).await {
         Ok(code) => code,
         Err(msg) => {
-            eprintln!("jetq: {msg}");
+            // Errors can quote the wire (a record that does not decode).
+            eprintln!("jetq: {}", escape(&msg));
             ExitCode::from(2)
         }
     }
@@ -125,20 +129,8 @@ fn parse_json(what: &str, text: &str) -> Result<Value, String> {
 fn print_record(record: &Record) -> Result<(), String> {
     let text =
         serde_json::to_string(record).map_err(|e| format!("cannot encode the record: {e}"))?;
-    println!("{text}");
+    println!("{}", json_safe(&text));
     Ok(())
-}
-
-fn seconds(flag: &str, value: Option<f64>) -> Result<Option<Duration>, String> {
-    match value {
-        Some(s) if !(s.is_finite() && s >= 0.0) => Err(format!(
-            "--{flag} must be a non-negative number of seconds, not {s}"
-        )),
-        Some(s) => Duration::try_from_secs_f64(s)
-            .map(Some)
-            .map_err(|e| format!("--{flag} {s} is out of range: {e}")),
-        None => Ok(None),
-    }
 }
 
 /// Print the id, or wait for the final record and print it.
@@ -194,20 +186,8 @@ fn dead_letter_json(letter: &jetq::DeadLetter) -> Result<String, String> {
         sequence: letter.sequence,
         request,
     })
+    .map(|text| json_safe(&text).into_owned())
     .map_err(|e| format!("cannot encode a dead letter: {e}"))
-}
-
-fn one_line(text: &str, max: usize) -> String {
-    let flat: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if flat.chars().count() > max {
-        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
-        format!("{cut}…")
-    } else {
-        flat
-    }
 }
 
 async fn connect(url: &str) -> Result<Client, String> {
@@ -237,8 +217,6 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     _ => return Err(format!("--metadata must be a JSON object: {text}")),
                 },
             };
-            let timeout = seconds("wait", wait)?;
-            let delay = seconds("delay", delay)?;
             // Check names before connecting, so a bad id is refused even with no server.
             if let Some(id) = &id {
                 jetq::names::validate_id(id).map_err(|e| e.to_string())?;
@@ -261,7 +239,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 request = request.delay(delay);
             }
             let handle = request.publish().await.map_err(|e| e.to_string())?;
-            finish(handle, timeout).await
+            finish(handle, wait).await
         }
         Command::Get { id } => {
             jetq::names::validate_id(&id).map_err(|e| e.to_string())?;
@@ -272,10 +250,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Cancel { id, wait } => {
             jetq::names::validate_id(&id).map_err(|e| e.to_string())?;
-            let timeout = seconds("wait", wait)?;
             let client = connect(&cli.nats).await?;
             let mut record = client.cancel(&id).await.map_err(|e| e.to_string())?;
-            if let Some(timeout) = timeout {
+            if let Some(timeout) = wait {
                 if !record.status.is_terminal() {
                     record = client.wait(&id, timeout).await.map_err(|e| e.to_string())?;
                 }
@@ -301,36 +278,42 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                         println!("{}", dead_letter_json(letter)?);
                     }
                 } else {
-                    let width = letters.iter().map(|l| l.id.len()).max().unwrap_or(2).max(2);
-                    let task_width = letters
+                    // Every cell comes from the wire: escaped, so a forged
+                    // dead letter cannot put terminal escapes on the screen.
+                    let rows: Vec<[String; 4]> = letters
                         .iter()
-                        .map(|l| l.task.len())
-                        .max()
-                        .unwrap_or(4)
-                        .max(4);
+                        .map(|l| {
+                            [
+                                cell(&l.id, 200),
+                                cell(&l.task, 200),
+                                time_text(l.died_at),
+                                cell(&format!("{}: {}", l.error.kind, l.error.message), 120),
+                            ]
+                        })
+                        .collect();
+                    let width_of = |i: usize, min: usize| {
+                        rows.iter()
+                            .map(|r| r[i].chars().count())
+                            .max()
+                            .unwrap_or(min)
+                            .max(min)
+                    };
+                    let (width, task_width) = (width_of(0, 2), width_of(1, 4));
                     println!(
                         "{:width$}  {:task_width$}  {:30}  REASON",
                         "ID", "TASK", "TIME"
                     );
-                    for l in &letters {
-                        let reason =
-                            one_line(&format!("{}: {}", l.error.kind, l.error.message), 120);
-                        println!(
-                            "{:width$}  {:task_width$}  {:30}  {reason}",
-                            l.id,
-                            l.task,
-                            time_text(l.died_at)
-                        );
+                    for [id, task, time, reason] in &rows {
+                        println!("{id:width$}  {task:task_width$}  {time:30}  {reason}");
                     }
                 }
                 Ok(ExitCode::SUCCESS)
             }
             DeadCommand::Requeue { id, wait } => {
                 jetq::names::validate_id(&id).map_err(|e| e.to_string())?;
-                let timeout = seconds("wait", wait)?;
                 let client = connect(&cli.nats).await?;
                 let handle = client.requeue(&id).await.map_err(|e| e.to_string())?;
-                finish(handle, timeout).await
+                finish(handle, wait).await
             }
         },
     }

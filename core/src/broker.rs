@@ -265,6 +265,16 @@ pub trait Broker: Send + Sync + Debug + 'static {
     /// Remove every dead letter of request `id`; returns how many.
     fn remove_dead_letter(&self, id: &str) -> BoxFuture<'_, Result<u64>>;
 
+    /// Remove the dead letters of request `id` up to the one stored at
+    /// `dead_sequence` (its [`DeadLetter::dead_sequence`]), that one
+    /// included; newer ones (the request died again meanwhile) stay. Returns
+    /// how many were removed.
+    fn remove_dead_letters_through(
+        &self,
+        id: &str,
+        dead_sequence: u64,
+    ) -> BoxFuture<'_, Result<u64>>;
+
     /// Tell every worker that request `id` is to be cancelled. Best effort
     /// and immediate; workers also find the request in the record.
     fn signal_cancel(&self, id: &str) -> BoxFuture<'_, Result<()>>;

@@ -227,7 +227,9 @@ impl Client {
 
     /// Publish a dead-lettered request again as a fresh request with the same
     /// id: its record is reset to `pending` (attempts from zero), and the
-    /// dead letter is removed once the request is stored.
+    /// dead letter is removed once the request is stored, with any older
+    /// letters of the id; a newer one (the requeued request already died
+    /// again) stays.
     /// [`ErrorKind::NotFound`] if there is no dead letter for `id`;
     /// [`ErrorKind::Conflict`] if the request is running or waiting again.
     pub async fn requeue(&self, id: &str) -> Result<TaskHandle> {
@@ -288,7 +290,12 @@ impl Client {
         // not take it for the first publish (or an earlier requeue).
         outgoing.dedup_key = Some(format!("{id}.requeue.{}", letter.sequence));
         self.broker.publish(outgoing).await?;
-        if let Err(e) = self.broker.remove_dead_letter(id).await {
+        let removed = match letter.dead_sequence {
+            Some(seq) => self.broker.remove_dead_letters_through(id, seq).await,
+            // A broker that does not number its letters: remove them all.
+            None => self.broker.remove_dead_letter(id).await,
+        };
+        if let Err(e) = removed {
             tracing::warn!(id, error = %e, "requeued, but cannot remove the dead letter");
         }
         Ok(TaskHandle {

@@ -36,6 +36,13 @@ pub struct DeadLetter {
     /// The size of the request, when the dead letter was stored without it
     /// because the two together were larger than the broker accepts.
     pub payload_omitted: Option<usize>,
+    /// Where the broker keeps this letter among its dead letters (NATS: its
+    /// sequence in the dead-letter stream), set on letters read back from a
+    /// broker; `None` on one not stored yet. Later letters have higher
+    /// numbers. [`Client::requeue`](crate::Client::requeue) removes the
+    /// letter it requeued by it, with
+    /// [`Broker::remove_dead_letters_through`](crate::broker::Broker::remove_dead_letters_through).
+    pub dead_sequence: Option<u64>,
 }
 
 impl DeadLetter {
@@ -58,6 +65,7 @@ impl DeadLetter {
             sequence: 0,
             payload,
             payload_omitted: None,
+            dead_sequence: None,
         }
     }
 

@@ -78,6 +78,8 @@ impl Default for Inner {
 struct State {
     next_seq: u64,
     next_revision: u64,
+    /// Number of the last dead letter stored ([`DeadLetter::dead_sequence`]).
+    next_dead_seq: u64,
     queues: HashMap<String, VecDeque<Msg>>,
     ids: HashSet<String>,
     records: HashMap<String, RecordEntry>,
@@ -337,6 +339,9 @@ impl Broker for MemoryBroker {
                 .iter()
                 .any(|d| d.id == letter.id && d.sequence == letter.sequence)
             {
+                st.next_dead_seq += 1;
+                let mut letter = letter;
+                letter.dead_sequence = Some(st.next_dead_seq);
                 st.dead.push(letter);
             }
         });
@@ -366,6 +371,21 @@ impl Broker for MemoryBroker {
             let mut st = self.inner.lock();
             let before = st.dead.len();
             st.dead.retain(|d| d.id != id);
+            (before - st.dead.len()) as u64
+        });
+        Box::pin(async move { res })
+    }
+
+    fn remove_dead_letters_through(
+        &self,
+        id: &str,
+        dead_sequence: u64,
+    ) -> BoxFuture<'_, Result<u64>> {
+        let res = names::validate_id(id).map(|()| {
+            let mut st = self.inner.lock();
+            let before = st.dead.len();
+            st.dead
+                .retain(|d| d.id != id || d.dead_sequence.is_none_or(|s| s > dead_sequence));
             (before - st.dead.len()) as u64
         });
         Box::pin(async move { res })

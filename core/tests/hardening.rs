@@ -170,6 +170,13 @@ impl Broker for FaultyBroker {
     fn remove_dead_letter(&self, id: &str) -> BoxFuture<'_, Result<u64>> {
         self.inner.remove_dead_letter(id)
     }
+    fn remove_dead_letters_through(
+        &self,
+        id: &str,
+        dead_sequence: u64,
+    ) -> BoxFuture<'_, Result<u64>> {
+        self.inner.remove_dead_letters_through(id, dead_sequence)
+    }
     fn signal_cancel(&self, id: &str) -> BoxFuture<'_, Result<()>> {
         self.inner.signal_cancel(id)
     }

@@ -34,6 +34,7 @@ pub struct NatsServer {
     port: u16,
     bin: PathBuf,
     extra_args: Vec<String>,
+    jetstream: bool,
 }
 
 /// The nats-server binary the harness uses.
@@ -52,6 +53,16 @@ impl NatsServer {
 
     /// Start a server with extra command-line arguments.
     pub fn start_with_args(args: &[&str]) -> NatsServer {
+        Self::start_inner(args, true)
+    }
+
+    /// Start a server without JetStream (plain core NATS), to test what
+    /// clients say when JetStream is missing.
+    pub fn start_without_jetstream() -> NatsServer {
+        Self::start_inner(&[], false)
+    }
+
+    fn start_inner(args: &[&str], jetstream: bool) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("jetq-nats-")
             .tempdir()
@@ -62,6 +73,7 @@ impl NatsServer {
             port: 0,
             bin: server_binary(),
             extra_args: args.iter().map(|s| (*s).to_owned()).collect(),
+            jetstream,
         };
         server.spawn(None);
         server
@@ -137,9 +149,10 @@ impl NatsServer {
         let port_arg = port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
         let store = self.store_dir();
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["-js", "-a", "127.0.0.1", "-p", &port_arg])
-            .arg("-sd")
-            .arg(&store)
+        if self.jetstream {
+            cmd.arg("-js").arg("-sd").arg(&store);
+        }
+        cmd.args(["-a", "127.0.0.1", "-p", &port_arg])
             .arg("-l")
             .arg(&log)
             .args(&self.extra_args)

@@ -358,3 +358,464 @@ async fn delivery_guarantees_tour_with_the_cli_and_the_demo_worker() {
     assert_eq!(record.worker.as_deref(), Some("second"));
     drop(first);
 }
+
+/// Run a workspace binary, killing it if it runs longer than [`jetq_tests::WAIT`]
+/// (a value that should have been refused was taken and the program runs).
+fn run_bounded(bin: &str, args: &[&str]) -> Output {
+    let child = Command::new(workspace_bin(bin))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(jetq_tests::WAIT) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("cannot wait for {bin}: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{bin} {args:?} still runs after {:?}", jetq_tests::WAIT)
+        }
+    }
+}
+
+#[test]
+fn out_of_range_numbers_are_refused_with_one_line_naming_the_flag() {
+    // Nothing listens there: every case must be refused before connecting.
+    let nowhere = "nats://127.0.0.1:1";
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "jetq",
+            &["publish", "demo.add", "--delay", "1e12"],
+            "--delay",
+        ),
+        (
+            "jetq",
+            &["publish", "demo.add", "--delay", "NaN"],
+            "--delay",
+        ),
+        ("jetq", &["publish", "demo.add", "--delay", "-1"], "--delay"),
+        ("jetq", &["publish", "demo.add", "--wait", "inf"], "--wait"),
+        ("jetq", &["publish", "demo.add", "--wait", "1e20"], "--wait"),
+        (
+            "jetq",
+            &["publish", "demo.add", "--max-retries", "4294967295"],
+            "--max-retries",
+        ),
+        (
+            "jetq",
+            &["publish", "demo.add", "--max-retries", "10001"],
+            "--max-retries",
+        ),
+        ("jetq", &["cancel", "x", "--wait", "1e20"], "--wait"),
+        ("jetq", &["cancel", "x", "--wait", "-0.5"], "--wait"),
+        ("jetq", &["dead", "requeue", "x", "--wait", "NaN"], "--wait"),
+        ("jetq-demo-worker", &["--ack-wait", "1e20"], "--ack-wait"),
+        ("jetq-demo-worker", &["--ack-wait", "0.1"], "--ack-wait"),
+        ("jetq-demo-worker", &["--ack-wait", "-inf"], "--ack-wait"),
+        (
+            "jetq-demo-worker",
+            &["--shutdown-timeout", "1e20"],
+            "--shutdown-timeout",
+        ),
+        (
+            "jetq-demo-worker",
+            &["--shutdown-timeout", "NaN"],
+            "--shutdown-timeout",
+        ),
+        (
+            "jetq-demo-worker",
+            &["--connect-wait", "1e9"],
+            "--connect-wait",
+        ),
+    ];
+    for (bin, args, flag) in cases {
+        let mut all = vec!["--nats", nowhere];
+        all.extend_from_slice(args);
+        let out = run_bounded(bin, &all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bin} {args:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{bin} {args:?}: one line: {err}"
+        );
+        assert!(err.contains(flag), "{bin} {args:?} names {flag}: {err}");
+        assert!(
+            err.contains("use "),
+            "{bin} {args:?} says what is allowed: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{bin} {args:?}: nothing on stdout");
+    }
+    // The bounds themselves are accepted: refused later for the missing
+    // server, not for the value.
+    for (bin, args) in [
+        (
+            "jetq",
+            &[
+                "publish",
+                "demo.add",
+                "--delay",
+                "315360000",
+                "--max-retries",
+                "10000",
+            ][..],
+        ),
+        (
+            "jetq-demo-worker",
+            &[
+                "--ack-wait",
+                "0.3",
+                "--shutdown-timeout",
+                "86400",
+                "--connect-wait",
+                "0",
+            ][..],
+        ),
+    ] {
+        let mut all = vec!["--nats", nowhere];
+        all.extend_from_slice(args);
+        let out = run_bounded(bin, &all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bin} {args:?}");
+        assert!(err.contains("cannot connect"), "{bin} {args:?}: {err}");
+    }
+}
+
+/// Whether `bytes` hold a character a terminal acts on: ESC, another C0 or
+/// C1 control (line breaks aside), or a bidirectional control.
+fn has_terminal_control(bytes: &[u8]) -> bool {
+    String::from_utf8_lossy(bytes).chars().any(|c| {
+        (c.is_control() && c != '\n')
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    })
+}
+
+#[tokio::test]
+async fn dead_list_shows_a_forged_dead_letter_without_terminal_escapes() {
+    use async_nats::header::HeaderMap;
+    let server = NatsServer::start();
+    let broker = jetq_tests::connect(&server).await;
+    // An honest letter first: it creates the dead-letter stream.
+    jetq::broker::Broker::put_dead_letter(
+        &broker,
+        jetq::DeadLetter::new(
+            "honest",
+            "default",
+            "demo.add",
+            jetq::ErrorInfo::new("error", "boom"),
+            bytes::Bytes::from_static(b"{}"),
+        ),
+    )
+    .await
+    .unwrap();
+    // A forged one, published with plain async-nats and jetq's headers.
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let mut headers = HeaderMap::new();
+    headers.insert("Jetq-Queue", "default");
+    headers.insert("Jetq-Task", "demo\u{1b}[2J.clear");
+    headers.insert("Jetq-Error-Kind", "error\u{1b}[5m");
+    headers.insert(
+        "Jetq-Error",
+        "\u{1b}]0;pwned\u{7} \u{9b}31mred \u{202e}desrever",
+    );
+    headers.insert("Jetq-Attempts", "1");
+    headers.insert("Jetq-Worker", "\u{1b}[31mw");
+    headers.insert("Jetq-Sequence", "7");
+    for subject in ["jetq.dead.forged", "jetq.dead.forged\u{1b}[31mid"] {
+        js.publish_with_headers(subject, headers.clone(), "{\"task\":\"\u{1b}[2J\"}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    let out = jetq(&server, &["dead", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !has_terminal_control(&out.stdout),
+        "raw control characters:\n{table:?}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("forged "))
+        .unwrap_or_else(|| panic!("the forged letter is listed:\n{table}"));
+    assert!(
+        row.contains("demo\\e[2J.clear"),
+        "escaped, still readable: {row}"
+    );
+    assert!(row.contains("\\e]0;pwned\\x07"), "{row}");
+    assert!(table.contains("forged\\e[31mid"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("honest ")), "{table}");
+
+    let out = jetq(&server, &["dead", "list", "--json"]);
+    assert!(out.status.success());
+    assert!(
+        !has_terminal_control(&out.stdout),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let forged: Value = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["id"] == "forged")
+        .unwrap();
+    // JSON escapes them, and keeps the text exactly.
+    assert_eq!(forged["task"], "demo\u{1b}[2J.clear");
+    assert_eq!(forged["worker"], "\u{1b}[31mw");
+    assert_eq!(
+        forged["error"]["message"],
+        "\u{1b}]0;pwned\u{7} \u{9b}31mred \u{202e}desrever"
+    );
+}
+
+#[tokio::test]
+async fn get_shows_a_forged_record_without_terminal_escapes() {
+    use jetq::broker::Broker;
+    let server = NatsServer::start();
+    let broker = jetq_tests::connect(&server).await;
+    let forged = serde_json::json!({
+        "v": 1, "id": "forged", "task": "demo\u{1b}[2J.add", "queue": "default",
+        "status": "failed", "value": null,
+        "error": {"kind": "error", "message": "\u{1b}]0;pwned\u{7} \u{9b}31mred \u{202e}x"},
+        "metadata": {"k\u{1b}": "\u{85}"}, "progress": null, "attempts": 1, "max_retries": 0,
+        "enqueued_at": "2026-01-01T00:00:00Z", "started_at": null, "finished_at": null,
+        "next_attempt_at": null, "worker": "\u{1b}[31mw"
+    });
+    broker
+        .create_record("forged", serde_json::to_vec(&forged).unwrap().into())
+        .await
+        .unwrap();
+    let out = jetq(&server, &["get", "forged"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !has_terminal_control(&out.stdout),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let record = json(&out);
+    assert_eq!(record["worker"], forged["worker"], "the same text, escaped");
+    assert_eq!(record["error"], forged["error"]);
+
+    // A record that does not decode: its error line quotes the wire.
+    let bad = br#"{"v":1,"id":"bad","status":"\u001b[2Jnope\u009b31m"}"#;
+    broker
+        .create_record("bad", bytes::Bytes::from_static(bad))
+        .await
+        .unwrap();
+    for args in [&["get", "bad"][..], &["cancel", "bad"][..]] {
+        let out = jetq(&server, args);
+        assert!(
+            !has_terminal_control(&out.stdout) && !has_terminal_control(&out.stderr),
+            "{args:?}: {:?} {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The names of every stream on the server (the bucket is one too).
+async fn stream_names(server: &NatsServer) -> Vec<String> {
+    use futures_util::TryStreamExt;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    js.stream_names().try_collect().await.unwrap()
+}
+
+#[tokio::test]
+async fn read_only_commands_create_nothing_on_the_server() {
+    let server = NatsServer::start();
+    let out = jetq(&server, &["get", "nothing-here"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no record"), "{err}");
+    let out = jetq(&server, &["dead", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim().lines().count(),
+        1,
+        "the header only"
+    );
+    let out = jetq(&server, &["dead", "list", "--json"]);
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    let out = jetq(&server, &["dead", "requeue", "nothing-here"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no dead letter"));
+    let out = jetq(&server, &["cancel", "nothing-here"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        stream_names(&server).await,
+        Vec::<String>::new(),
+        "nothing created"
+    );
+
+    // A write still creates what it needs, and a read then finds it.
+    let out = jetq(&server, &["publish", "demo.add", "--id", "now-there"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        ok_json(&jetq(&server, &["get", "now-there"]))["status"],
+        "pending"
+    );
+}
+
+#[test]
+fn without_jetstream_reads_say_that_jetstream_is_not_enabled() {
+    let server = NatsServer::start_without_jetstream();
+    for args in [
+        &["get", "x"][..],
+        &["dead", "list"][..],
+        &["dead", "requeue", "x"][..],
+    ] {
+        let out = jetq(&server, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("JetStream is not enabled"), "{args:?}: {err}");
+    }
+}
+
+/// Start `jetq-demo-worker` with its log (stdout) sent, line by line, to the
+/// returned channel; stderr is piped too.
+fn logged_worker(
+    server: &NatsServer,
+    args: &[&str],
+) -> (jetq_tests::ChildProcess, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new(workspace_bin("jetq-demo-worker"))
+        .args(["--nats", &server.url()])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                // Nobody listens any more; keep draining so the worker never blocks.
+                continue;
+            }
+        }
+    });
+    (jetq_tests::ChildProcess(child), rx)
+}
+
+#[test]
+fn a_worker_started_while_the_server_is_down_waits_for_it() {
+    let mut server = NatsServer::start();
+    server.stop();
+    let (_worker, log) = logged_worker(&server, &["--connect-wait", "60"]);
+    // It says it is waiting, and how long it will.
+    let line = loop {
+        let line = log
+            .recv_timeout(jetq_tests::WAIT)
+            .unwrap_or_else(|e| panic!("no 'not reachable' line from the worker: {e}"));
+        if line.contains("not reachable") {
+            break line;
+        }
+    };
+    assert!(line.contains(&server.url()), "{line}");
+    assert!(
+        line.contains("retrying in") && line.contains("giving up in"),
+        "{line}"
+    );
+    server.restart();
+    let record = ok_json(&jetq(
+        &server,
+        &[
+            "publish",
+            "demo.add",
+            "--args",
+            r#"{"a":2,"b":3}"#,
+            "--wait",
+            "30",
+        ],
+    ));
+    assert_eq!(record["status"], "succeeded");
+    assert_eq!(record["value"], 5);
+}
+
+#[test]
+fn a_worker_gives_up_on_an_absent_server_after_its_connect_wait() {
+    let mut server = NatsServer::start();
+    server.stop();
+    let started = std::time::Instant::now();
+    let (worker, log) = logged_worker(&server, &["--connect-wait", "1"]);
+    let out = worker_output(worker);
+    let took = started.elapsed();
+    assert!(!out.status.success(), "{:?}", out.status);
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "gave up after {took:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("cannot connect") && err.contains(&server.url()),
+        "{err}"
+    );
+    let tries: Vec<String> = log
+        .try_iter()
+        .filter(|l| l.contains("not reachable"))
+        .collect();
+    assert!(!tries.is_empty(), "it tried again before giving up");
+}
+
+/// Wait (at most [`jetq_tests::WAIT`]) for a worker started by
+/// [`logged_worker`] to exit; its status and stderr.
+fn worker_output(mut worker: jetq_tests::ChildProcess) -> Output {
+    use std::io::Read;
+    let mut stderr = worker.0.stderr.take().unwrap();
+    let pid = worker.0.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stderr.read_to_end(&mut text);
+        let _ = tx.send((worker.0.wait(), text));
+        drop(worker);
+    });
+    match rx.recv_timeout(jetq_tests::WAIT) {
+        Ok((status, stderr)) => Output {
+            status: status.unwrap(),
+            stdout: Vec::new(),
+            stderr,
+        },
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("the worker still runs after {:?}", jetq_tests::WAIT)
+        }
+    }
+}
