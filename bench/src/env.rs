@@ -163,7 +163,7 @@ impl Env {
         })
     }
 
-    async fn connection_msgs(&self, names: &[String]) -> Result<Option<u64>> {
+    async fn connection_msgs(&self, names: &[String]) -> Result<Option<Vec<u64>>> {
         match &self.monitor {
             Some(m) => Ok(Some(m.connection_msgs(names).await?)),
             None => Ok(None),
@@ -177,16 +177,17 @@ fn is_not_found(err: &GetStreamError) -> bool {
 }
 
 /// Counters read before or after a run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Probe {
     cpu: Option<Duration>,
     server_cpu: Option<Duration>,
-    msgs: Option<u64>,
+    /// Protocol messages of each connection.
+    msgs: Option<Vec<u64>>,
     stored: u64,
 }
 
 /// What one timed run did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Sample {
     /// Tasks in the timed part.
     pub(crate) tasks: u64,
@@ -196,8 +197,8 @@ pub(crate) struct Sample {
     pub(crate) cpu: Option<Duration>,
     /// CPU time of the server in the run.
     pub(crate) server_cpu: Option<Duration>,
-    /// Protocol messages of the producer and worker connections.
-    pub(crate) msgs: Option<u64>,
+    /// Protocol messages of each connection (producer, worker).
+    pub(crate) msgs: Option<Vec<u64>>,
     /// Messages written to the run's streams.
     pub(crate) stored: u64,
 }
@@ -215,7 +216,12 @@ impl Sample {
             cpu: delta(before.cpu, after.cpu),
             server_cpu: delta(before.server_cpu, after.server_cpu),
             msgs: match (before.msgs, after.msgs) {
-                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                (Some(a), Some(b)) if a.len() == b.len() => Some(
+                    a.iter()
+                        .zip(&b)
+                        .map(|(a, b)| b.saturating_sub(*a))
+                        .collect(),
+                ),
                 _ => None,
             },
             stored: after.stored.saturating_sub(before.stored),
@@ -242,9 +248,16 @@ impl Sample {
             .map(|d| self.per_task(d.as_secs_f64() * 1e6))
     }
 
-    /// Protocol messages per task.
+    /// Protocol messages per task, of all connections.
     pub(crate) fn msgs_per_task(&self) -> Option<f64> {
-        self.msgs.map(|m| self.per_task(m as f64))
+        let total: u64 = self.msgs.as_ref()?.iter().sum();
+        Some(self.per_task(total as f64))
+    }
+
+    /// Protocol messages per task of connection `i` (0: producer, 1: worker).
+    pub(crate) fn connection_msgs_per_task(&self, i: usize) -> Option<f64> {
+        let count = *self.msgs.as_ref()?.get(i)?;
+        Some(self.per_task(count as f64))
     }
 
     /// Stored messages per task.

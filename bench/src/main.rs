@@ -44,10 +44,12 @@ struct Opts {
     /// throughput and fire-and-forget).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Bench>,
-    /// Worker concurrency of the default runs (jetq's default is 16); the
-    /// raw worker handles as many at once.
+    /// Worker concurrency of the default jetq runs (jetq's default is 16).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Messages the raw worker handles at once (default: --concurrency).
+    #[arg(long)]
+    raw_concurrency: Option<usize>,
     /// Worker concurrency of the second jetq throughput run.
     #[arg(long, default_value_t = 256)]
     high_concurrency: usize,
@@ -75,6 +77,13 @@ struct Opts {
     monitor: Option<String>,
     #[command(subcommand)]
     command: Option<Cmd>,
+}
+
+impl Opts {
+    /// Messages the raw worker handles at once.
+    fn raw_concurrency(&self) -> usize {
+        self.raw_concurrency.unwrap_or(self.concurrency).max(1)
+    }
 }
 
 /// A benchmark to run.
@@ -275,7 +284,7 @@ async fn throughput_round(
     let (raw, jetq) = pair(
         jetq_first,
         async {
-            raw::throughput(env, opts.tasks, opts.concurrency)
+            raw::throughput(env, opts.tasks, opts.raw_concurrency())
                 .await
                 .context("throughput (raw)")
         },
@@ -314,6 +323,14 @@ async fn throughput_round(
             sample.server_cpu_us_per_task(),
         );
         figures.push(key("msgs_per_task"), sample.msgs_per_task());
+        figures.push(
+            key("producer_msgs_per_task"),
+            sample.connection_msgs_per_task(0),
+        );
+        figures.push(
+            key("worker_msgs_per_task"),
+            sample.connection_msgs_per_task(1),
+        );
         figures.push(key("stored_per_task"), Some(sample.stored_per_task()));
     }
     Ok(())
@@ -328,7 +345,7 @@ async fn fire_and_forget_round(
     let (raw, jetq) = pair(
         jetq_first,
         async {
-            raw::fire_and_forget(env, opts.tasks, opts.concurrency)
+            raw::fire_and_forget(env, opts.tasks, opts.raw_concurrency())
                 .await
                 .context("fire-and-forget (raw)")
         },
@@ -356,6 +373,14 @@ async fn fire_and_forget_round(
             sample.server_cpu_us_per_task(),
         );
         figures.push(key("msgs_per_task"), sample.msgs_per_task());
+        figures.push(
+            key("producer_msgs_per_task"),
+            sample.connection_msgs_per_task(0),
+        );
+        figures.push(
+            key("worker_msgs_per_task"),
+            sample.connection_msgs_per_task(1),
+        );
         figures.push(key("stored_per_task"), Some(sample.stored_per_task()));
     }
     Ok(())
@@ -371,7 +396,7 @@ async fn latency_round(
     let (raw, jetq) = pair(
         jetq_first,
         async {
-            raw::latency(env, n, opts.concurrency)
+            raw::latency(env, n, opts.raw_concurrency())
                 .await
                 .context("latency (raw)")
         },
@@ -401,7 +426,7 @@ async fn latency_round(
         let (raw, jetq) = pair(
             jetq_first,
             async {
-                raw::latency_at_rate(env, requests, opts.rate, opts.concurrency)
+                raw::latency_at_rate(env, requests, opts.rate, opts.raw_concurrency())
                     .await
                     .context("latency at a steady rate (raw)")
             },

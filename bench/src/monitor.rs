@@ -41,26 +41,26 @@ impl Monitor {
             .with_context(|| what.clone())
     }
 
-    /// Protocol messages the server counted on the named connections: the
-    /// sum of `in_msgs` (messages a client published) and `out_msgs`
-    /// (messages delivered to it). Every name must be a connected client.
-    pub(crate) async fn connection_msgs(&self, names: &[String]) -> Result<u64> {
+    /// Protocol messages the server counted on each of the named
+    /// connections: `in_msgs` (messages the client published) plus
+    /// `out_msgs` (messages delivered to it). Every name must be a
+    /// connected client.
+    pub(crate) async fn connection_msgs(&self, names: &[String]) -> Result<Vec<u64>> {
         let connz = self.get_json("/connz?limit=100000").await?;
         let conns = connz
             .get("connections")
             .and_then(Value::as_array)
             .ok_or_else(|| fail("/connz has no `connections` list"))?;
-        let mut total = 0;
+        let mut counts = Vec::with_capacity(names.len());
         for name in names {
             let conn = conns
                 .iter()
                 .find(|c| c.get("name").and_then(Value::as_str) == Some(name.as_str()))
                 .ok_or_else(|| fail(format!("no connection named {name} in /connz")))?;
-            for field in ["in_msgs", "out_msgs"] {
-                total += conn.get(field).and_then(Value::as_u64).unwrap_or(0);
-            }
+            let count = |field: &str| conn.get(field).and_then(Value::as_u64).unwrap_or(0);
+            counts.push(count("in_msgs") + count("out_msgs"));
         }
-        Ok(total)
+        Ok(counts)
     }
 }
 

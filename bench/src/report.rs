@@ -84,6 +84,7 @@ impl Builder<'_> {
 /// The lines of the benchmarks that ran.
 pub(crate) fn lines(opts: &Opts, figures: &Figures, ran: &dyn Fn(Bench) -> bool) -> Vec<Line> {
     let c = opts.concurrency;
+    let rc = opts.raw_concurrency();
     let hc = opts.high_concurrency;
     let mut b = Builder {
         figures,
@@ -93,7 +94,7 @@ pub(crate) fn lines(opts: &Opts, figures: &Figures, ran: &dyn Fn(Bench) -> bool)
     if ran(Bench::Throughput) {
         b.same(
             "raw_tasks_per_s",
-            format!("raw async-nats, c={c}, tasks/s"),
+            format!("raw async-nats, c={rc}, tasks/s"),
             Unit::Rate,
         );
         b.same(
@@ -129,6 +130,7 @@ pub(crate) fn lines(opts: &Opts, figures: &Figures, ran: &dyn Fn(Bench) -> bool)
             settings: vec![
                 ("tasks", opts.tasks.into()),
                 ("concurrency", c.into()),
+                ("raw_concurrency", rc.into()),
                 ("high_concurrency", hc.into()),
             ],
         });
@@ -137,7 +139,7 @@ pub(crate) fn lines(opts: &Opts, figures: &Figures, ran: &dyn Fn(Bench) -> bool)
         b.row(
             "raw_tasks_per_s",
             "ff_raw_tasks_per_s",
-            "raw publish + pull + ack, tasks/s",
+            format!("raw publish + pull + ack, c={rc}, tasks/s"),
             Unit::Rate,
         );
         b.row(
@@ -153,7 +155,11 @@ pub(crate) fn lines(opts: &Opts, figures: &Figures, ran: &dyn Fn(Bench) -> bool)
             bench: "fire_and_forget",
             title: format!("Fire and forget: {} tasks, results not read", opts.tasks),
             rows: b.take(),
-            settings: vec![("tasks", opts.tasks.into()), ("concurrency", c.into())],
+            settings: vec![
+                ("tasks", opts.tasks.into()),
+                ("concurrency", c.into()),
+                ("raw_concurrency", rc.into()),
+            ],
         });
     }
     if ran(Bench::Latency) {
@@ -228,17 +234,30 @@ pub(crate) fn lines(opts: &Opts, figures: &Figures, ran: &dyn Fn(Bench) -> bool)
         });
     }
     if ran(Bench::Throughput) || ran(Bench::FireAndForget) {
-        let runs: &[(&str, &str)] = &[
-            ("raw", "raw"),
-            ("jetq", "jetq"),
-            ("jetq_high_concurrency", "jetq, high concurrency,"),
-            ("raw_ff", "raw fire-and-forget"),
-            ("jetq_ff", "jetq fire-and-forget"),
-        ];
+        let mut runs: Vec<(&str, String)> = Vec::new();
+        if ran(Bench::Throughput) {
+            runs.push(("raw", "raw".to_owned()));
+            runs.push(("jetq", format!("jetq c={c}")));
+            runs.push(("jetq_high_concurrency", format!("jetq c={hc}")));
+        }
+        if ran(Bench::FireAndForget) {
+            runs.push(("raw_ff", "raw fire-and-forget".to_owned()));
+            runs.push(("jetq_ff", "jetq fire-and-forget".to_owned()));
+        }
         for (name, who) in runs {
             b.same(
                 &format!("{name}_msgs_per_task"),
                 format!("{who} protocol messages/task"),
+                Unit::Msgs,
+            );
+            b.same(
+                &format!("{name}_producer_msgs_per_task"),
+                format!("{who} protocol messages/task, producer"),
+                Unit::Msgs,
+            );
+            b.same(
+                &format!("{name}_worker_msgs_per_task"),
+                format!("{who} protocol messages/task, worker"),
                 Unit::Msgs,
             );
             b.same(
