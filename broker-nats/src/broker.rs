@@ -1111,6 +1111,7 @@ impl NatsBroker {
             name,
             worker: options.worker,
             subject_prefix: format!("{}.tasks.{queue}.", self.inner.config.prefix).into(),
+            fresh: true,
         }))
     }
 

@@ -25,6 +25,9 @@ pub struct NatsConsumer {
     pub(crate) worker: String,
     /// `{prefix}.tasks.{queue}.`: what precedes the task name in a subject.
     pub(crate) subject_prefix: Arc<str>,
+    /// Whether the consumer's info is as fresh as its creation (then the
+    /// first read of the ack wait needs no request).
+    pub(crate) fresh: bool,
 }
 
 impl fmt::Debug for NatsConsumer {
@@ -50,6 +53,9 @@ fn heartbeat_for(expires: Duration) -> Option<Duration> {
 impl Consumer for NatsConsumer {
     fn ack_wait(&mut self) -> BoxFuture<'_, Result<Option<Duration>>> {
         Box::pin(async move {
+            if std::mem::take(&mut self.fresh) {
+                return Ok(Some(self.consumer.cached_info().config.ack_wait));
+            }
             let info = self.consumer.info().await.map_err(|e| {
                 wrap(
                     ErrorKind::Broker,

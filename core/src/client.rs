@@ -365,16 +365,6 @@ impl Client {
     }
 }
 
-fn delay_too_long(delay: Duration) -> Error {
-    Error::new(
-        ErrorKind::Config,
-        format!(
-            "a delay of {delay:?} is longer than jetq supports (at most {} days)",
-            crate::request::MAX_DELAY.as_secs() / 86_400
-        ),
-    )
-}
-
 /// Refuse values a worker could not honour: more retries than
 /// [`MAX_RETRIES_LIMIT`](crate::request::MAX_RETRIES_LIMIT), a due time
 /// further ahead than [`MAX_DELAY`](crate::request::MAX_DELAY).
@@ -390,17 +380,7 @@ fn check_bounds(request: &Request) -> Result<()> {
             ));
         }
     }
-    if let Some(at) = request.not_before {
-        let ahead = at - time::OffsetDateTime::now_utc();
-        if ahead
-            > time::Duration::try_from(crate::request::MAX_DELAY).unwrap_or(time::Duration::MAX)
-        {
-            return Err(delay_too_long(
-                Duration::try_from(ahead).unwrap_or(Duration::MAX),
-            ));
-        }
-    }
-    Ok(())
+    request.check_due(time::OffsetDateTime::now_utc())
 }
 
 /// The broker's view of `request`, encoded as `payload`.
@@ -493,7 +473,7 @@ impl RequestBuilder {
             .and_then(|d| now.checked_add(d))
         {
             Some(at) => self.request.not_before = Some(at),
-            None => self.error = Some(delay_too_long(delay)),
+            None => self.error = Some(crate::request::delay_too_long(delay)),
         }
         self
     }

@@ -122,6 +122,17 @@ impl Request {
         Ok(req)
     }
 
+    /// Refuse a due time further ahead of `now` than [`MAX_DELAY`]: no
+    /// broker can hold it, so it would come back at once, for ever.
+    pub fn check_due(&self, now: OffsetDateTime) -> Result<()> {
+        match self.not_before {
+            Some(at) if at - now > max_delay() => Err(delay_too_long(
+                std::time::Duration::try_from(at - now).unwrap_or(std::time::Duration::MAX),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether `key`, a message's deduplication key (`Nats-Msg-Id`), belongs
     /// to this request: the id itself, or the key of a requeue
     /// (`<id>.requeue.<sequence>`). A message whose key belongs to another
@@ -141,6 +152,22 @@ impl Request {
     pub fn requeue_dedup_key(id: &str, sequence: u64) -> String {
         format!("{id}.requeue.{sequence}")
     }
+}
+
+/// [`MAX_DELAY`] as a `time` duration, for arithmetic with times.
+fn max_delay() -> time::Duration {
+    time::Duration::try_from(MAX_DELAY).unwrap_or(time::Duration::MAX)
+}
+
+/// The error for a delay longer than [`MAX_DELAY`].
+pub(crate) fn delay_too_long(delay: std::time::Duration) -> Error {
+    Error::new(
+        ErrorKind::Config,
+        format!(
+            "a delay of {delay:?} is longer than jetq supports (at most {} days)",
+            MAX_DELAY.as_secs() / 86_400
+        ),
+    )
 }
 
 /// `null` and absent alike give the default (Go and other clients send

@@ -518,10 +518,8 @@ impl Worker {
             let options = ConsumeOptions::new(self.env.name.clone()).ack_wait(self.env.ack_wait);
             let mut consumer = self.env.broker.consume(&queue, options).await?;
             self.env.broker.ensure_queue(&queue).await?;
-            let ack_wait = Arc::new(SharedAckWait::new(self.env.ack_wait));
-            ack_wait
-                .refresh(&queue, &mut *consumer, self.env.ack_wait)
-                .await;
+            let ack_wait =
+                Arc::new(SharedAckWait::read(&queue, &mut *consumer, self.env.ack_wait).await);
             loops.push(tokio::spawn(pull_loop(
                 queue,
                 consumer,
@@ -644,24 +642,33 @@ async fn cancel_listener(env: Arc<Env>, stop: CancellationToken) {
 struct SharedAckWait(AtomicU64);
 
 impl SharedAckWait {
-    fn new(initial: Duration) -> Self {
-        SharedAckWait(AtomicU64::new(duration_ms(initial)))
+    /// The queue's ack wait as the broker has it, else `own` (this worker's
+    /// setting). A broker applying another one says so when consuming.
+    async fn read(queue: &str, consumer: &mut dyn Consumer, own: Duration) -> Self {
+        let actual = match consumer.ack_wait().await {
+            Ok(actual) => actual,
+            Err(e) => {
+                debug!(queue, error = %e, "cannot read the queue's ack wait back");
+                None
+            }
+        };
+        SharedAckWait(AtomicU64::new(duration_ms(actual.unwrap_or(own))))
     }
 
     fn get(&self) -> Duration {
         Duration::from_millis(self.0.load(Ordering::Relaxed).max(1))
     }
 
-    /// Read the queue's ack wait back from the broker; say so when it is not
-    /// `own` (this worker's setting) or when it changed.
-    async fn refresh(&self, queue: &str, consumer: &mut dyn Consumer, own: Duration) {
+    /// Read the queue's ack wait back from the broker; say so when it changed.
+    async fn refresh(&self, queue: &str, consumer: &mut dyn Consumer) {
         match consumer.ack_wait().await {
             Ok(Some(actual)) => {
                 let before = self.0.swap(duration_ms(actual), Ordering::Relaxed);
                 if before != duration_ms(actual) {
                     warn!(
                         queue,
-                        "the queue's ack wait is {actual:?} (this worker was configured with {own:?}; another worker of the queue changed it); keep-alives follow {actual:?}"
+                        "the queue's ack wait changed from {:?} to {actual:?} (on the broker); keep-alives follow it",
+                        Duration::from_millis(before)
                     );
                 }
             }
@@ -690,7 +697,7 @@ async fn pull_loop(
     let mut refreshed = tokio::time::Instant::now();
     loop {
         if refreshed.elapsed() >= ACK_WAIT_REFRESH {
-            ack_wait.refresh(&queue, &mut *consumer, env.ack_wait).await;
+            ack_wait.refresh(&queue, &mut *consumer).await;
             refreshed = tokio::time::Instant::now();
         }
         // Wait for at least one free slot, then take all free slots.
@@ -915,20 +922,14 @@ async fn process(
         if info.delivered > budget {
             return abandon(&env, &queue, &*delivery, &request, budget).await;
         }
-        let mut refuse: Option<TaskError> = None;
-        if let Some(due) = request.not_before {
-            let early = due - OffsetDateTime::now_utc();
-            if early > time::Duration::try_from(MAX_DELAY).unwrap_or(time::Duration::MAX) {
-                // Further ahead than any broker can hold it: it would come
-                // back at once, for ever. Fail it (below, once claimed).
-                refuse = Some(
-                    TaskError::permanent(format!(
-                        "not_before {due} is more than {} days ahead, the longest delay jetq supports",
-                        MAX_DELAY.as_secs() / 86_400
-                    ))
-                    .with_kind(kinds::INVALID_REQUEST),
-                );
-            } else if let Ok(early) = Duration::try_from(early) {
+        let now = OffsetDateTime::now_utc();
+        // A due time no broker can hold: fail it (below, once claimed).
+        let refuse = request.check_due(now).err().map(|e| {
+            TaskError::permanent(format!("not_before: {}", e.message()))
+                .with_kind(kinds::INVALID_REQUEST)
+        });
+        if let (Some(due), None) = (request.not_before, &refuse) {
+            if let Ok(early) = Duration::try_from(due - now) {
                 // Delivered before it is due (a producer that bypassed the
                 // schedule, or clocks apart): put it back until then, no
                 // attempt counted; unless it was cancelled meanwhile.
@@ -1125,7 +1126,10 @@ async fn process(
                     }
                     .min(MAX_DELAY);
                     let now = OffsetDateTime::now_utc();
-                    let due = now.checked_add(time::Duration::try_from(delay).unwrap_or(time::Duration::ZERO)).unwrap_or(now);
+                    let due = time::Duration::try_from(delay)
+                        .ok()
+                        .and_then(|d| now.checked_add(d))
+                        .unwrap_or(now);
                     let info = err.info();
                     info!(attempt, error = %err, "attempt failed; retrying in {delay:?}");
                     let change = |r: &mut Record| {
@@ -1258,18 +1262,48 @@ fn dead_letter_of(
     record: &Record,
     error: ErrorInfo,
 ) -> DeadLetter {
-    let mut letter = DeadLetter::new(
+    let mut letter = letter_for(
+        env,
+        delivery,
         record.id.clone(),
-        record.queue.clone(),
+        &record.queue,
         record.task.clone(),
         error,
-        Bytes::copy_from_slice(delivery.payload()),
     );
     letter.attempts = record.attempts;
     letter.died_at = record.finished_at.unwrap_or_else(OffsetDateTime::now_utc);
+    letter
+}
+
+/// The dead letter of the message `delivery`, under `key`, written by this worker.
+fn letter_for(
+    env: &Env,
+    delivery: &dyn Delivery,
+    key: String,
+    queue: &str,
+    task: String,
+    error: ErrorInfo,
+) -> DeadLetter {
+    let mut letter = DeadLetter::new(
+        key,
+        queue,
+        task,
+        error,
+        Bytes::copy_from_slice(delivery.payload()),
+    );
     letter.worker = env.name.clone();
     letter.sequence = delivery.info().sequence;
     letter
+}
+
+/// Write `record` as request `id`'s: a create if there was none (`revision`
+/// `None`), else an update of `revision`. Returns the new revision.
+async fn put_record(env: &Env, id: &str, record: &Record, revision: Option<u64>) -> Result<u64> {
+    let bytes = Bytes::from(record.to_json()?);
+    match revision {
+        None => env.broker.create_record(id, bytes).await,
+        Some(rev) => env.broker.update_record(id, bytes, rev).await,
+    }
 }
 
 /// Dead-letter a failed request's message, then terminate it. If the dead
@@ -1436,9 +1470,8 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
                     record.error = Some(letter.error);
                     record.finished_at = Some(letter.died_at);
                     record.next_attempt_at = None;
-                    let bytes = Bytes::from(record.to_json()?);
                     if let Some(rev) = revision {
-                        match env.broker.update_record(&request.id, bytes, rev).await {
+                        match put_record(env, &request.id, &record, Some(rev)).await {
                             Ok(_) => return Ok(Claim::Terminate),
                             Err(e) if e.kind() == ErrorKind::Conflict => continue,
                             Err(e) => return Err(e),
@@ -1462,17 +1495,7 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
             record.worker = Some(env.name.clone());
         }
         let attempt = record.attempts;
-        let write = |record: &Record| {
-            let bytes = record.to_json().map(Bytes::from);
-            async move {
-                let bytes = bytes?;
-                match revision {
-                    None => env.broker.create_record(&request.id, bytes).await,
-                    Some(rev) => env.broker.update_record(&request.id, bytes, rev).await,
-                }
-            }
-        };
-        let mut written = write(&record).await;
+        let mut written = put_record(env, &request.id, &record, revision).await;
         if matches!(&written, Err(e) if e.kind() == ErrorKind::PayloadTooLarge) {
             // The claimed record (start time, worker, sequence) does not fit
             // where the pending one did: drop what makes it large and fail
@@ -1495,7 +1518,7 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
                     .with_kind(kinds::TOO_LARGE),
                 );
             }
-            written = write(&record).await;
+            written = put_record(env, &request.id, &record, revision).await;
         }
         match written {
             Ok(_) if cancelled => return Ok(Claim::Skip("cancelled by a client")),
@@ -1551,15 +1574,14 @@ async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, kind: &str, rea
         _ => reason,
     };
     warn!(queue, seq = info.sequence, "refusing a message: {reason}");
-    let mut letter = DeadLetter::new(
+    let letter = letter_for(
+        env,
+        delivery,
         DeadLetter::invalid_key(queue, info.sequence),
         queue,
         task,
         ErrorInfo::new(kind, reason.clone()),
-        Bytes::copy_from_slice(delivery.payload()),
     );
-    letter.worker = env.name.clone();
-    letter.sequence = info.sequence;
     // Past the budget a message ends even if its dead letter cannot be stored.
     let give_up = info.delivered > delivery_budget(crate::request::DEFAULT_MAX_RETRIES);
     if !give_up && !store_dead_letter(env, delivery, letter).await {
@@ -1578,76 +1600,57 @@ async fn poison(env: &Env, queue: &str, delivery: &dyn Delivery, kind: &str, rea
 async fn abandon(env: &Env, queue: &str, delivery: &dyn Delivery, request: &Request, budget: u64) {
     let info = delivery.info();
     let existing = env.broker.get_record(&request.id).await.ok().flatten();
-    let decoded = existing
-        .as_ref()
-        .map(|entry| Record::decode(&request.id, &entry.value));
-    let (owned, last) = match &decoded {
-        None => (true, None),
-        Some(Ok(record)) => (
-            owns(record, request, info.sequence) && !record.status.is_terminal(),
-            record.error.clone(),
-        ),
-        // Not a record: nobody owns it.
-        Some(Err(_)) => (true, None),
-    };
-    let last = last
-        .map(|e| format!("; the last error reported: {}: {}", e.kind, e.message))
-        .unwrap_or_default();
-    let message = format!(
-        "delivered {} times, more than the {budget} its retries allow (max_retries + 1 + {DELIVERY_SLACK}); ended so that it cannot loop{last}",
-        info.delivered
-    );
-    error!(id = %request.id, "{message}");
-    let error = ErrorInfo::new(kinds::ABANDONED, message);
-    let key = if owned {
-        request.id.clone()
-    } else {
-        DeadLetter::invalid_key(queue, info.sequence)
-    };
-    let mut letter = DeadLetter::new(
-        key,
-        queue,
-        request.task.clone(),
-        error.clone(),
-        Bytes::copy_from_slice(delivery.payload()),
-    );
-    letter.worker = env.name.clone();
-    letter.sequence = info.sequence;
-    if let Some(Ok(record)) = &decoded {
-        letter.attempts = record.attempts;
-    }
-    if let Err(e) = env.broker.put_dead_letter(letter).await {
-        warn!(error = %e, "cannot store the dead letter of an abandoned request");
-    }
-    if owned {
-        let now = OffsetDateTime::now_utc();
-        let mut record = match decoded {
-            Some(Ok(record)) => record,
-            _ => Record::pending(request),
-        };
-        record.status = Status::Failed;
-        record.error = Some(error);
-        record.seq = Some(info.sequence);
-        record.finished_at = Some(now);
-        record.next_attempt_at = None;
-        record.worker = Some(env.name.clone());
-        let written = async {
-            let bytes = Bytes::from(record.to_json()?);
-            match &existing {
-                Some(entry) => env
-                    .broker
-                    .update_record(&request.id, bytes, entry.revision)
-                    .await
-                    .map(|_| ()),
-                None => env
-                    .broker
-                    .create_record(&request.id, bytes)
-                    .await
-                    .map(|_| ()),
+    // The record as this message will write it, if it owns it: none yet or
+    // not a record at all (nobody owns that) gives a fresh one.
+    let (owned, finished) = match &existing {
+        None => (Some(Record::pending(request)), false),
+        Some(entry) => match Record::decode(&request.id, &entry.value) {
+            Ok(record) if owns(&record, request, info.sequence) && !record.status.is_terminal() => {
+                (Some(record), false)
             }
+            Ok(_) => (None, false),
+            Err(_) => (Some(Record::pending(request)), false),
+        },
+    };
+    if !finished {
+        let last = owned
+            .as_ref()
+            .and_then(|r| r.error.as_ref())
+            .map(|e| format!("; the last error reported: {}: {}", e.kind, e.message))
+            .unwrap_or_default();
+        let message = format!(
+            "delivered {} times, more than the {budget} its retries allow (max_retries + 1 + {DELIVERY_SLACK}); ended so that it cannot loop{last}",
+            info.delivered
+        );
+        error!(id = %request.id, "{message}");
+        let error = ErrorInfo::new(kinds::ABANDONED, message);
+        let key = match owned {
+            Some(_) => request.id.clone(),
+            None => DeadLetter::invalid_key(queue, info.sequence),
         };
-        if let Err(e) = written.await {
-            warn!(error = %e, "cannot write the failed record of an abandoned request");
+        let mut letter = letter_for(
+            env,
+            delivery,
+            key,
+            queue,
+            request.task.clone(),
+            error.clone(),
+        );
+        letter.attempts = owned.as_ref().map_or(0, |r| r.attempts);
+        if let Err(e) = env.broker.put_dead_letter(letter).await {
+            warn!(error = %e, "cannot store the dead letter of an abandoned request");
+        }
+        if let Some(mut record) = owned {
+            record.status = Status::Failed;
+            record.error = Some(error);
+            record.seq = Some(info.sequence);
+            record.finished_at = Some(OffsetDateTime::now_utc());
+            record.next_attempt_at = None;
+            record.worker = Some(env.name.clone());
+            let revision = existing.as_ref().map(|e| e.revision);
+            if let Err(e) = put_record(env, &request.id, &record, revision).await {
+                warn!(error = %e, "cannot write the failed record of an abandoned request");
+            }
         }
     }
     if let Err(e) = delivery.term("jetq: abandoned: delivered too often").await {

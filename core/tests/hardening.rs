@@ -203,6 +203,20 @@ fn envelope(id: &str, task: &str, extra: serde_json::Value) -> Bytes {
     Bytes::from(serde_json::to_vec(&v).unwrap())
 }
 
+/// A message with dedup key `key` for `task` on the default queue.
+fn message(key: &str, task: &str, body: Bytes) -> OutgoingRequest {
+    OutgoingRequest::new(key, "default", task, body)
+}
+
+/// Publish a raw `demo.add` envelope for `id` (with `extra` fields), as a
+/// foreign producer would, keyed by its id.
+async fn publish_envelope(broker: &dyn Broker, id: &str, extra: serde_json::Value) {
+    broker
+        .publish(message(id, "demo.add", envelope(id, "demo.add", extra)))
+        .await
+        .unwrap();
+}
+
 /// Wait until the dead letter `key` exists (the in-memory broker has no
 /// dead-letter watch; its writes are synchronous, so this settles fast).
 async fn dead_letter(broker: &dyn Broker, key: &str) -> DeadLetter {
@@ -245,15 +259,7 @@ async fn a_request_whose_record_cannot_be_written_ends_within_its_delivery_budge
         .task("demo.add", add)
         .spawn()
         .unwrap();
-    broker
-        .publish(OutgoingRequest::new(
-            "stuck-1",
-            "default",
-            "demo.add",
-            envelope("stuck-1", "demo.add", json!({"max_retries": 1})),
-        ))
-        .await
-        .unwrap();
+    publish_envelope(&broker, "stuck-1", json!({"max_retries": 1})).await;
     let letter = dead_letter(&broker, "stuck-1").await;
     assert_eq!(letter.error.kind, "abandoned");
     assert!(letter.error.message.contains("delivered"), "{letter:?}");
@@ -338,29 +344,13 @@ async fn counters_at_their_limits_end_without_overflow() {
         .create_record("worn-1", Bytes::from(rec.to_json().unwrap()))
         .await
         .unwrap();
-    broker
-        .publish(OutgoingRequest::new(
-            "worn-1",
-            "default",
-            "demo.add",
-            envelope("worn-1", "demo.add", json!({})),
-        ))
-        .await
-        .unwrap();
+    publish_envelope(&broker, "worn-1", json!({})).await;
     let r = client.wait("worn-1", WAIT).await.unwrap();
     assert_eq!(r.status, Status::Failed);
     assert_eq!(r.error.unwrap().kind, "abandoned");
     assert_eq!(r.attempts, u32::MAX);
     // u32::MAX retries from a foreign producer: lowered to the limit.
-    broker
-        .publish(OutgoingRequest::new(
-            "greedy-1",
-            "default",
-            "demo.add",
-            envelope("greedy-1", "demo.add", json!({"max_retries": u32::MAX})),
-        ))
-        .await
-        .unwrap();
+    publish_envelope(&broker, "greedy-1", json!({"max_retries": u32::MAX})).await;
     let r = client.wait("greedy-1", WAIT).await.unwrap();
     assert_eq!(r.status, Status::Succeeded);
     assert_eq!(r.max_retries, jetq::request::MAX_RETRIES_LIMIT);
@@ -438,45 +428,32 @@ async fn hostile_messages_never_touch_another_requests_record() {
     let before = broker.get_record("victim").await.unwrap().unwrap();
     let attacks: Vec<(OutgoingRequest, &str)> = vec![
         (
-            OutgoingRequest::new(
-                "x1",
-                "default",
-                "demo.add",
-                Bytes::from_static(br#"{"id":"victim"}"#),
-            ),
+            message("x1", "demo.add", Bytes::from_static(br#"{"id":"victim"}"#)),
             "invalid_request",
         ),
         (
-            OutgoingRequest::new(
+            message(
                 "x2",
-                "default",
                 "demo.other",
                 envelope("victim", "demo.other", json!({})),
             ),
             "id_conflict",
         ),
         (
-            OutgoingRequest::new(
+            message(
                 "x3",
-                "default",
                 "demo.add",
                 envelope("squatter", "demo.add", json!({})),
             ),
             "invalid_request",
         ),
         (
-            OutgoingRequest::new(
-                "x4",
-                "default",
-                "demo.add",
-                envelope("x4", "demo.other", json!({})),
-            ),
+            message("x4", "demo.add", envelope("x4", "demo.other", json!({}))),
             "invalid_request",
         ),
         (
-            OutgoingRequest::new(
+            message(
                 "x5",
-                "default",
                 "demo.add",
                 envelope("x5", "demo.add", json!({"v": 999})),
             ),
@@ -545,15 +522,7 @@ async fn records_from_elsewhere_do_not_make_a_request_loop() {
         .await
         .unwrap();
     for id in ["future-1", "garbage-1"] {
-        broker
-            .publish(OutgoingRequest::new(
-                id,
-                "default",
-                "demo.add",
-                envelope(id, "demo.add", json!({})),
-            ))
-            .await
-            .unwrap();
+        publish_envelope(&broker, id, json!({})).await;
     }
     let r = client.wait("future-1", WAIT).await.unwrap();
     assert_eq!(r.status, Status::Succeeded);
