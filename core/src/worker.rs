@@ -1601,13 +1601,14 @@ async fn abandon(env: &Env, queue: &str, delivery: &dyn Delivery, request: &Requ
     let info = delivery.info();
     let existing = env.broker.get_record(&request.id).await.ok().flatten();
     // The record as this message will write it, if it owns it: none yet or
-    // not a record at all (nobody owns that) gives a fresh one.
+    // not a record at all (nobody owns that) gives a fresh one. A request
+    // that has finished (a duplicate, or only the acknowledgement kept
+    // getting lost) is neither dead-lettered nor rewritten: the message goes.
     let (owned, finished) = match &existing {
         None => (Some(Record::pending(request)), false),
         Some(entry) => match Record::decode(&request.id, &entry.value) {
-            Ok(record) if owns(&record, request, info.sequence) && !record.status.is_terminal() => {
-                (Some(record), false)
-            }
+            Ok(record) if record.status.is_terminal() => (None, true),
+            Ok(record) if owns(&record, request, info.sequence) => (Some(record), false),
             Ok(_) => (None, false),
             Err(_) => (Some(Record::pending(request)), false),
         },

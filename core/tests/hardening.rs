@@ -34,6 +34,8 @@ struct Faults {
     /// Nak delays are ignored (a broker that cannot represent the time):
     /// the message comes back at once.
     nak_at_once: bool,
+    /// Acknowledgements are lost: the message comes back at once.
+    acks_lost: bool,
 }
 
 /// The in-memory broker with faults injected, and nak delays shortened a
@@ -89,6 +91,9 @@ impl Delivery for FaultyDelivery {
         self.0.info()
     }
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
+        if self.1.acks_lost {
+            return self.0.nak(None);
+        }
         self.0.ack()
     }
     fn nak(&self, delay: Option<Duration>) -> BoxFuture<'_, Result<()>> {
@@ -272,6 +277,39 @@ async fn a_request_whose_record_cannot_be_written_ends_within_its_delivery_budge
     );
     // No record could be written, and none was.
     assert!(broker.get_record("stuck-1").await.unwrap().is_none());
+    w.shutdown().await.unwrap();
+}
+
+/// A finished request whose message keeps coming back (its acknowledgements
+/// are lost) is ended by the backstop without a dead letter and with its
+/// record left as it is.
+#[tokio::test]
+async fn the_backstop_leaves_a_finished_request_alone() {
+    let broker = FaultyBroker::new(Faults {
+        acks_lost: true,
+        ..Faults::default()
+    });
+    let w = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let h = client
+        .task("demo.add")
+        .args(&(1, 2))
+        .max_retries(0)
+        .publish()
+        .await
+        .unwrap();
+    assert_eq!(h.result::<i64>(WAIT).await.unwrap(), 3);
+    drained(&broker.inner).await;
+    assert_eq!(
+        broker.deliveries.load(Ordering::SeqCst) as u64,
+        jetq::worker::delivery_budget(0) + 1
+    );
+    assert!(client.dead_letters(10).await.unwrap().is_empty());
+    let r = client.record(h.id()).await.unwrap();
+    assert_eq!((r.status, r.attempts), (Status::Succeeded, 1));
     w.shutdown().await.unwrap();
 }
 
