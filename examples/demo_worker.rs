@@ -39,6 +39,10 @@ struct Opts {
     /// they are stopped and released for redelivery (at most 86400).
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, default_value = "30", value_parser = seconds(Duration::ZERO, DAY))]
     shutdown_timeout: Duration,
+    /// Seconds an attempt runs before its record says `running` (at most
+    /// 86400; quicker attempts write their record once, with the outcome).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, default_value = "0.5", value_parser = seconds(Duration::ZERO, DAY))]
+    running_after: Duration,
     /// Seconds to keep trying to reach the NATS server at start (at most
     /// 86400; 0 fails at once if it is down).
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, default_value = "60", value_parser = seconds(Duration::ZERO, DAY))]
@@ -124,6 +128,7 @@ async fn run(opts: Opts) -> jetq::Result<()> {
         .concurrency(opts.concurrency)
         .ack_wait(opts.ack_wait)
         .shutdown_timeout(opts.shutdown_timeout)
+        .running_after(opts.running_after)
         .task("demo.add", add)
         .task("demo.sleep", sleep)
         .task("demo.slow", slow)

@@ -23,8 +23,8 @@ use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, Su
 use bytes::Bytes;
 use futures_util::StreamExt;
 use jetq::broker::{
-    BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, OutgoingRequest, PublishAck,
-    RecordEntry,
+    BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, Notification, Notifications,
+    OutgoingRequest, PublishAck, RecordEntry,
 };
 use jetq::names::{validate_id, validate_queue, validate_task};
 use jetq::time::format_description::well_known::Rfc3339;
@@ -95,6 +95,9 @@ struct Inner {
     queues: Mutex<HashSet<String>>,
     /// Counts (re)connections when the broker made the connection itself.
     reconnects: Option<watch::Receiver<u64>>,
+    /// The connection's inbox prefix (`_INBOX` unless configured): record
+    /// notifications go only to subjects right under it.
+    inbox_prefix: String,
 }
 
 impl fmt::Debug for NatsBroker {
@@ -332,6 +335,11 @@ impl NatsBroker {
     fn build(client: Client, config: NatsConfig, reconnects: Option<watch::Receiver<u64>>) -> Self {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(config.request_timeout);
+        let inbox_prefix = client
+            .new_inbox()
+            .rsplit_once('.')
+            .map(|(prefix, _)| prefix.to_owned())
+            .unwrap_or_else(|| "_INBOX".to_owned());
         NatsBroker {
             inner: Arc::new(Inner {
                 client,
@@ -344,6 +352,7 @@ impl NatsBroker {
                 read_dead: OnceCell::new(),
                 queues: Mutex::new(HashSet::new()),
                 reconnects,
+                inbox_prefix,
             }),
         }
     }
@@ -1160,6 +1169,69 @@ impl NatsBroker {
         }
     }
 
+    /// A private inbox (`{inbox prefix}.{unique token}`) for the records of
+    /// this client's requests; a reconnection yields a resync, since core
+    /// NATS messages sent meanwhile are lost.
+    async fn notifications_impl(&self) -> Result<Notifications> {
+        let address = self.inner.client.new_inbox();
+        let sub = self
+            .inner
+            .client
+            .subscribe(address.clone())
+            .await
+            .map_err(|e| {
+                wrap(
+                    ErrorKind::Broker,
+                    format!("cannot subscribe to {address}"),
+                    e,
+                )
+            })?;
+        let mut reconnects = self.inner.reconnects.clone();
+        if let Some(rx) = reconnects.as_mut() {
+            rx.mark_unchanged();
+        }
+        // Ends with the subscription (the connection closed for good).
+        let stream: BoxStream<'static, Notification> = Box::pin(futures_util::stream::unfold(
+            (sub, reconnects),
+            |(mut sub, mut reconnects)| async move {
+                let next = tokio::select! {
+                    m = sub.next() => m.map(|m| Notification::Record(m.payload)),
+                    _ = reconnected(&mut reconnects) => Some(Notification::Resync),
+                };
+                next.map(|n| (n, (sub, reconnects)))
+            },
+        ));
+        Ok(Notifications::new(address, stream))
+    }
+
+    /// Send an ended record to a producer's inbox: only to a subject right
+    /// under this connection's inbox prefix with a plain token, so that a
+    /// request cannot make workers publish anywhere else (on a task or
+    /// record subject, say).
+    async fn notify_impl(&self, address: String, record: Bytes) -> Result<()> {
+        let token = address
+            .strip_prefix(self.inner.inbox_prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('.'));
+        let valid = token.is_some_and(|t| {
+            !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphanumeric())
+        });
+        if !valid {
+            return Err(Error::new(
+                ErrorKind::InvalidName,
+                format!(
+                    "notify address {:?} is not an inbox of this connection ({}.<token>); not sent",
+                    jetq::names::escape(&address),
+                    self.inner.inbox_prefix
+                ),
+            ));
+        }
+        self.inner
+            .client
+            .publish(address, record)
+            .await
+            .map_err(|e| wrap(ErrorKind::Broker, "cannot send a record notification", e))
+    }
+
     async fn watch_record_impl(&self, id: &str) -> Result<BoxStream<'static, Result<RecordEntry>>> {
         let subject = self.record_subject(id)?;
         let kv = self.bucket().await?.clone();
@@ -1366,6 +1438,25 @@ impl Broker for NatsBroker {
                 )),
                 Err(err) => Err(record(format!("cannot delete record {id}"), err)),
             }
+        })
+    }
+
+    fn notifications(&self) -> BoxFuture<'_, Result<Option<Notifications>>> {
+        Box::pin(async move { self.notifications_impl().await.map(Some) })
+    }
+
+    fn notify(&self, address: &str, record: Bytes) -> BoxFuture<'_, Result<()>> {
+        let address = address.to_owned();
+        Box::pin(async move { self.notify_impl(address, record).await })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.inner
+                .client
+                .flush()
+                .await
+                .map_err(|e| wrap(ErrorKind::Broker, "cannot flush the NATS connection", e))
         })
     }
 

@@ -335,6 +335,10 @@ impl Delivery for NatsDelivery {
         Box::pin(self.confirmed(Bytes::from_static(b"+ACK"), "ack"))
     }
 
+    fn ack_unconfirmed(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.send(AckKind::Ack, "ack"))
+    }
+
     fn nak(&self, delay: Option<Duration>) -> BoxFuture<'_, Result<()>> {
         // Confirmed, like ack: a worker that naks and then exits (shutdown)
         // must not lose the nak in its write buffer, or the request would

@@ -194,7 +194,9 @@ async fn connect(url: &str) -> Result<Client, String> {
     let broker = jetq_nats::NatsBroker::connect(url)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(Client::new(broker))
+    // A person publishing from the command line wants `jetq get` to find the
+    // request at once: one record write more per publish.
+    Ok(Client::new(broker).pending_records(true))
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {

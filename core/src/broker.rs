@@ -172,6 +172,12 @@ pub trait Delivery: Send + Sync + Debug {
     fn info(&self) -> DeliveryInfo;
     /// Done: remove it from the queue.
     fn ack(&self) -> BoxFuture<'_, Result<()>>;
+    /// Done, without waiting for the broker to confirm it: for a message
+    /// whose outcome is already in its record (a lost acknowledgement only
+    /// brings a redelivery, which the record drops). Defaults to [`ack`](Self::ack).
+    fn ack_unconfirmed(&self) -> BoxFuture<'_, Result<()>> {
+        self.ack()
+    }
     /// Not done: deliver it again, after `delay` if given.
     fn nak(&self, delay: Option<Duration>) -> BoxFuture<'_, Result<()>>;
     /// Still working: reset the ack wait.
@@ -203,6 +209,47 @@ pub trait Consumer: Send + Debug {
     /// keep-alives by this value, not by their own setting.
     fn ack_wait(&mut self) -> BoxFuture<'_, Result<Option<Duration>>> {
         Box::pin(async { Ok(None) })
+    }
+}
+
+/// What a client's notification inbox yields.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Notification {
+    /// The encoded record of an ended request, sent by the worker that
+    /// ended it.
+    Record(Bytes),
+    /// Notifications may have been lost (the connection was re-established):
+    /// waiters read their records again.
+    Resync,
+}
+
+/// A client's private inbox for the records of its requests, from
+/// [`Broker::notifications`].
+#[non_exhaustive]
+pub struct Notifications {
+    /// The address to name in a request's `notify` field.
+    pub address: String,
+    /// The notifications, as they arrive; ends when the broker's connection
+    /// closes.
+    pub stream: BoxStream<'static, Notification>,
+}
+
+impl Notifications {
+    /// An inbox at `address` yielding `stream`.
+    pub fn new(address: impl Into<String>, stream: BoxStream<'static, Notification>) -> Self {
+        Notifications {
+            address: address.into(),
+            stream,
+        }
+    }
+}
+
+impl Debug for Notifications {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notifications")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
     }
 }
 
@@ -241,6 +288,28 @@ pub trait Broker: Send + Sync + Debug + 'static {
     /// record whose publish failed); fails with
     /// [`ErrorKind::Conflict`](crate::ErrorKind::Conflict) otherwise.
     fn delete_record(&self, id: &str, revision: u64) -> BoxFuture<'_, Result<()>>;
+
+    /// Open a private inbox for the records of this client's requests (one
+    /// per client, shared by all its waits), if the broker has such a thing;
+    /// `None` makes waits watch each record instead.
+    fn notifications(&self) -> BoxFuture<'_, Result<Option<Notifications>>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Send the encoded record of an ended request to the inbox its request
+    /// named (`notify`). Best effort: a waiter that misses it reads the
+    /// record. A broker refuses an address that is not an inbox (it must not
+    /// become a way to publish anywhere); the default sends nothing.
+    fn notify(&self, address: &str, record: Bytes) -> BoxFuture<'_, Result<()>> {
+        let _ = (address, record);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Send whatever the broker's connection still buffers (acknowledgements
+    /// not waited for); a worker calls it before it stops.
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// The largest message the broker accepts, in bytes, if it has a limit.
     /// Clients refuse larger requests before anything is written.

@@ -14,6 +14,7 @@ use crate::broker::{Broker, OutgoingRequest};
 use crate::dead::DeadLetter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::names;
+use crate::notify::{Notifier, Registration};
 use crate::record::{Record, Status};
 use crate::request::Request;
 
@@ -21,12 +22,16 @@ use crate::request::Request;
 #[derive(Clone)]
 pub struct Client {
     broker: Arc<dyn Broker>,
+    pending_records: bool,
+    /// The client's result inbox, opened at the first publish.
+    notifier: Arc<tokio::sync::OnceCell<Option<Arc<Notifier>>>>,
 }
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
             .field("broker", &self.broker)
+            .field("pending_records", &self.pending_records)
             .finish()
     }
 }
@@ -34,14 +39,26 @@ impl fmt::Debug for Client {
 impl Client {
     /// A client on `broker`.
     pub fn new(broker: impl Broker) -> Self {
-        Client {
-            broker: Arc::new(broker),
-        }
+        Self::from_arc(Arc::new(broker))
     }
 
     /// A client on a shared broker.
     pub fn from_arc(broker: Arc<dyn Broker>) -> Self {
-        Client { broker }
+        Client {
+            broker,
+            pending_records: false,
+            notifier: Arc::default(),
+        }
+    }
+
+    /// Write a `pending` record for every request at publish (default: only
+    /// for delayed requests). Without one, a request has no record until a
+    /// worker takes it; [`TaskHandle::record`] reports it `pending` all the
+    /// same, but other clients (`jetq get`) find nothing yet. The record
+    /// costs a write, and a round trip before the publish, per request.
+    pub fn pending_records(mut self, on: bool) -> Self {
+        self.pending_records = on;
+        self
     }
 
     /// The broker.
@@ -59,14 +76,40 @@ impl Client {
     }
 
     /// Publish a prepared request; see [`RequestBuilder::publish`].
-    pub async fn publish_request(&self, request: Request) -> Result<TaskHandle> {
+    pub async fn publish_request(&self, mut request: Request) -> Result<TaskHandle> {
         request.validate()?;
         check_bounds(&request)?;
+        // Registered before the publish, so that no result can come too early.
+        let registration = self.register(&request.id).await;
+        if let Some(r) = &registration {
+            request.notify = Some(r.notifier_address().to_owned());
+        }
         let payload = Bytes::from(request.to_json()?);
         self.check_size(&request.id, payload.len())?;
+        let now = time::OffsetDateTime::now_utc();
+        let delayed = request.not_before.is_some_and(|at| at > now);
+        if !delayed && !self.pending_records {
+            // No record before a worker takes the request: the broker's
+            // dedup (`Nats-Msg-Id`) keeps a retried publish to one message,
+            // and a worker drops a later message for an id whose record
+            // another message owns, so the request still runs once.
+            let published = self.broker.publish(outgoing(&request, payload)).await?;
+            if published.duplicate {
+                self.check_duplicate(&request.id, published.sequence)
+                    .await?;
+            }
+            return Ok(TaskHandle {
+                client: self.clone(),
+                id: request.id.clone(),
+                queued: Some(Arc::new(Record::pending(&request))),
+                registration,
+            });
+        }
         let handle = TaskHandle {
             client: self.clone(),
             id: request.id.clone(),
+            queued: None,
+            registration,
         };
         // The pending record first, atomically: it is the idempotency check
         // that outlives the broker's dedup window.
@@ -108,6 +151,17 @@ impl Client {
             return Err(e);
         }
         Ok(handle)
+    }
+
+    /// Register for the record of `id` in the client's inbox (opened on
+    /// first use), if the broker has one.
+    async fn register(&self, id: &str) -> Option<Arc<Registration>> {
+        let notifier = self
+            .notifier
+            .get_or_init(|| Notifier::open(&self.broker))
+            .await
+            .as_ref()?;
+        Some(Arc::new(notifier.register(id)))
     }
 
     /// The broker took a publish of `id` for a duplicate of the message at
@@ -167,15 +221,33 @@ impl Client {
     /// returns; [`wait`](Self::wait) for it. Returns the record as this call
     /// left it: `cancelled`, `running` with `cancel_requested_at` set, or the
     /// terminal record of a request that had already finished (nothing to cancel).
-    /// [`ErrorKind::NotFound`] if there is no such request.
+    ///
+    /// A request with no record yet (queued, or in the first moments of its
+    /// first attempt, see [`WorkerBuilder::running_after`](crate::WorkerBuilder::running_after))
+    /// gets a `cancelled` record with no task or queue: a worker drops it,
+    /// and an attempt already running is told as above, its outcome
+    /// discarded. An id nobody published gets such a record too (there is
+    /// no way to tell it from a queued request without scanning the queue);
+    /// a later publish of that id is then dropped as cancelled.
     pub async fn cancel(&self, id: &str) -> Result<Record> {
         names::validate_id(id)?;
         for _ in 0..32 {
             let Some(entry) = self.broker.get_record(id).await? else {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!("no request with id `{id}` to cancel"),
-                ));
+                // No record: queued (no worker has taken it, or one is
+                // running it but has not written yet) or unknown. A
+                // `cancelled` record stops it: a worker drops a request
+                // whose record has ended, and a running attempt is told.
+                let now = time::OffsetDateTime::now_utc();
+                let record = Record::cancelled_unseen(id, now);
+                let bytes = Bytes::from(record.to_json()?);
+                match self.broker.create_record(id, bytes).await {
+                    Ok(_) => {
+                        self.after_cancel(id).await?;
+                        return Ok(record);
+                    }
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e),
+                }
             };
             let mut record = Record::decode(id, &entry.value)?;
             if record.status.is_terminal() {
@@ -198,9 +270,8 @@ impl Client {
                 Ok(_) => {
                     if running {
                         self.broker.signal_cancel(id).await?;
-                    } else if let Err(e) = self.broker.remove_delayed(id).await {
-                        // Harmless: a worker drops a cancelled request it is given.
-                        tracing::debug!(id, error = %e, "cannot remove a delayed request");
+                    } else {
+                        self.after_cancel(id).await?;
                     }
                     return Ok(record);
                 }
@@ -212,6 +283,17 @@ impl Client {
             ErrorKind::Conflict,
             format!("record `{id}` keeps changing; cannot cancel it"),
         ))
+    }
+
+    /// A request not known to be running was marked `cancelled`: drop its
+    /// delayed message if it has one, and tell the workers, since an attempt
+    /// may be running without having written its record yet.
+    async fn after_cancel(&self, id: &str) -> Result<()> {
+        if let Err(e) = self.broker.remove_delayed(id).await {
+            // Harmless: a worker drops a cancelled request it is given.
+            tracing::debug!(id, error = %e, "cannot remove a delayed request");
+        }
+        self.broker.signal_cancel(id).await
     }
 
     /// Dead letters, oldest first, at most `limit`.
@@ -301,6 +383,8 @@ impl Client {
         Ok(TaskHandle {
             client: self.clone(),
             id: id.to_owned(),
+            queued: None,
+            registration: None,
         })
     }
 
@@ -309,6 +393,8 @@ impl Client {
         TaskHandle {
             client: self.clone(),
             id: id.into(),
+            queued: None,
+            registration: None,
         }
     }
 
@@ -332,8 +418,17 @@ impl Client {
     /// Wait until request `id` has a terminal record (watching it, not
     /// polling) and return it, whatever its status.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Record> {
+        self.watch_until_ended(id, timeout, None).await
+    }
+
+    /// [`wait`](Self::wait), the status before any record being `last`.
+    async fn watch_until_ended(
+        &self,
+        id: &str,
+        timeout: Duration,
+        mut last: Option<Status>,
+    ) -> Result<Record> {
         names::validate_id(id)?;
-        let mut last: Option<Status> = None;
         let watch = async {
             let mut stream = self.broker.watch_record(id).await?;
             while let Some(entry) = stream.next().await {
@@ -350,19 +445,21 @@ impl Client {
         };
         match tokio::time::timeout(timeout, watch).await {
             Ok(result) => result,
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                match last {
-                    Some(s) => {
-                        format!("request `{id}` did not finish within {timeout:?} (status: {s})")
-                    }
-                    None => {
-                        format!("request `{id}` did not finish within {timeout:?} (no record yet)")
-                    }
-                },
-            )),
+            Err(_) => Err(timed_out(id, timeout, last)),
         }
     }
+}
+
+/// The error of a wait for `id` that ran out of time, the record last seen
+/// being `last`.
+fn timed_out(id: &str, timeout: Duration, last: Option<Status>) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        match last {
+            Some(s) => format!("request `{id}` did not finish within {timeout:?} (status: {s})"),
+            None => format!("request `{id}` did not finish within {timeout:?} (no record yet)"),
+        },
+    )
 }
 
 /// Refuse values a worker could not honour: more retries than
@@ -512,6 +609,12 @@ impl RequestBuilder {
 pub struct TaskHandle {
     client: Client,
     id: String,
+    /// The `pending` record of a request this handle published without
+    /// writing it: what [`record`](Self::record) reports until a worker
+    /// writes one.
+    queued: Option<Arc<Record>>,
+    /// Its place in the client's result inbox, if it published the request.
+    registration: Option<Arc<Registration>>,
 }
 
 impl TaskHandle {
@@ -520,9 +623,16 @@ impl TaskHandle {
         &self.id
     }
 
-    /// The current record.
+    /// The current record. A request this handle published is `pending`
+    /// until a worker writes its record.
     pub async fn record(&self) -> Result<Record> {
-        self.client.record(&self.id).await
+        match self.client.record(&self.id).await {
+            Err(e) if e.kind() == ErrorKind::NotFound => match &self.queued {
+                Some(queued) => Ok(Record::clone(queued)),
+                None => Err(e),
+            },
+            other => other,
+        }
     }
 
     /// The current status.
@@ -537,7 +647,51 @@ impl TaskHandle {
 
     /// Wait for the terminal record, whatever its status.
     pub async fn wait(&self, timeout: Duration) -> Result<Record> {
-        self.client.wait(&self.id, timeout).await
+        let Some(registration) = &self.registration else {
+            let queued = self.queued.as_ref().map(|r| r.status);
+            return self
+                .client
+                .watch_until_ended(&self.id, timeout, queued)
+                .await;
+        };
+        // The worker that ends the request sends its record to the client's
+        // inbox; the record is also read now and then, in case that was lost.
+        let slot = &registration.slot;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_secs(1);
+        let mut next_read = tokio::time::Instant::now() + pause;
+        let mut last = self.queued.as_ref().map(|r| r.status);
+        loop {
+            let changed = slot.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(record) = slot.record() {
+                return Ok(record);
+            }
+            let read_now = slot.take_resync() || tokio::time::Instant::now() >= next_read;
+            if read_now {
+                match self.client.record(&self.id).await {
+                    Ok(record) if record.status.is_terminal() => return Ok(record),
+                    Ok(record) => last = Some(record.status),
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    // A record that is not one will not get better.
+                    Err(e) if e.kind() == ErrorKind::Serialization => return Err(e),
+                    // An outage (the server restarting, say) is waited out.
+                    Err(e) => {
+                        tracing::debug!(id = %self.id, error = %e, "cannot read the record; will retry");
+                    }
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
+                next_read = tokio::time::Instant::now() + pause;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(timed_out(&self.id, timeout, last));
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(next_read.min(deadline)) => {}
+            }
+        }
     }
 
     /// Wait for the task's value. A `failed` request gives

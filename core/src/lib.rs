@@ -35,6 +35,7 @@ pub mod extract;
 pub mod handler;
 pub mod memory;
 pub mod names;
+mod notify;
 pub mod record;
 pub mod request;
 pub mod retry;

@@ -202,6 +202,35 @@ impl Record {
         }
     }
 
+    /// The record a client writes to cancel request `id` before any record
+    /// of it exists (it is queued, or unknown): `cancelled`, with no task or
+    /// queue known. A worker given the request drops it.
+    pub fn cancelled_unseen(id: &str, now: OffsetDateTime) -> Self {
+        let mut record = Record {
+            v: RECORD_VERSION,
+            id: id.to_owned(),
+            task: String::new(),
+            queue: String::new(),
+            status: Status::Pending,
+            value: None,
+            error: None,
+            metadata: Map::new(),
+            progress: None,
+            attempts: 0,
+            max_retries: 0,
+            enqueued_at: now,
+            started_at: None,
+            finished_at: None,
+            next_attempt_at: None,
+            cancel_requested_at: None,
+            worker: None,
+            seq: None,
+            extra: Map::new(),
+        };
+        record.mark_cancelled(now);
+        record
+    }
+
     /// Make this record `cancelled` at a client's request, as of `now`: the
     /// terminal state the client writes for a request that is not running,
     /// and the worker writes when a cancelled attempt ends.

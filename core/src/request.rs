@@ -73,6 +73,13 @@ pub struct Request {
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub headers: BTreeMap<String, String>,
+    /// Where the worker sends the request's record once it has ended: the
+    /// producer's private inbox (NATS: a subject under the connection's inbox
+    /// prefix, `_INBOX.<token>`), so that a producer waiting for results
+    /// needs one subscription for all of them. Optional; a worker ignores an
+    /// address its broker does not accept as an inbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<String>,
 }
 
 impl Request {
@@ -89,6 +96,7 @@ impl Request {
             max_retries: None,
             not_before: None,
             headers: BTreeMap::new(),
+            notify: None,
         }
     }
 

@@ -39,6 +39,8 @@ const RECORD_WRITE_PATIENCE: Duration = Duration::from_secs(30);
 /// longer: a second per delivery so far, at most 30 s) and for early
 /// deliveries put back until due.
 pub const DELIVERY_SLACK: u64 = 10;
+/// How long an attempt runs before its record says `running`.
+const DEFAULT_RUNNING_AFTER: Duration = Duration::from_millis(500);
 /// How often a pulling worker reads its queue's ack wait back from the
 /// broker (another worker may have changed it).
 const ACK_WAIT_REFRESH: Duration = Duration::from_secs(5);
@@ -156,6 +158,7 @@ pub struct WorkerBuilder {
     concurrency: usize,
     ack_wait: Duration,
     shutdown_timeout: Duration,
+    running_after: Duration,
 }
 
 impl fmt::Debug for WorkerBuilder {
@@ -254,6 +257,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// How long an attempt runs before its record says `running` (default
+    /// 500 ms). A quicker attempt writes its record once, with its outcome:
+    /// one write per attempt instead of two. Progress or metadata reported
+    /// by the task, and a failure, write it at once.
+    pub fn running_after(mut self, after: Duration) -> Self {
+        self.running_after = after;
+        self
+    }
+
     /// How long running tasks may finish after shutdown begins (default 30 s);
     /// then they are stopped and released for immediate redelivery.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -332,6 +344,7 @@ impl WorkerBuilder {
                 registry,
                 shared: Arc::new(self.shared),
                 ack_wait: self.ack_wait,
+                running_after: self.running_after,
                 running: StdMutex::new(HashMap::new()),
                 next_registration: AtomicU64::new(0),
             }),
@@ -376,6 +389,7 @@ struct Env {
     registry: HashMap<String, HashMap<String, Arc<TaskEntry>>>,
     shared: Arc<Shared>,
     ack_wait: Duration,
+    running_after: Duration,
     /// Running attempts by request id: the task's token and the flag that a
     /// client cancelled it.
     running: StdMutex<HashMap<String, Vec<RunningAttempt>>>,
@@ -476,6 +490,7 @@ impl Worker {
             concurrency: 16,
             ack_wait: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
+            running_after: DEFAULT_RUNNING_AFTER,
         }
     }
 
@@ -549,6 +564,9 @@ impl Worker {
             tracker.wait().await;
         }
         listener.abort();
+        if let Err(e) = self.env.broker.flush().await {
+            warn!(worker = %self.env.name, error = %e, "cannot flush the last acknowledgements; their requests may be delivered again (and dropped)");
+        }
         info!(worker = %self.env.name, "worker stopped");
         Ok(())
     }
@@ -764,49 +782,175 @@ async fn pull_loop(
     }
 }
 
-/// Writes a task's record with optimistic concurrency; the attempt owns the
-/// record while `seq` and `attempts` match.
+/// Writes one attempt's record with optimistic concurrency.
+///
+/// The claim (status `running`, this message's `seq`, the attempt number,
+/// start time and worker) need not be written before the task runs: a quick
+/// attempt writes its record once, claim and outcome together. The claim is
+/// written on its own only when the attempt is still running after
+/// `running_after`, when the task reports progress or metadata, and before a
+/// request is failed (a dead letter always follows a claimed record). Until
+/// then the attempt owns the record while the stored one is still the one it
+/// read (same `seq` and attempt count, not terminal); afterwards while it is
+/// the one it wrote.
 struct RecordWriter {
     broker: Arc<dyn Broker>,
     id: String,
-    state: Mutex<(Record, u64)>,
+    state: Mutex<WriterState>,
+    /// Where the request asked its ended record to be sent.
+    notify: Option<String>,
+}
+
+struct WriterState {
+    /// The record as this attempt means it: the claim applied.
+    record: Record,
+    /// Revision of the stored record this attempt last read or wrote;
+    /// `None` if there was none.
+    revision: Option<u64>,
+    /// Whether the claim has been written.
+    claimed: bool,
+    /// `seq` and `attempts` of the stored record while this attempt owns it.
+    base: (Option<u64>, u32),
+    /// The claim, to apply again over a record re-read before it was written.
+    claim: ClaimStamp,
+    /// The record as last written, encoded.
+    written: Option<Bytes>,
+}
+
+/// What a claim writes into the record.
+#[derive(Clone)]
+struct ClaimStamp {
+    seq: u64,
+    attempts: u32,
+    max_retries: u32,
+    started_at: OffsetDateTime,
+    worker: String,
+}
+
+impl ClaimStamp {
+    fn apply(&self, record: &mut Record) {
+        record.seq = Some(self.seq);
+        record.attempts = self.attempts;
+        record.max_retries = self.max_retries;
+        record.status = Status::Running;
+        record.started_at = Some(self.started_at);
+        record.next_attempt_at = None;
+        record.worker = Some(self.worker.clone());
+    }
 }
 
 impl RecordWriter {
+    /// A writer for an attempt that claims `stored` (revision `revision`, or
+    /// none stored): `claim` says what the attempt writes; `claimed` whether
+    /// `record` (the claimed record) is already stored.
+    fn new(
+        broker: Arc<dyn Broker>,
+        request: &Request,
+        record: Record,
+        revision: Option<u64>,
+        claimed: bool,
+        base: (Option<u64>, u32),
+        claim: ClaimStamp,
+    ) -> Self {
+        RecordWriter {
+            broker,
+            id: request.id.clone(),
+            notify: request.notify.clone(),
+            state: Mutex::new(WriterState {
+                record,
+                revision,
+                claimed,
+                base,
+                claim,
+                written: None,
+            }),
+        }
+    }
+
+    /// The record as last written, encoded.
+    async fn written(&self) -> Option<Bytes> {
+        self.state.lock().await.written.clone()
+    }
+
+    /// The record as this attempt means it.
+    async fn current(&self) -> Record {
+        self.state.lock().await.record.clone()
+    }
+
+    /// Whether `stored` is still the record this attempt owns.
+    fn still_owned(state: &WriterState, stored: &Record) -> bool {
+        stored.seq == state.base.0
+            && stored.attempts == state.base.1
+            && !stored.status.is_terminal()
+    }
+
+    /// Write the claim if it is not written yet.
+    async fn ensure_claimed(&self) -> Result<()> {
+        if self.state.lock().await.claimed {
+            return Ok(());
+        }
+        self.apply(&|_| {}).await.map(|_| ())
+    }
+
     /// Write `change` over the record; returns the status as written.
     async fn apply(&self, change: &(dyn Fn(&mut Record) + Send + Sync)) -> Result<Status> {
         let mut guard = self.state.lock().await;
-        let (seq, attempts) = (guard.0.seq, guard.0.attempts);
         let deadline = tokio::time::Instant::now() + RECORD_WRITE_PATIENCE;
         let mut pause = Duration::from_millis(50);
         loop {
-            let mut next = guard.0.clone();
+            let mut next = guard.record.clone();
             change(&mut next);
             let bytes = Bytes::from(next.to_json()?);
-            match self.broker.update_record(&self.id, bytes, guard.1).await {
+            let written = match guard.revision {
+                Some(revision) => {
+                    self.broker
+                        .update_record(&self.id, bytes.clone(), revision)
+                        .await
+                }
+                None => self.broker.create_record(&self.id, bytes.clone()).await,
+            };
+            match written {
                 Ok(revision) => {
                     let status = next.status;
-                    *guard = (next, revision);
+                    guard.base = (next.seq, next.attempts);
+                    guard.record = next;
+                    guard.revision = Some(revision);
+                    guard.claimed = true;
+                    guard.written = Some(bytes);
                     return Ok(status);
                 }
-                Err(e) if e.kind() == ErrorKind::Conflict => {
-                    let Some(entry) = self.broker.get_record(&self.id).await? else {
-                        return Err(Error::new(
-                            ErrorKind::Conflict,
-                            format!("record `{}` was deleted while its task ran", self.id),
-                        ));
-                    };
-                    let current = Record::decode(&self.id, &entry.value)?;
-                    if current.seq != seq
-                        || current.attempts != attempts
-                        || current.status.is_terminal()
-                    {
-                        return Err(Error::new(
-                            ErrorKind::Conflict,
-                            format!("record `{}` was taken over by another attempt", self.id),
-                        ));
+                Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
+                    let state = &mut *guard;
+                    match self.broker.get_record(&self.id).await? {
+                        None if !state.claimed && state.base == (None, 0) => {
+                            state.revision = None;
+                        }
+                        None => {
+                            return Err(Error::new(
+                                ErrorKind::Conflict,
+                                format!("record `{}` was deleted while its task ran", self.id),
+                            ));
+                        }
+                        Some(entry) => {
+                            let mut stored = Record::decode(&self.id, &entry.value)?;
+                            if !Self::still_owned(state, &stored) {
+                                return Err(Error::new(
+                                    ErrorKind::Conflict,
+                                    format!(
+                                        "record `{}` was taken over by another attempt, or finished",
+                                        self.id
+                                    ),
+                                ));
+                            }
+                            // Changed by someone allowed to (a client asking to
+                            // cancel, a pending record written late): keep that.
+                            if !state.claimed {
+                                state.claim.apply(&mut stored);
+                            }
+                            state.record = stored;
+                            state.revision = Some(entry.revision);
+                        }
                     }
-                    *guard = (current, entry.revision);
                 }
                 // Only an outage is worth waiting out; a record that is too
                 // large or cannot be encoded will not get better.
@@ -822,23 +966,25 @@ impl RecordWriter {
             }
         }
     }
-}
 
-impl RecordWriter {
     /// Read the record back: has a client asked to cancel, or has another
     /// attempt taken the request over?
     async fn check(&self, broker: &Arc<dyn Broker>) -> Result<Watch> {
-        let (seq, attempts) = {
+        let (base, claimed) = {
             let guard = self.state.lock().await;
-            (guard.0.seq, guard.0.attempts)
+            (guard.base, guard.claimed)
         };
         let Some(entry) = broker.get_record(&self.id).await? else {
-            return Ok(Watch::Lost);
+            return Ok(if claimed || base != (None, 0) {
+                Watch::Lost
+            } else {
+                Watch::Fine
+            });
         };
         let current = Record::decode(&self.id, &entry.value)?;
-        Ok(if current.seq != seq || current.attempts != attempts {
+        Ok(if current.seq != base.0 || current.attempts != base.1 {
             Watch::Lost
-        } else if current.cancel_requested_at.is_some() {
+        } else if current.cancel_requested_at.is_some() || current.status == Status::Cancelled {
             Watch::CancelRequested
         } else {
             Watch::Fine
@@ -949,7 +1095,7 @@ async fn process(
                 }
             }
         }
-        let claim = match claim(&env, &request, info.sequence, max_retries).await {
+        let claim = match claim(&env, &request, info, max_retries).await {
             Ok(c) => c,
             Err(e) => {
                 let delay = release_delay(info.delivered);
@@ -984,7 +1130,7 @@ async fn process(
                 return;
             }
             Claim::GiveUp(writer, attempt) => {
-                let last = writer.state.lock().await.0.error.clone();
+                let last = writer.current().await.error;
                 let last = match last {
                     Some(e) => format!("; the last error reported: {}: {}", e.kind, e.message),
                     None => String::new(),
@@ -1086,9 +1232,26 @@ async fn process(
                 }
             }
         };
+        // A slow attempt says `running` (its claim, written on its own).
+        let mark_running = async {
+            tokio::time::sleep(env.running_after).await;
+            match writer.ensure_claimed().await {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Conflict => {
+                    warn!(error = %e, "another attempt took this request over, or it was cancelled; stopping this one");
+                    if let Ok(Watch::CancelRequested) = writer.check(&env.broker).await {
+                        by_client.cancel();
+                    }
+                    cancel.cancel();
+                }
+                Err(e) => debug!(id = %id, error = %e, "cannot write the running record yet"),
+            }
+            std::future::pending::<()>().await
+        };
         let outcome = tokio::select! {
             r = run => Some(r),
             _ = keepalive => None,
+            _ = mark_running => None,
             _ = hard_stop.cancelled() => None,
         };
         if by_client.is_cancelled() {
@@ -1183,7 +1346,7 @@ async fn conclude(
             let message = format!("the task's outcome does not fit in a record: {e}");
             warn!("{message}");
             let error = ErrorInfo::new(kinds::TOO_LARGE, message);
-            let current = writer.state.lock().await.0.clone();
+            let current = writer.current().await;
             let letter = dead_letter_of(env, delivery, &current, error.clone());
             if !store_dead_letter(env, delivery, letter).await {
                 return;
@@ -1197,10 +1360,36 @@ async fn conclude(
                 r.finished_at = Some(now);
                 r.next_attempt_at = None;
             };
-            writer.apply(&shrink).await
+            match writer.apply(&shrink).await {
+                // Still too large: the metadata too (a claim written with the
+                // outcome carries it for the first time).
+                Err(e) if e.kind() == ErrorKind::PayloadTooLarge => {
+                    let error = ErrorInfo::new(
+                        kinds::TOO_LARGE,
+                        format!("{}; its metadata was dropped", error.message),
+                    );
+                    let smaller = |r: &mut Record| {
+                        shrink(r);
+                        r.error = Some(error.clone());
+                        r.metadata = Map::new();
+                        r.extra = Map::new();
+                    };
+                    writer.apply(&smaller).await
+                }
+                other => other,
+            }
         }
         other => other,
     };
+    if let (Ok(status), Some(address)) = (&written, &writer.notify) {
+        if status.is_terminal() {
+            if let Some(bytes) = writer.written().await {
+                if let Err(e) = env.broker.notify(address, bytes).await {
+                    debug!(error = %e, "cannot send the record to the producer's inbox");
+                }
+            }
+        }
+    }
     // `Term` means the dead letter is already stored (finish_failed, or the
     // too-large path above); only a failure is written with it.
     let result = match written {
@@ -1214,17 +1403,45 @@ async fn conclude(
                 delivery.ack().await
             }
             Settle::Nak(d) if status == Status::Retrying => delivery.nak(Some(d)).await,
-            Settle::Nak(_) | Settle::Ack => delivery.ack().await,
+            // The record decides: a lost acknowledgement only brings a
+            // redelivery that the record drops, so it is not waited for.
+            Settle::Nak(_) | Settle::Ack => delivery.ack_unconfirmed().await,
         },
-        Err(e) if e.kind() == ErrorKind::Conflict => {
-            warn!(error = %e, "leaving the message to the attempt that owns the record");
-            Ok(())
+        Err(e) => return not_written(env, delivery, e).await,
+    };
+    if let Err(e) = result {
+        warn!(error = %e, "acknowledgement failed; the request may run again");
+    }
+}
+
+/// The attempt's record could not be written: another attempt took it over
+/// or it ended (cancelled, or a duplicate finished it): leave the message to
+/// the record's owner, or drop it if the request has ended; else (an
+/// outage) release the message for another attempt.
+async fn not_written(env: &Env, delivery: &dyn Delivery, e: Error) {
+    let result = if e.kind() == ErrorKind::Conflict {
+        let id = Request::from_json(delivery.payload()).map(|r| r.id);
+        if let Ok(id) = id {
+            let ended = match env.broker.get_record(&id).await {
+                Ok(Some(entry)) => Record::decode(&id, &entry.value)
+                    .map(|r| r.status.is_terminal())
+                    .unwrap_or(false),
+                _ => false,
+            };
+            if ended {
+                debug!(error = %e, "the request ended meanwhile; dropping this delivery");
+                if let Err(e) = delivery.ack().await {
+                    warn!(error = %e, "cannot acknowledge a dropped delivery");
+                }
+                return;
+            }
         }
-        Err(e) => {
-            let delay = release_delay(delivery.info().delivered);
-            error!(error = %e, "cannot write the record; releasing the request for another attempt in {delay:?}");
-            delivery.nak(Some(delay)).await
-        }
+        warn!(error = %e, "leaving the message to the attempt that owns the record");
+        Ok(())
+    } else {
+        let delay = release_delay(delivery.info().delivered);
+        error!(error = %e, "cannot write the record; releasing the request for another attempt in {delay:?}");
+        delivery.nak(Some(delay)).await
     };
     if let Err(e) = result {
         warn!(error = %e, "acknowledgement failed; the request may run again");
@@ -1233,12 +1450,18 @@ async fn conclude(
 
 async fn finish_failed(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery, err: &TaskError) {
     warn!(error = %err, "request failed");
+    // A claimed record first: a worker that dies after the dead letter
+    // leaves a `running` record naming this message, which the next delivery
+    // fails from the dead letter (see `claim`).
+    if let Err(e) = writer.ensure_claimed().await {
+        return not_written(env, delivery, e).await;
+    }
     let now = OffsetDateTime::now_utc();
     let info = err.info();
     // The dead letter first: once a client sees the record `failed`, the
     // dead letter is there. A worker dying in between leaves a `running`
     // record that the next delivery fails from the dead letter (see `claim`).
-    let current = writer.state.lock().await.0.clone();
+    let current = writer.current().await;
     if current.cancel_requested_at.is_none() {
         let mut letter = dead_letter_of(env, delivery, &current, info.clone());
         letter.died_at = now;
@@ -1417,7 +1640,18 @@ async fn ended_before_due(env: &Env, id: &str) -> bool {
 }
 
 /// Take ownership of the request's record for this attempt.
-async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Result<Claim> {
+///
+/// A first delivery claims lazily: nothing is written before the task runs,
+/// and the claim goes out with the first write of the attempt (see
+/// [`RecordWriter`]). A redelivery (a retry, or its worker died) writes its
+/// claim first, so that every attempt that may have run is counted.
+async fn claim(
+    env: &Env,
+    request: &Request,
+    info: crate::broker::DeliveryInfo,
+    max_retries: u32,
+) -> Result<Claim> {
+    let seq = info.sequence;
     let mut fail: Option<TaskError> = None;
     for _ in 0..16 {
         let existing = env.broker.get_record(&request.id).await?;
@@ -1481,18 +1715,42 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
             }
         }
         let cancelled = record.cancel_requested_at.is_some();
+        // A redelivery whose record this message never claimed: its first
+        // delivery ran (lazily, writing nothing) and its worker died, or its
+        // outcome could not be written. Count that attempt too. (A delayed
+        // request delivered early and put back is the exception.)
+        let unseen = info.delivered > 1
+            && record.seq != Some(seq)
+            && !(request.not_before.is_some() && record.status == Status::Pending);
+        let stamp = ClaimStamp {
+            seq,
+            attempts: record.attempts.saturating_add(if unseen { 2 } else { 1 }),
+            max_retries,
+            started_at: OffsetDateTime::now_utc(),
+            worker: env.name.clone(),
+        };
+        let over = u64::from(stamp.attempts) > u64::from(max_retries) + 1;
+        if !cancelled && fail.is_none() && info.delivered <= 1 && !over {
+            let base = (record.seq, record.attempts);
+            stamp.apply(&mut record);
+            let attempt = stamp.attempts;
+            let writer = RecordWriter::new(
+                Arc::clone(&env.broker),
+                request,
+                record,
+                revision,
+                false,
+                base,
+                stamp,
+            );
+            return Ok(Claim::Run(writer, attempt));
+        }
         if cancelled {
             // Its worker died after a client asked to cancel it.
             record.mark_cancelled(OffsetDateTime::now_utc());
             record.seq = Some(seq);
         } else {
-            record.seq = Some(seq);
-            record.attempts = record.attempts.saturating_add(1);
-            record.max_retries = max_retries;
-            record.status = Status::Running;
-            record.started_at = Some(OffsetDateTime::now_utc());
-            record.next_attempt_at = None;
-            record.worker = Some(env.name.clone());
+            stamp.apply(&mut record);
         }
         let attempt = record.attempts;
         let mut written = put_record(env, &request.id, &record, revision).await;
@@ -1523,11 +1781,16 @@ async fn claim(env: &Env, request: &Request, seq: u64, max_retries: u32) -> Resu
         match written {
             Ok(_) if cancelled => return Ok(Claim::Skip("cancelled by a client")),
             Ok(rev) => {
-                let writer = RecordWriter {
-                    broker: Arc::clone(&env.broker),
-                    id: request.id.clone(),
-                    state: Mutex::new((record, rev)),
-                };
+                let base = (record.seq, record.attempts);
+                let writer = RecordWriter::new(
+                    Arc::clone(&env.broker),
+                    request,
+                    record,
+                    Some(rev),
+                    true,
+                    base,
+                    stamp,
+                );
                 return Ok(if let Some(err) = fail {
                     Claim::Fail(writer, err)
                 } else if u64::from(attempt) > u64::from(max_retries) + 1 {

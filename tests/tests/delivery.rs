@@ -268,15 +268,18 @@ async fn a_pending_request_cancelled_never_runs() {
     assert_eq!(err.kind(), ErrorKind::Cancelled);
     assert_eq!(stored_requests(&server).await, 0);
     assert!(client.dead_letters(10).await.unwrap().is_empty());
-    // Cancelling again, or an unknown id.
+    // Cancelling again, or an id with no record (queued, or unknown: they
+    // cannot be told apart without scanning the queue): a `cancelled` record
+    // with no task, which a later publish of the id does not run.
     assert_eq!(
         client.cancel("never-1").await.unwrap().status,
         Status::Cancelled
     );
-    assert_eq!(
-        client.cancel("nope").await.unwrap_err().kind(),
-        ErrorKind::NotFound
-    );
+    let nope = client.cancel("nope").await.unwrap();
+    assert_eq!((nope.status, nope.task.as_str()), (Status::Cancelled, ""));
+    let late = client.task("nope.task").id("nope").publish().await.unwrap();
+    let err = late.result::<u32>(WAIT).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled);
     worker.shutdown().await.unwrap();
 }
 
@@ -324,6 +327,9 @@ async fn a_running_request_cancelled_sees_its_token_fire_on_its_worker() {
         .await
         .unwrap();
     started.0.notified().await;
+    // Cancelled once its record says `running` (after `running_after`):
+    // the attempt is asked to stop and ends the record.
+    jetq_tests::wait_for_record(&broker, "run-1", |r| r.status == Status::Running).await;
     let record = client.cancel("run-1").await.unwrap();
     assert_eq!(record.status, Status::Running);
     assert!(record.cancel_requested_at.is_some());
@@ -332,17 +338,21 @@ async fn a_running_request_cancelled_sees_its_token_fire_on_its_worker() {
     assert_eq!(record.attempts, 1);
     assert_eq!(record.error.unwrap().kind, "cancelled");
 
-    // A task that ignores its token still ends `cancelled`: the cancellation wins.
+    // A task that ignores its token still ends `cancelled`: the cancellation
+    // wins. Cancelled before its record says `running`, the record is
+    // `cancelled` at once and the running attempt is told all the same.
     let handle = client.task("stubborn").id("run-2").publish().await.unwrap();
     started.0.notified().await;
-    client.cancel("run-2").await.unwrap();
+    let record = client.cancel("run-2").await.unwrap();
+    assert_eq!(record.status, Status::Cancelled);
     let record = handle.wait(WAIT).await.unwrap();
     assert_eq!(record.status, Status::Cancelled);
     assert_eq!(record.value, None);
-    assert_eq!(stored_requests(&server).await, 0);
+    // Its attempt ends (and acknowledges) on its own time.
     for w in workers {
         w.shutdown().await.unwrap();
     }
+    assert_eq!(stored_requests(&server).await, 0);
 }
 
 /// Guarantee: a worker that missed the cancellation signal finds the
@@ -365,6 +375,7 @@ async fn a_cancellation_written_only_to_the_record_still_reaches_the_task() {
         .await
         .unwrap();
     started.0.notified().await;
+    jetq_tests::wait_for_record(&broker, "quiet-1", |r| r.status == Status::Running).await;
     // Write the request into the record, without the signal.
     let entry = broker.get_record("quiet-1").await.unwrap().unwrap();
     let mut record = jetq::Record::from_json(&entry.value).unwrap();
@@ -528,6 +539,7 @@ async fn an_oversized_request_is_refused_naming_the_limit() {
     );
     // A publish that fails after the pending record was written (here a
     // header NATS reserves) removes that record again.
+    let client = client.pending_records(true);
     let err = client
         .task("demo.add")
         .id("bad-header-1")

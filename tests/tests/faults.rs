@@ -168,7 +168,6 @@ async fn a_worker_killed_mid_task_loses_nothing() {
     assert_eq!(
         states,
         [
-            (Status::Pending, 0, None),
             (Status::Running, 1, Some("crash-1".into())),
             (Status::Running, 2, Some("crash-2".into())),
             (Status::Succeeded, 2, Some("crash-2".into())),
@@ -219,6 +218,9 @@ async fn sigterm_under_load_finishes_or_releases_everything() {
             "8",
             "--shutdown-timeout",
             "1.5",
+            // Every running attempt visible at once, for the log below.
+            "--running-after",
+            "0",
         ],
     );
     let running: Vec<Record> = log
@@ -303,7 +305,15 @@ async fn sigterm_under_load_finishes_or_releases_everything() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     for (h, _, ms) in &handles {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let rec = h.wait(left).await.unwrap();
+        let rec = h.wait(left).await.unwrap_or_else(|e| {
+            panic!(
+                "{e}; the record's history: {:#?}",
+                log.history(h.id())
+                    .into_iter()
+                    .map(|s| s.record)
+                    .collect::<Vec<_>>()
+            )
+        });
         assert_eq!(rec.status, Status::Succeeded, "{rec:?}");
         assert_eq!(rec.value, Some(json!(ms)));
         if interrupted.contains(&rec.id) {

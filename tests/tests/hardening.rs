@@ -189,7 +189,7 @@ async fn forged_record_notifications_are_only_hints() {
         async move { handle.wait(WAIT).await }
     });
     let nats = async_nats::connect(server.url()).await.unwrap();
-    let mut fake = client.record(handle.id()).await.unwrap();
+    let mut fake = handle.record().await.unwrap();
     fake.status = Status::Succeeded;
     fake.value = Some(json!("forged"));
     for revision in ["5", "999999999"] {

@@ -1,0 +1,190 @@
+//! The client's side of record notifications: one inbox per client, where
+//! workers send the records of its requests once they end, dispatched to the
+//! handles waiting for them.
+//!
+//! A handle registers its id before the request is published, so a record
+//! that arrives before anyone waits is kept for the wait. Notifications are
+//! best effort (core NATS): a wait also reads the record itself, after a
+//! second without news and then less and less often, and at once when the
+//! connection was re-established.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::broker::{Broker, Notification};
+use crate::record::Record;
+
+/// The inbox of one client (shared by its clones).
+pub(crate) struct Notifier {
+    address: String,
+    slots: Arc<Mutex<HashMap<String, Arc<Slot>>>>,
+    _stop: DropGuard,
+}
+
+/// What the waits for one id share.
+#[derive(Default)]
+pub(crate) struct Slot {
+    /// Registrations alive for this id (guarded by the slots' lock).
+    users: Mutex<usize>,
+    /// The ended record, once notified.
+    record: Mutex<Option<Record>>,
+    /// Set when notifications may have been lost.
+    resync: AtomicBool,
+    /// Wakes the waits.
+    pub(crate) changed: Notify,
+}
+
+impl Slot {
+    /// The ended record, if one was notified.
+    pub(crate) fn record(&self) -> Option<Record> {
+        self.record.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Whether the waits should read the record themselves (and clear it).
+    pub(crate) fn take_resync(&self) -> bool {
+        self.resync.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// Keeps a slot registered while a handle lives.
+pub(crate) struct Registration {
+    notifier: Arc<Notifier>,
+    id: String,
+    pub(crate) slot: Arc<Slot>,
+}
+
+impl Registration {
+    /// The address of the inbox this registration is in.
+    pub(crate) fn notifier_address(&self) -> &str {
+        self.notifier.address()
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut slots) = self.notifier.slots.lock() {
+            let last = match self.slot.users.lock() {
+                Ok(mut users) => {
+                    *users = users.saturating_sub(1);
+                    *users == 0
+                }
+                Err(_) => true,
+            };
+            if last {
+                slots.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Notifier {
+    /// Open the broker's inbox, if it has one, and start dispatching.
+    pub(crate) async fn open(broker: &Arc<dyn Broker>) -> Option<Arc<Notifier>> {
+        let inbox = match broker.notifications().await {
+            Ok(Some(inbox)) => inbox,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open an inbox for results; waits will watch each record");
+                return None;
+            }
+        };
+        let slots: Arc<Mutex<HashMap<String, Arc<Slot>>>> = Arc::default();
+        let stop = CancellationToken::new();
+        tokio::spawn(dispatch(inbox.stream, Arc::clone(&slots), stop.clone()));
+        Some(Arc::new(Notifier {
+            address: inbox.address,
+            slots,
+            _stop: stop.drop_guard(),
+        }))
+    }
+
+    /// The address requests name in `notify`.
+    pub(crate) fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Register interest in the record of `id`.
+    pub(crate) fn register(self: &Arc<Self>, id: &str) -> Registration {
+        let slot = match self.slots.lock() {
+            Ok(mut slots) => {
+                let slot = Arc::clone(slots.entry(id.to_owned()).or_default());
+                if let Ok(mut users) = slot.users.lock() {
+                    *users += 1;
+                }
+                slot
+            }
+            Err(_) => Arc::default(),
+        };
+        Registration {
+            notifier: Arc::clone(self),
+            id: id.to_owned(),
+            slot,
+        }
+    }
+}
+
+async fn dispatch(
+    mut stream: crate::broker::BoxStream<'static, Notification>,
+    slots: Arc<Mutex<HashMap<String, Arc<Slot>>>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = stream.next() => n,
+        };
+        match next {
+            Some(Notification::Record(bytes)) => {
+                let Ok(record) = Record::from_json(&bytes) else {
+                    tracing::debug!("ignoring a notification that is not a record");
+                    continue;
+                };
+                if !record.status.is_terminal() {
+                    continue;
+                }
+                let slot = slots.lock().ok().and_then(|s| s.get(&record.id).cloned());
+                if let Some(slot) = slot {
+                    if let Ok(mut held) = slot.record.lock() {
+                        *held = Some(record);
+                    }
+                    slot.changed.notify_waiters();
+                }
+            }
+            Some(Notification::Resync) => {
+                let all: Vec<Arc<Slot>> = slots
+                    .lock()
+                    .map(|s| s.values().cloned().collect())
+                    .unwrap_or_default();
+                for slot in all {
+                    slot.resync.store(true, Ordering::Release);
+                    slot.changed.notify_waiters();
+                }
+            }
+            None => {
+                // The connection closed for good: waits fall back to reading.
+                let all: Vec<Arc<Slot>> = slots
+                    .lock()
+                    .map(|s| s.values().cloned().collect())
+                    .unwrap_or_default();
+                for slot in all {
+                    slot.resync.store(true, Ordering::Release);
+                    slot.changed.notify_waiters();
+                }
+                return;
+            }
+        }
+    }
+}
