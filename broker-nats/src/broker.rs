@@ -1121,6 +1121,8 @@ impl NatsBroker {
             worker: options.worker,
             subject_prefix: format!("{}.tasks.{queue}.", self.inner.config.prefix).into(),
             fresh: true,
+            pulls: None,
+            pulled: 0,
         }))
     }
 

@@ -28,6 +28,14 @@ pub struct NatsConsumer {
     /// Whether the consumer's info is as fresh as its creation (then the
     /// first read of the ack wait needs no request).
     pub(crate) fresh: bool,
+    /// One subscription for every pull (`<inbox>.*`), made at the first:
+    /// subscribing and unsubscribing per pull costs the server more than
+    /// the pull itself. Each pull gets its own reply subject, `<inbox>.<n>`,
+    /// so a status meant for an earlier pull (its expiry) does not end a
+    /// later one.
+    pub(crate) pulls: Option<(String, Arc<tokio::sync::Mutex<Subscriber>>)>,
+    /// Pulls sent so far.
+    pub(crate) pulled: u64,
 }
 
 impl fmt::Debug for NatsConsumer {
@@ -78,14 +86,28 @@ impl Consumer for NatsConsumer {
                     Box::pin(futures_util::stream::empty());
                 return Ok(empty);
             }
-            let inbox = self.client.new_inbox();
-            let sub = self.client.subscribe(inbox.clone()).await.map_err(|e| {
-                wrap(
-                    ErrorKind::Broker,
-                    format!("cannot subscribe to pull from consumer {}", self.name),
-                    e,
-                )
-            })?;
+            if self.pulls.is_none() {
+                let inbox = self.client.new_inbox();
+                let sub = self
+                    .client
+                    .subscribe(format!("{inbox}.*"))
+                    .await
+                    .map_err(|e| {
+                        wrap(
+                            ErrorKind::Broker,
+                            format!("cannot subscribe to pull from consumer {}", self.name),
+                            e,
+                        )
+                    })?;
+                self.pulls = Some((inbox, Arc::new(tokio::sync::Mutex::new(sub))));
+            }
+            let Some((inbox, sub)) = &self.pulls else {
+                return Err(Error::new(ErrorKind::Broker, "no pull subscription"));
+            };
+            self.pulled += 1;
+            let reply = format!("{inbox}.{}", self.pulled);
+            // The previous pull's stream is gone by now (pulls are one at a time).
+            let sub = Arc::clone(sub).lock_owned().await;
             let heartbeat = heartbeat_for(expires);
             let batch = BatchConfig {
                 batch: max,
@@ -95,7 +117,7 @@ impl Consumer for NatsConsumer {
                 ..Default::default()
             };
             self.consumer
-                .request_batch(batch, inbox.into())
+                .request_batch(batch, reply.clone().into())
                 .await
                 .map_err(|e| {
                     wrap(
@@ -108,6 +130,7 @@ impl Consumer for NatsConsumer {
             let state = PullState {
                 subject_prefix: Arc::clone(&self.subject_prefix),
                 sub,
+                reply,
                 js: self.js.clone(),
                 client: self.client.clone(),
                 consumer: self.name.clone(),
@@ -127,7 +150,9 @@ impl Consumer for NatsConsumer {
 
 struct PullState {
     subject_prefix: Arc<str>,
-    sub: Subscriber,
+    sub: tokio::sync::OwnedMutexGuard<Subscriber>,
+    /// This pull's reply subject: statuses for others are ignored.
+    reply: String,
     js: jetstream::Context,
     client: Client,
     consumer: String,
@@ -180,6 +205,10 @@ impl PullState {
                 }
             };
             self.last_seen = Instant::now();
+            if message.status.is_some() && message.subject.as_str() != self.reply {
+                // About an earlier pull (it expired after we stopped reading it).
+                continue;
+            }
             match message.status {
                 None | Some(StatusCode::OK) => {
                     if message.reply.is_none() {
