@@ -189,10 +189,17 @@ pub(crate) async fn throughput(env: &Env, tasks: u64, concurrency: usize) -> Res
     .await
 }
 
-/// Publish `tasks` requests of `task`, `window` publishes at a time.
+/// Publish `tasks` requests of `task`, `window` publishes at a time, none
+/// to be waited for (no result sent to the producer's inbox).
 async fn publish_all(client: &Client, task: &str, tasks: u64, window: usize) -> Result<()> {
     let mut publishes = futures_util::stream::iter(0..tasks)
-        .map(|i| client.task(task).args(&AddArgs { a: i, b: 1 }).publish())
+        .map(|i| {
+            client
+                .task(task)
+                .args(&AddArgs { a: i, b: 1 })
+                .notify(false)
+                .publish()
+        })
         .buffer_unordered(window);
     while let Some(published) = publishes.next().await {
         published.context("cannot publish")?;

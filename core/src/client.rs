@@ -72,15 +72,23 @@ impl Client {
             client: self.clone(),
             request: Request::new(task),
             error: None,
+            notify: true,
         }
     }
 
     /// Publish a prepared request; see [`RequestBuilder::publish`].
-    pub async fn publish_request(&self, mut request: Request) -> Result<TaskHandle> {
+    pub async fn publish_request(&self, request: Request) -> Result<TaskHandle> {
+        self.publish_with(request, true).await
+    }
+
+    async fn publish_with(&self, mut request: Request, notify: bool) -> Result<TaskHandle> {
         request.validate()?;
         check_bounds(&request)?;
         // Registered before the publish, so that no result can come too early.
-        let registration = self.register(&request.id).await;
+        let registration = match notify {
+            true => self.register(&request.id).await,
+            false => None,
+        };
         if let Some(r) = &registration {
             request.notify = Some(r.notifier_address().to_owned());
         }
@@ -95,8 +103,7 @@ impl Client {
             // another message owns, so the request still runs once.
             let published = self.broker.publish(outgoing(&request, payload)).await?;
             if published.duplicate {
-                self.check_duplicate(&request.id, published.sequence)
-                    .await?;
+                self.check_duplicate(&request, published.sequence).await?;
             }
             return Ok(TaskHandle {
                 client: self.clone(),
@@ -138,7 +145,7 @@ impl Client {
         let mut outgoing = outgoing(&request, payload);
         outgoing.not_before = not_before;
         let published = match self.broker.publish(outgoing).await {
-            Ok(ack) if ack.duplicate => self.check_duplicate(&request.id, ack.sequence).await,
+            Ok(ack) if ack.duplicate => self.check_duplicate(&request, ack.sequence).await,
             other => other.map(|_| ()),
         };
         if let Err(e) = published {
@@ -168,7 +175,12 @@ impl Client {
     /// `sequence`: make sure that message is this request (a retried publish,
     /// or the same id published twice), not another request squatting on its
     /// deduplication key, which would otherwise leave this one `pending` for ever.
-    async fn check_duplicate(&self, id: &str, sequence: u64) -> Result<()> {
+    async fn check_duplicate(&self, request: &Request, sequence: u64) -> Result<()> {
+        let (id, task, queue) = (
+            request.id.as_str(),
+            request.task.as_str(),
+            request.queue.as_str(),
+        );
         let squatted = |holder: String| {
             Error::new(
                 ErrorKind::Conflict,
@@ -178,20 +190,33 @@ impl Client {
             )
         };
         if let Some(payload) = self.broker.stored_request(sequence).await? {
-            let holder: Option<String> = serde_json::from_slice::<Map<String, Value>>(&payload)
-                .ok()
-                .and_then(|m| m.get("id").and_then(Value::as_str).map(str::to_owned));
-            return match holder {
-                Some(h) if h == id => Ok(()),
-                Some(h) => Err(squatted(format!("request `{}`", names::escape(&h)))),
-                None => Err(squatted("not a request of this id".to_owned())),
+            let stored = serde_json::from_slice::<Map<String, Value>>(&payload).ok();
+            let field = |k: &str| {
+                stored
+                    .as_ref()
+                    .and_then(|m| m.get(k))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            return match (field("id"), field("task"), field("queue")) {
+                (Some(h), Some(t), Some(q)) if h == id && t == task && q == queue => Ok(()),
+                (Some(h), t, q) if h == id => Err(squatted(format!(
+                    "a request of this id for task `{}` on queue `{}`",
+                    names::escape(t.as_deref().unwrap_or("")),
+                    names::escape(q.as_deref().unwrap_or(""))
+                ))),
+                (Some(h), _, _) => Err(squatted(format!("request `{}`", names::escape(&h)))),
+                _ => Err(squatted("not a request of this id".to_owned())),
             };
         }
         // Consumed already: if it was this request, its record names it.
         match self.broker.get_record(id).await? {
             Some(entry) => {
                 let record = Record::decode(id, &entry.value)?;
-                if record.seq == Some(sequence) || record.status != Status::Pending {
+                if record.task == task
+                    && record.queue == queue
+                    && (record.seq == Some(sequence) || record.status != Status::Pending)
+                {
                     Ok(())
                 } else {
                     Err(squatted("gone, and was not this request".to_owned()))
@@ -503,6 +528,7 @@ pub struct RequestBuilder {
     client: Client,
     request: Request,
     error: Option<Error>,
+    notify: bool,
 }
 
 impl RequestBuilder {
@@ -588,6 +614,15 @@ impl RequestBuilder {
         self
     }
 
+    /// Whether the worker sends the record to this client's inbox when the
+    /// request ends, for [`TaskHandle::wait`] (default `true`). Turn it off
+    /// for requests nobody waits for through their handle: two messages
+    /// fewer per request. A wait then watches the record instead.
+    pub fn notify(mut self, on: bool) -> Self {
+        self.notify = on;
+        self
+    }
+
     /// The request as it stands.
     pub fn request(&self) -> &Request {
         &self.request
@@ -600,7 +635,7 @@ impl RequestBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        self.client.publish_request(self.request).await
+        self.client.publish_with(self.request, self.notify).await
     }
 }
 

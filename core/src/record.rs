@@ -127,8 +127,9 @@ pub struct Record {
     /// The last error: the reason of a `failed` record, the last failed attempt of a `retrying` one.
     #[serde(default)]
     pub error: Option<ErrorInfo>,
-    /// The request's metadata, merged with what the task set.
-    #[serde(default)]
+    /// The request's metadata, merged with what the task set (`null` reads
+    /// as none).
+    #[serde(default, deserialize_with = "crate::request::null_as_default")]
     pub metadata: Map<String, Value>,
     /// Progress reported by the task.
     #[serde(default)]

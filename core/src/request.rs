@@ -180,7 +180,7 @@ pub(crate) fn delay_too_long(delay: std::time::Duration) -> Error {
 
 /// `null` and absent alike give the default (Go and other clients send
 /// `null` for an empty map).
-fn null_as_default<'de, D, T>(de: D) -> std::result::Result<T, D::Error>
+pub(crate) fn null_as_default<'de, D, T>(de: D) -> std::result::Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Default + Deserialize<'de>,

@@ -1095,7 +1095,7 @@ async fn process(
                 }
             }
         }
-        let claim = match claim(&env, &request, info, max_retries).await {
+        let claim = match claim(&env, &request, info, delivery.dedup_key(), max_retries).await {
             Ok(c) => c,
             Err(e) => {
                 let delay = release_delay(info.delivered);
@@ -1456,6 +1456,15 @@ async fn finish_failed(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery
     if let Err(e) = writer.ensure_claimed().await {
         return not_written(env, delivery, e).await;
     }
+    // An attempt taken over meanwhile (its worker was presumed dead) must
+    // not leave a dead letter for a request another attempt runs.
+    if let Ok(Watch::Lost) = writer.check(&env.broker).await {
+        let lost = Error::new(
+            ErrorKind::Conflict,
+            format!("record `{}` was taken over by another attempt", writer.id),
+        );
+        return not_written(env, delivery, lost).await;
+    }
     let now = OffsetDateTime::now_utc();
     let info = err.info();
     // The dead letter first: once a client sees the record `failed`, the
@@ -1629,6 +1638,11 @@ fn check_routing(
     Ok(())
 }
 
+/// Whether `key` is a requeue key (`<id>.requeue.<n>`) rather than the id.
+fn delivery_key_is_requeue(key: Option<&str>, request: &Request) -> bool {
+    key.is_some_and(|k| k != request.id)
+}
+
 /// Whether request `id` was cancelled (or otherwise ended) before it was due.
 async fn ended_before_due(env: &Env, id: &str) -> bool {
     match env.broker.get_record(id).await {
@@ -1649,6 +1663,7 @@ async fn claim(
     env: &Env,
     request: &Request,
     info: crate::broker::DeliveryInfo,
+    dedup_key: Option<&str>,
     max_retries: u32,
 ) -> Result<Claim> {
     let seq = info.sequence;
@@ -1656,6 +1671,14 @@ async fn claim(
     for _ in 0..16 {
         let existing = env.broker.get_record(&request.id).await?;
         let (mut record, revision) = match existing {
+            // A requeued message's record was reset when it was requeued:
+            // with none, the key is not this message's to use.
+            None if delivery_key_is_requeue(dedup_key, request) => {
+                return Ok(Claim::NotOwner(format!(
+                    "request `{}` came with a requeue key but has no record to requeue",
+                    request.id
+                )));
+            }
             None => (Record::pending(request), None),
             Some(entry) => match Record::decode(&request.id, &entry.value) {
                 Ok(record) => (record, Some(entry.revision)),

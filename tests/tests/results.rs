@@ -1,0 +1,172 @@
+//! How results reach their producer (issue 8's lean task path): the worker
+//! that ends a request sends the record it wrote to the inbox the request
+//! names (`notify`), and nowhere else.
+
+use std::time::Duration;
+
+use jetq::broker::Broker;
+use jetq::{Client, Status, Worker};
+use jetq_nats::{NatsBroker, NatsConfig};
+use jetq_tests::{add, connect, stored_requests, NatsServer, WAIT};
+use serde_json::json;
+
+/// A server with two users: `worker` may do anything; `producer` may publish
+/// requests and use its inbox, but may not read records (no direct or
+/// stream gets, no KV subjects, no record notifications).
+fn server_with_a_blind_producer() -> (NatsServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        r#"
+authorization {
+  users = [
+    { user: worker, password: w }
+    { user: producer, password: p, permissions: {
+        publish: { deny: ["$JS.API.DIRECT.GET.>", "$JS.API.STREAM.MSG.GET.>", "$KV.>"] }
+        subscribe: { deny: ["jetq.records.>", "$KV.>"] } } }
+  ]
+}
+"#,
+    )
+    .unwrap();
+    let server = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+    (server, dir)
+}
+
+async fn connect_as(server: &NatsServer, user: &str, password: &str) -> NatsBroker {
+    NatsBroker::connect_with(
+        NatsConfig::new(&server.url())
+            .user_and_password(user, password)
+            .request_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap()
+}
+
+/// Guarantee: a producer waiting for the requests it published gets each
+/// record from the worker through its inbox; it does not need to read the
+/// record at all (here it may not).
+#[tokio::test]
+async fn a_producer_that_cannot_read_records_gets_its_results_by_its_inbox() {
+    let (server, _conf) = server_with_a_blind_producer();
+    let worker_broker = connect_as(&server, "worker", "w").await;
+    let worker = Worker::builder(worker_broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    let producer = Client::new(connect_as(&server, "producer", "p").await);
+    // Reading a record is refused for this user: only the inbox can help.
+    assert!(producer.record("anything").await.is_err());
+    let handles: Vec<_> = futures_util::future::join_all((0..20).map(|i| {
+        producer
+            .task("demo.add")
+            .args(&json!({"a": i, "b": 100}))
+            .publish()
+    }))
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    for (i, h) in handles.iter().enumerate() {
+        let value: i64 = h.result(WAIT).await.unwrap();
+        assert_eq!(value, i as i64 + 100);
+    }
+    // A request published without asking for its result is still run and
+    // recorded; its producer just is not told.
+    let quiet = producer
+        .task("demo.add")
+        .args(&json!({"a": 1, "b": 1}))
+        .notify(false)
+        .publish()
+        .await
+        .unwrap();
+    let record = Client::new(worker_broker.clone())
+        .wait(quiet.id(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (record.status, record.value),
+        (Status::Succeeded, Some(json!(2)))
+    );
+    worker.shutdown().await.unwrap();
+}
+
+/// Guarantee: a request cannot make a worker publish anywhere but an inbox:
+/// a `notify` naming a record key, a task subject or a wildcard is ignored
+/// (the request itself runs normally).
+#[tokio::test]
+async fn a_notify_address_that_is_not_an_inbox_is_never_published_to() {
+    let server = NatsServer::start();
+    let broker = connect(&server).await;
+    let worker = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let mut spy = nats.subscribe("jetq.>").await.unwrap();
+    nats.flush().await.unwrap();
+    let targets = [
+        "$KV.JETQ_RESULTS.victim",
+        "jetq.tasks.default.demo.add",
+        "jetq.spied.on",
+        "_INBOX.*",
+        "_INBOX.a.b",
+        "_INBOX",
+    ];
+    let mut ids = Vec::new();
+    for (i, target) in targets.iter().enumerate() {
+        let mut request = jetq::Request::new("demo.add");
+        request.id = format!("notify-{i}");
+        request.args = json!({"a": i, "b": 0});
+        request.notify = Some((*target).to_owned());
+        let body = request.to_json().unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", request.id.as_str());
+        let js = async_nats::jetstream::new(nats.clone());
+        js.publish_with_headers("jetq.tasks.default.demo.add", headers, body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        ids.push(request.id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let record = client.wait(id, WAIT).await.unwrap();
+        assert_eq!(
+            (record.status, record.value),
+            (Status::Succeeded, Some(json!(i)))
+        );
+    }
+    // The worker acknowledges after it would have sent a notification, on
+    // the same connection: once the stream is empty, anything it sent has
+    // been routed.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stored_requests(&server).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "requests left");
+        // Polled: the stream has nothing to watch for "empty".
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    nats.flush().await.unwrap();
+    assert!(broker.get_record("victim").await.unwrap().is_none());
+    while let Ok(Some(message)) = tokio::time::timeout(
+        Duration::from_millis(1),
+        futures_util::StreamExt::next(&mut spy),
+    )
+    .await
+    {
+        assert!(
+            message.subject.as_str() == "jetq.tasks.default.demo.add"
+                || message.subject.as_str().starts_with("jetq.records."),
+            "a worker published to {}",
+            message.subject
+        );
+        if message.subject.as_str() == "jetq.tasks.default.demo.add" {
+            // Only our own six requests.
+            let request = jetq::Request::from_json(&message.payload).unwrap();
+            assert!(ids.contains(&request.id), "{request:?}");
+        }
+    }
+    worker.shutdown().await.unwrap();
+}
