@@ -1,17 +1,20 @@
 //! Soak: many requests of the demo tasks (with random failures and panics)
 //! through several `jetq-soak-worker` processes, while workers are killed
-//! with SIGKILL at random moments and the nats-server restarts once. Then:
-//! every request has exactly one terminal record, none is lost or stuck, and
-//! no request that succeeded ran its final attempt twice, checked against an
+//! with SIGKILL at random moments, the nats-server restarts once, and a
+//! hostile publisher sends messages no jetq client would. Then: every
+//! request has exactly one terminal record, none is lost or stuck, and no
+//! request that succeeded ran its final attempt twice, checked against an
 //! audit trail that every handler execution leaves in its own JetStream
-//! stream (see `src/bin/jetq-soak-worker.rs`).
+//! stream (see `src/bin/jetq-soak-worker.rs`); and every hostile message
+//! ended as it must, without harming an honest request.
 //!
-//! Two tests, the same chaos (5 SIGKILLs, 1 server restart):
+//! Two tests, the same chaos (5 SIGKILLs, 1 server restart, hostile traffic):
 //!
 //! - `soak`, ignored by default: 10,000 requests (`JETQ_SOAK_REQUESTS`).
 //!   Run it with `scripts/soak [REQUESTS]`, or
 //!   `cargo test -p jetq-tests --test soak -- --ignored --nocapture`.
-//! - `soak_quick`: 400 requests, a few seconds, part of the default run.
+//! - `soak_quick`: 400 requests (and 40 hostile messages), a few seconds,
+//!   part of the default run.
 //!
 //! The chaos fires at random points of progress (share of requests seen
 //! terminal): kills between 5 % and 75 %, the restart between 25 % and 60 %.
@@ -58,11 +61,77 @@
 //!   surviving workers are stopped with SIGTERM before the audit is read, so
 //!   handlers still running finish).
 //!
+//! - the bucket holds a record for every request and for no id other than
+//!   those of the hostile publisher that must have one (below); a failed
+//!   request has a dead letter of its error kind under its id, and no dead
+//!   letter under an honest id is one of a refused message;
+//! - no message of the task stream was delivered more than
+//!   `delivery_budget(5) + 1` times (the consumer's advisories of terminated
+//!   and negatively acknowledged messages carry the counts);
+//! - no worker exits by itself (only the SIGKILLs end workers early), and
+//!   the worker logs show no panic but those of the tasks that panic on
+//!   purpose.
+//!
 //! Allowed, and counted in the figures (at-least-once delivery): an earlier
 //! attempt that succeeded but did not count, because its worker was killed
 //! before writing the record, or because its delivery was taken over when the
 //! server restart outlasted the ack wait; the request then ran again under
 //! the next attempt number.
+//!
+//! ## Hostile traffic (`soak/hostile.rs`)
+//!
+//! A second producer with plain async-nats on the same server sends
+//! `JETQ_SOAK_HOSTILE_SHARE` percent as many messages as there are requests
+//! (10 % by default: 40 in `soak_quick`, 1,000 in `soak`), spread over the
+//! honest publishing (message `k` goes once `k / count` of the requests are
+//! published) and riding out the server restart like the honest producer.
+//! The mix is seeded (`JETQ_SOAK_HOSTILE_SEED`, by default derived from
+//! `JETQ_SOAK_SEED`; it does not change the honest mix or the chaos). A
+//! message that names an honest request only ever names one already
+//! published (as an observer of the task subjects would). The kinds, and how
+//! each must end (the task stream must drain in any case):
+//!
+//! | share | what | must end |
+//! |---|---|---|
+//! | 10 % | junk on a task subject: empty, random bytes, `{}`, an array, `null`, 300 levels of nesting, a truncated envelope, `{"id": <honest id>}` | dead letter `invalid-default-<seq>`, kind `invalid_request` |
+//! | 8 % | an honest envelope with `v` 0, 2, 999, `"1"`, `null`, -1 or 1.5 | the same |
+//! | 8 % | an honest envelope naming another queue, sent on another task's subject, or with an invalid task name | the same |
+//! | 9 % | an honest envelope with a `Nats-Msg-Id` not its own (made up, another request's id or requeue key, a requeue key without a number) | the same, or dropped by the stream as a duplicate key |
+//! | 9 % | a valid request of another task under an honest id that has a record (else junk is sent) | dropped: the request was taken (`id_conflict` if its record were `pending`) |
+//! | 9 % | the honest envelope again, under a requeue key `<id>.requeue.<n>` or no `Nats-Msg-Id`, for an honest id that has a record (else junk is sent) | dropped as a duplicate |
+//! | 5 % | a message with an honest request's own `Nats-Msg-Id` | dropped by the stream (duplicate key) |
+//! | 12 % | a fake record on `jetq.records.<honest id>` (core NATS): `succeeded` or `failed` with revision 1 or 999999999999, garbage, a delete marker | nothing stored; no waiter believes it (below) |
+//! | 7 % | its own request with `not_before` in 2500, 9999 or eleven years ahead | `failed`, `invalid_request`, with a dead letter |
+//! | 7 % | its own request with `max_retries` `u32::MAX` (`demo.add`, or an unknown task), beyond `u32`, or -1 | `succeeded` with `max_retries` lowered to 10,000; `failed`/`unknown_task` without running; refused (`invalid_request`) |
+//! | 6 % | its own request with metadata over `max_payload`, just under it (the record does not fit once claimed), of 64 KiB, or not an object | refused at publish; `failed`/`too_large` (after its task ran at most once per attempt) with the metadata dropped; `succeeded` with it; refused. At most 4 of each near-limit kind per run |
+//! | 10 % | a record of its own written straight into the bucket (garbage, a fake `succeeded` one, one owned by another message, one worn out to `u32::MAX` attempts, one of a newer version), alone or followed by a request | left as written; with a request: `failed`/`corrupt_record` (or `succeeded` on a redelivery, when the attempt that replaced the garbage was cut short before it failed the request), left as written (the message dropped), `failed`/`abandoned`, `succeeded` keeping the unknown field |
+//!
+//! The first 8 hostile messages are fake `succeeded` records for 8 honest
+//! requests (`demo.fail` failing twice or more) that a `Client::wait` has
+//! followed since before they were published: each must return the stored
+//! record, not the fake.
+//!
+//! For each message the test checks that ending against the server: the
+//! dead letter under `invalid-default-<seq>` (and no record for any id in
+//! the message), or the record and dead letter under its own id, or the
+//! record left byte for byte as written; the handler ran exactly once for
+//! those that succeed and never for those that fail; no hostile message was
+//! delivered more than `delivery_budget(3) + 1` times; every `invalid-` dead
+//! letter is one of a hostile message. Hostile ids start with `x-`; their
+//! handler runs are left out of the honest checks.
+//!
+//! Not sent, because they harm an honest request by design and only NATS
+//! permissions keep them out (`docs/guarantees.md`, Security): writes to
+//! honest ids' keys; an honest request's `Nats-Msg-Id` taken before it is
+//! published; records forged into a producer's inbox (`notify`); and any
+//! request under an honest id before a worker has written that id's record.
+//! A producer writes no `pending` record by default, so until then nothing
+//! tells the honest message from another: a request of another task (or
+//! with other arguments) under that id runs instead of it, and the same
+//! request sent again may run as well, its first attempt twice (wire
+//! format, Duplicates). Messages of the last kind therefore wait for the
+//! record: the hostile publisher picks an honest id whose record it can
+//! read.
 //!
 //! ## Environment (all optional)
 //!
@@ -80,6 +149,8 @@
 //! | `JETQ_SOAK_PUBLISH_CONCURRENCY` | 64 | publishes in flight |
 //! | `JETQ_SOAK_LOG_DIR` | a temporary directory, kept on failure | worker logs |
 //! | `JETQ_SOAK_WORKER_LOG` | `warn` | the workers' `RUST_LOG` |
+//! | `JETQ_SOAK_HOSTILE_SHARE` | 10 | hostile messages, in percent of the requests (0: none) |
+//! | `JETQ_SOAK_HOSTILE_SEED` | from `JETQ_SOAK_SEED` | seed of the hostile mix |
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -98,6 +169,9 @@ use jetq_tests::NatsServer;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+#[path = "soak/hostile.rs"]
+mod hostile;
+
 // ---------------------------------------------------------------------------
 // Configuration
 
@@ -115,6 +189,9 @@ struct Config {
     publish_concurrency: usize,
     ack_wait_secs: f64,
     worker_log: String,
+    /// Hostile messages, in percent of the requests.
+    hostile_share: f64,
+    hostile_seed: u64,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -133,6 +210,7 @@ impl Config {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
+        let seed = env_or("JETQ_SOAK_SEED", time_seed);
         Config {
             requests: env_or("JETQ_SOAK_REQUESTS", 10_000usize),
             workers: env_or("JETQ_SOAK_WORKERS", 4usize).max(1),
@@ -141,12 +219,19 @@ impl Config {
             restarts: env_or("JETQ_SOAK_RESTARTS", 1usize),
             server_sigkill: env_or("JETQ_SOAK_SERVER_SIGKILL", 0u8) == 1,
             down: Duration::from_millis(env_or("JETQ_SOAK_DOWN_MS", 1000u64)),
-            seed: env_or("JETQ_SOAK_SEED", time_seed),
+            seed,
             timeout: Duration::from_secs(env_or("JETQ_SOAK_TIMEOUT_SECS", 600u64)),
             publish_concurrency: env_or("JETQ_SOAK_PUBLISH_CONCURRENCY", 64usize).max(1),
             ack_wait_secs: 2.0,
             worker_log: std::env::var("JETQ_SOAK_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+            hostile_share: env_or("JETQ_SOAK_HOSTILE_SHARE", 10.0f64).clamp(0.0, 1000.0),
+            hostile_seed: env_or("JETQ_SOAK_HOSTILE_SEED", seed ^ 0x4057_11e5),
         }
+    }
+
+    /// Hostile messages to send alongside `requests` honest ones.
+    fn hostile_count(&self, requests: usize) -> usize {
+        (requests as f64 * self.hostile_share / 100.0).round() as usize
     }
 }
 
@@ -155,6 +240,9 @@ impl Config {
 
 /// Requests of `soak_quick`.
 const QUICK_REQUESTS: usize = 400;
+/// Honest requests followed by a waiter from before they are published
+/// (when there is hostile traffic, which forges results for them).
+const WAITERS: usize = 8;
 
 /// Retries the worker's policy allows (`jetq-soak-worker --max-retries`).
 const WORKER_MAX_RETRIES: u32 = 5;
@@ -316,13 +404,23 @@ impl Fleet {
     /// handlers finish) and wait for them; returns those that did not exit
     /// cleanly within `patience`, with why.
     fn stop_all(&mut self, patience: Duration) -> Vec<String> {
+        let mut trouble = Vec::new();
+        // A worker that is gone before it is told to stop crashed (or quit)
+        // by itself: only the deliberate SIGKILLs may end a worker early.
+        for w in &mut self.live {
+            if let Ok(Some(status)) = w.child.try_wait() {
+                trouble.push(format!(
+                    "{} had exited by itself ({status}) before the end",
+                    w.name
+                ));
+            }
+        }
         for w in &self.live {
             let _ = Command::new("kill")
                 .args(["-TERM", &w.child.id().to_string()])
                 .status();
         }
         let deadline = Instant::now() + patience;
-        let mut trouble = Vec::new();
         for mut w in self.live.drain(..) {
             loop {
                 match w.child.try_wait() {
@@ -386,11 +484,20 @@ impl Progress {
     }
 }
 
-/// Follow every committed record change (one subscription to
-/// `jetq.records.>`); after each reconnection, read back the records not yet
-/// seen terminal, since changes committed while the connection was down are
-/// not delivered.
-async fn follow_records(broker: NatsBroker, ids: Arc<Vec<String>>, progress: Arc<Mutex<Progress>>) {
+/// Follow every committed record change of the honest requests (one
+/// subscription to `jetq.records.>`); after each reconnection, read back the
+/// records not yet seen terminal, since changes committed while the
+/// connection was down are not delivered. The hostile publisher's forged
+/// notifications on the same subject are left out: it registers each
+/// payload before sending it, and no record the server republishes is
+/// byte for byte one of them (they name the worker `forger`).
+async fn follow_records(
+    broker: NatsBroker,
+    ids: Arc<Vec<String>>,
+    progress: Arc<Mutex<Progress>>,
+    forged: hostile::Forged,
+) {
+    let honest: HashSet<String> = ids.iter().cloned().collect();
     let nats = broker.client().clone();
     let mut sub = nats.subscribe("jetq.records.>").await.unwrap();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -399,9 +506,15 @@ async fn follow_records(broker: NatsBroker, ids: Arc<Vec<String>>, progress: Arc
         tokio::select! {
             message = sub.next() => {
                 let Some(message) = message else { return };
+                if forged.lock().unwrap().contains(&message.payload) {
+                    continue;
+                }
                 let Ok(head) = serde_json::from_slice::<RecordHead>(&message.payload) else {
                     continue;
                 };
+                if !honest.contains(&head.id) {
+                    continue;
+                }
                 if head.status.is_terminal() {
                     let revision = message
                         .headers
@@ -522,11 +635,16 @@ struct Published {
     elapsed: Duration,
 }
 
-async fn publish_all(client: &Client, plans: &[Planned], concurrency: usize) -> Published {
+async fn publish_all(
+    client: &Client,
+    plans: &[Planned],
+    concurrency: usize,
+    marks: &hostile::Published,
+) -> Published {
     let started = Instant::now();
     let retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    futures_util::stream::iter(plans.iter())
-        .map(|p| {
+    futures_util::stream::iter(plans.iter().enumerate())
+        .map(|(i, p)| {
             let retries = Arc::clone(&retries);
             async move {
                 let deadline = Instant::now() + Duration::from_secs(120);
@@ -536,7 +654,7 @@ async fn publish_all(client: &Client, plans: &[Planned], concurrency: usize) -> 
                         builder = builder.max_retries(n);
                     }
                     match builder.publish().await {
-                        Ok(_) => return,
+                        Ok(_) => return marks.mark(i),
                         Err(e) if Instant::now() < deadline => {
                             let earlier =
                                 retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -553,6 +671,7 @@ async fn publish_all(client: &Client, plans: &[Planned], concurrency: usize) -> 
         .buffer_unordered(concurrency)
         .collect::<()>()
         .await;
+    marks.finish();
     Published {
         retries: retries.load(std::sync::atomic::Ordering::Relaxed),
         elapsed: started.elapsed(),
@@ -704,6 +823,11 @@ async fn run_soak(cfg: Config) {
         cfg.workers, cfg.concurrency, cfg.kills, cfg.restarts, cfg.seed
     );
     eprintln!("mix: {kinds:?}");
+    let hostile_count = cfg.hostile_count(n);
+    eprintln!(
+        "hostile: {hostile_count} messages ({}% of the requests), seed {}",
+        cfg.hostile_share, cfg.hostile_seed
+    );
 
     let log_dir = match std::env::var_os("JETQ_SOAK_LOG_DIR") {
         Some(dir) => {
@@ -736,7 +860,15 @@ async fn run_soak(cfg: Config) {
 
     let progress = Arc::new(Mutex::new(Progress::default()));
     let ids: Arc<Vec<String>> = Arc::new(plans.iter().map(|p| p.id.clone()).collect());
-    let follower = tokio::spawn(follow_records(broker.clone(), ids, Arc::clone(&progress)));
+    let forged: hostile::Forged = Arc::default();
+    let follower = tokio::spawn(follow_records(
+        broker.clone(),
+        ids,
+        Arc::clone(&progress),
+        Arc::clone(&forged),
+    ));
+    let deliveries: Arc<Mutex<HashMap<u64, hostile::Deliveries>>> = Arc::default();
+    let advisories = follow_advisories(&url, Arc::clone(&deliveries)).await;
     // Let the subscription reach the server before anything can finish.
     nats.flush().await.unwrap();
 
@@ -757,6 +889,39 @@ async fn run_soak(cfg: Config) {
     schedule.extend((0..cfg.restarts).map(|_| (0.25 + rng.f64() * 0.35, Chaos::Restart)));
 
     let client = Client::new(broker.clone());
+    // Waiters on a few honest requests from before they are published; the
+    // hostile publisher forges a `succeeded` notification for each first
+    // thing. None may believe it: each must return the stored record.
+    let waiter_ids: Vec<String> = if hostile_count == 0 {
+        Vec::new()
+    } else {
+        plans
+            .iter()
+            .filter(|p| p.kind == Kind::Fail && p.args["times"].as_u64() >= Some(2))
+            .chain(plans.iter().filter(|p| p.kind == Kind::Sleep))
+            .take(WAITERS)
+            .map(|p| p.id.clone())
+            .collect()
+    };
+    let waiters: Vec<(String, tokio::task::JoinHandle<jetq::Result<Record>>)> = waiter_ids
+        .iter()
+        .map(|id| {
+            let (client, id2, timeout) = (client.clone(), id.clone(), cfg.timeout);
+            let waiting = tokio::spawn(async move { client.wait(&id2, timeout).await });
+            (id.clone(), waiting)
+        })
+        .collect();
+    let plans_shared = Arc::new(plans.clone());
+    let marks = Arc::new(hostile::Published::new(n));
+    let hostile_task = tokio::spawn(hostile::run(hostile::Hostile {
+        url: url.clone(),
+        seed: cfg.hostile_seed,
+        count: hostile_count,
+        plans: Arc::clone(&plans_shared),
+        published: Arc::clone(&marks),
+        forged: Arc::clone(&forged),
+        waiters: waiter_ids.clone(),
+    }));
     let t0 = Instant::now();
     let t0_utc = jetq::time::OffsetDateTime::now_utc();
     let done = tokio_util::sync::CancellationToken::new();
@@ -772,12 +937,19 @@ async fn run_soak(cfg: Config) {
         done.clone(),
     ));
 
-    let published = publish_all(&client, &plans, cfg.publish_concurrency).await;
+    let published = publish_all(&client, &plans, cfg.publish_concurrency, &marks).await;
     eprintln!(
         "[{:7.2}s] published {n} requests in {:.2}s ({} publish retries)",
         t0.elapsed().as_secs_f64(),
         published.elapsed.as_secs_f64(),
         published.retries
+    );
+    let hostile_report = hostile_task.await.unwrap();
+    eprintln!(
+        "[{:7.2}s] hostile publisher done: {} messages in {:.2}s",
+        t0.elapsed().as_secs_f64(),
+        hostile_report.sent.len(),
+        hostile_report.elapsed.as_secs_f64()
     );
 
     let deadline = t0 + cfg.timeout;
@@ -839,6 +1011,42 @@ async fn run_soak(cfg: Config) {
         .collect()
         .await;
 
+    // The hostile publisher's own requests end too (their records are
+    // checked with the rest of what it sent, below).
+    let hostile_waits = hostile::ids_to_wait_for(&hostile_report.sent);
+    let hostile_not_terminal: Vec<(String, String)> = futures_util::stream::iter(hostile_waits)
+        .map(|id| {
+            let client = client.clone();
+            async move {
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_secs(5));
+                match client.wait(&id, left).await {
+                    Ok(_) => None,
+                    Err(e) => Some((id, e.to_string())),
+                }
+            }
+        })
+        .buffer_unordered(64)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await;
+    // The waiters returned the stored record, not a forged one.
+    let mut waiter_problems = Vec::new();
+    for (id, waiting) in waiters {
+        let stored = records.get(&id);
+        match waiting.await.unwrap() {
+            Ok(r) if Some(&r) == stored => {}
+            Ok(r) => waiter_problems.push(format!(
+                "{id}: a waiter returned {} but the stored record is {}",
+                serde_json::to_string(&r).unwrap_or_default(),
+                stored.map_or("(none)".to_owned(), |r| serde_json::to_string(r)
+                    .unwrap_or_default())
+            )),
+            Err(e) => waiter_problems.push(format!("{id}: a waiter failed: {e}")),
+        }
+    }
+
     // Nothing may stay in the task stream once every record is terminal
     // (a killed worker's unacknowledged message comes back after the ack wait
     // and is dropped as a duplicate).
@@ -867,6 +1075,13 @@ async fn run_soak(cfg: Config) {
         .unwrap()
         .state
         .messages;
+    // Every key of the bucket, and every dead letter (oldest first).
+    let kv = js.get_key_value("JETQ_RESULTS").await.unwrap();
+    let keys: HashSet<String> = kv.keys().await.unwrap().map(|k| k.unwrap()).collect().await;
+    let mut letters: HashMap<String, Vec<jetq::DeadLetter>> = HashMap::new();
+    for letter in client.dead_letters(usize::MAX).await.unwrap() {
+        letters.entry(letter.id.clone()).or_default().push(letter);
+    }
 
     // Stop the workers gracefully: an execution still running (one whose
     // delivery another worker took over) finishes and writes its audit entry.
@@ -883,8 +1098,33 @@ async fn run_soak(cfg: Config) {
 
     let (entries, undecodable) = read_audit(&js).await;
     follower.abort();
+    advisories.abort();
     let worker_errors = count_log_lines(log_dir.path(), " ERROR ");
     let worker_warnings = count_log_lines(log_dir.path(), " WARN ");
+    let panics = count_panics(log_dir.path());
+
+    // Handler runs of the hostile publisher's own requests are checked with
+    // them; the honest trail is checked as before.
+    let (hostile_entries, entries): (Vec<AuditEntry>, Vec<AuditEntry>) = entries
+        .into_iter()
+        .partition(|e| e.id.starts_with(hostile::PREFIX));
+    let mut hostile_runs: HashMap<String, Vec<hostile::Run>> = HashMap::new();
+    let mut ended: HashMap<&str, Option<String>> = HashMap::new();
+    for e in &hostile_entries {
+        let end = ended.entry(e.exec.as_str()).or_default();
+        if e.phase != "start" {
+            *end = Some(e.phase.clone());
+        }
+    }
+    for e in hostile_entries.iter().filter(|e| e.phase == "start") {
+        hostile_runs
+            .entry(e.id.clone())
+            .or_default()
+            .push(hostile::Run {
+                attempt: e.attempt,
+                end: ended.get(e.exec.as_str()).cloned().flatten(),
+            });
+    }
 
     let verdict = verify(
         &plans,
@@ -894,6 +1134,40 @@ async fn run_soak(cfg: Config) {
         &progress.lock().unwrap(),
         (t0_utc.unix_timestamp_nanos() / 1_000_000) as i64,
     );
+    let latest_letters: HashMap<String, jetq::DeadLetter> = letters
+        .iter()
+        .filter_map(|(k, v)| v.last().map(|l| (k.clone(), l.clone())))
+        .collect();
+    let deliveries = deliveries.lock().unwrap().clone();
+    let findings = hostile::verify(
+        &hostile_report.sent,
+        &kv,
+        &latest_letters,
+        &deliveries,
+        &hostile_runs,
+        WORKER_MAX_RETRIES,
+    )
+    .await;
+    let honest_letters = check_honest_letters(&plans, &records, &letters);
+    let mut delivery_problems = Vec::new();
+    let most_deliveries = deliveries.values().map(|d| d.most()).max().unwrap_or(0);
+    let bound = jetq::worker::delivery_budget(WORKER_MAX_RETRIES) + 1;
+    for (seq, d) in &deliveries {
+        if d.most() > bound {
+            delivery_problems.push(format!(
+                "task-stream message {seq} was delivered {} times, more than any request may be ({bound}): {d:?}",
+                d.most()
+            ));
+        }
+    }
+    // The bucket holds a key per honest request and per hostile id that
+    // must have a record; no other (no message wrote a record it does not own).
+    let mut expected_keys: HashSet<String> = plans.iter().map(|p| p.id.clone()).collect();
+    expected_keys.extend(hostile::expected_keys(&hostile_report.sent));
+    let mut missing: Vec<&String> = expected_keys.difference(&keys).collect();
+    let mut stray: Vec<&String> = keys.difference(&expected_keys).collect();
+    missing.sort();
+    stray.sort();
 
     // ----- Figures
     let mut out = String::new();
@@ -1023,7 +1297,73 @@ async fn run_soak(cfg: Config) {
         fleet.started
     )
     .unwrap();
-    for note in verdict.notable.iter().take(20) {
+    writeln!(
+        w,
+        "worker panics: {} on purpose (demo.panic, soak.flaky), {} others",
+        panics.deliberate,
+        panics.other.len()
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "deliveries (from the consumer's advisories): at most {most_deliveries} for any message; {} messages terminated, {} negative acknowledgements",
+        deliveries.values().filter(|d| d.terminated.is_some()).count(),
+        deliveries.values().map(|d| d.naks).sum::<u64>()
+    )
+    .unwrap();
+    let hostile_sent = &hostile_report.sent;
+    let mut by_attack: BTreeMap<String, usize> = BTreeMap::new();
+    for x in hostile_sent {
+        *by_attack.entry(format!("{:?}", x.attack)).or_default() += 1;
+    }
+    writeln!(
+        w,
+        "hostile: {} messages ({}% of the requests, seed {}) sent in {:.2}s: {}",
+        hostile_sent.len(),
+        cfg.hostile_share,
+        cfg.hostile_seed,
+        hostile_report.elapsed.as_secs_f64(),
+        by_attack
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "hostile endings: {}",
+        findings
+            .endings
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "hostile: most deliveries of one message {} ({}); {} copies stored twice by a retried publish; {} of {} forged notifications reached a request not finished yet; {} waiters of honest requests, {} of them wrong",
+        findings.max_deliveries,
+        if findings.max_deliveries_of.is_empty() { "-" } else { &findings.max_deliveries_of },
+        findings.extra_copies,
+        hostile_report.forged_early,
+        hostile_sent.iter().filter(|x| x.attack == hostile::Attack::ForgedNotice).count(),
+        waiter_ids.len(),
+        waiter_problems.len()
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "record bucket: {} keys = {n} honest + {} hostile ids with a record ({} missing, {} stray); dead letters: {} ids",
+        keys.len(),
+        expected_keys.len() - n,
+        missing.len(),
+        stray.len(),
+        letters.len()
+    )
+    .unwrap();
+    for note in verdict.notable.iter().chain(&honest_letters.notes).take(20) {
         writeln!(w, "note: {note}").unwrap();
     }
     print!("{out}");
@@ -1036,9 +1376,24 @@ async fn run_soak(cfg: Config) {
     for t in &stop_trouble {
         problems.push(format!("graceful stop at the end: {t}"));
     }
-    if kv_keys != n as u64 {
+    for id in &missing {
+        problems.push(format!("{id}: no record in the bucket"));
+    }
+    for id in &stray {
         problems.push(format!(
-            "the record bucket holds {kv_keys} keys, not {n}: a record is missing or stray"
+            "{id}: a record in the bucket that no message may write"
+        ));
+    }
+    problems.extend(honest_letters.problems);
+    problems.extend(findings.problems);
+    problems.extend(delivery_problems);
+    problems.extend(waiter_problems);
+    for (id, e) in &hostile_not_terminal {
+        problems.push(format!("{id} (hostile): not terminal at the deadline: {e}"));
+    }
+    for p in &panics.other {
+        problems.push(format!(
+            "a worker panicked outside a task that panics on purpose: {p}"
         ));
     }
     if tasks_left != 0 || ack_pending != 0 {
@@ -1480,4 +1835,132 @@ fn verify(
         }
     }
     v
+}
+
+/// Follow the queue consumer's advisories (terminated and negatively
+/// acknowledged messages, with their delivery counts) into `out`, by task
+/// stream sequence. Returns once the subscription is registered.
+async fn follow_advisories(
+    url: &str,
+    out: Arc<Mutex<HashMap<u64, hostile::Deliveries>>>,
+) -> tokio::task::JoinHandle<()> {
+    let nats = async_nats::connect(url).await.unwrap();
+    let mut sub = nats
+        .subscribe("$JS.EVENT.ADVISORY.CONSUMER.*.JETQ_TASKS.jetq-default")
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    tokio::spawn(async move {
+        let _keep = nats;
+        while let Some(message) = sub.next().await {
+            let Ok(v) = serde_json::from_slice::<Value>(&message.payload) else {
+                continue;
+            };
+            let (Some(seq), Some(delivered)) = (v["stream_seq"].as_u64(), v["deliveries"].as_u64())
+            else {
+                continue;
+            };
+            let mut out = out.lock().unwrap();
+            let d = out.entry(seq).or_default();
+            let subject = message.subject.as_str();
+            if subject.contains(".MSG_TERMINATED.") {
+                d.terminated = Some(d.terminated.unwrap_or(0).max(delivered));
+            } else if subject.contains(".MSG_NAKED.") {
+                d.naks += 1;
+                d.max_nak_delivery = d.max_nak_delivery.max(delivered);
+            }
+        }
+    })
+}
+
+/// Panics in the worker logs: those of the tasks that panic on purpose,
+/// and the others (each with its message), which must not happen.
+struct Panics {
+    deliberate: usize,
+    other: Vec<String>,
+}
+
+fn count_panics(dir: &Path) -> Panics {
+    let mut panics = Panics {
+        deliberate: 0,
+        other: Vec::new(),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return panics;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !line.contains(" panicked at ") {
+                continue;
+            }
+            let message = lines.get(i + 1).copied().unwrap_or_default();
+            if message.contains("panics on purpose") {
+                panics.deliberate += 1;
+            } else {
+                panics.other.push(format!(
+                    "{}: {line} {message}",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    panics
+}
+
+/// What the dead letters under honest ids say.
+struct HonestLetters {
+    problems: Vec<String>,
+    notes: Vec<String>,
+}
+
+/// Dead letters under honest ids: a failed request has one of its
+/// record's kind; a refused message is never filed under the id it names
+/// (those go to `invalid-<queue>-<sequence>`), so no letter under an
+/// honest id has a kind only a refused message gets.
+fn check_honest_letters(
+    plans: &[Planned],
+    records: &HashMap<String, Record>,
+    letters: &HashMap<String, Vec<jetq::DeadLetter>>,
+) -> HonestLetters {
+    let mut out = HonestLetters {
+        problems: Vec::new(),
+        notes: Vec::new(),
+    };
+    for p in plans {
+        let mine = letters.get(&p.id).map(Vec::as_slice).unwrap_or_default();
+        for l in mine {
+            if matches!(l.error.kind.as_str(), "invalid_request" | "id_conflict") {
+                out.problems.push(format!(
+                    "{}: a dead letter of a refused message under an honest id: {}: {}",
+                    p.id, l.error.kind, l.error.message
+                ));
+            }
+        }
+        let Some(r) = records.get(&p.id) else {
+            continue;
+        };
+        let kind = r.error.as_ref().map(|e| e.kind.as_str());
+        match r.status {
+            Status::Failed if !mine.iter().any(|l| Some(l.error.kind.as_str()) == kind) => {
+                out.problems.push(format!(
+                    "{}: failed ({kind:?}) without a dead letter of that kind (letters: {:?})",
+                    p.id,
+                    mine.iter().map(|l| &l.error.kind).collect::<Vec<_>>()
+                ))
+            }
+            Status::Succeeded if !mine.is_empty() => out.notes.push(format!(
+                "{}: succeeded, yet has dead letters (an attempt that failed after its delivery was taken over?): {:?}",
+                p.id,
+                mine.iter()
+                    .map(|l| (&l.error.kind, l.attempts, l.sequence, &l.worker))
+                    .collect::<Vec<_>>()
+            )),
+            _ => {}
+        }
+    }
+    out
 }
