@@ -2,6 +2,8 @@
 //! that ends a request sends the record it wrote to the inbox the request
 //! names (`notify`), and nowhere else.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use jetq::broker::Broker;
