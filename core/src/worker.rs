@@ -345,6 +345,7 @@ impl WorkerBuilder {
                 shared: Arc::new(self.shared),
                 ack_wait: self.ack_wait,
                 running_after: self.running_after,
+                concluding: Arc::new(Semaphore::new(self.concurrency)),
                 running: StdMutex::new(HashMap::new()),
                 next_registration: AtomicU64::new(0),
             }),
@@ -390,6 +391,9 @@ struct Env {
     shared: Arc<Shared>,
     ack_wait: Duration,
     running_after: Duration,
+    /// Attempts whose task has returned and whose outcome is being written
+    /// and settled, at most as many as tasks run at once.
+    concluding: Arc<Semaphore>,
     /// Running attempts by request id: the task's token and the flag that a
     /// client cancelled it.
     running: StdMutex<HashMap<String, Vec<RunningAttempt>>>,
@@ -768,10 +772,9 @@ async fn pull_loop(
                     let stop = stop.clone();
                     let hard_stop = hard_stop.clone();
                     let ack_wait = Arc::clone(&ack_wait);
-                    tracker.spawn(async move {
-                        process(env, queue, delivery, ack_wait, stop, hard_stop).await;
-                        drop(permit);
-                    });
+                    tracker.spawn(process(
+                        env, queue, delivery, permit, ack_wait, stop, hard_stop,
+                    ));
                 }
                 Some(Err(e)) => {
                     debug!(queue = %queue, error = %e, "pull ended with an error");
@@ -1030,10 +1033,16 @@ enum Claim {
 /// A request held back until this long before its due time is put back.
 const EARLY_TOLERANCE: Duration = Duration::from_millis(500);
 
+/// One delivery's life: check it, claim its record, run the task, write the
+/// outcome and settle the message. `slot` is its place among the tasks
+/// running at once; it is given back as soon as the task has returned, so
+/// that the next task runs while this one's outcome is being written (those
+/// writes are bounded separately, by [`Env::concluding`]).
 async fn process(
     env: Arc<Env>,
     queue: String,
     delivery: Box<dyn Delivery>,
+    slot: tokio::sync::OwnedSemaphorePermit,
     ack_wait: Arc<SharedAckWait>,
     stop: CancellationToken,
     hard_stop: CancellationToken,
@@ -1254,6 +1263,10 @@ async fn process(
             _ = mark_running => None,
             _ = hard_stop.cancelled() => None,
         };
+        // The task is done with its slot; the outcome's writes hold a place
+        // of their own.
+        let _concluding = Arc::clone(&env.concluding).acquire_owned().await;
+        drop(slot);
         if by_client.is_cancelled() {
             info!(attempt, "attempt ended after a cancellation");
             let now = OffsetDateTime::now_utc();
