@@ -389,6 +389,13 @@ impl Delivery for NatsDelivery {
         )
     }
 
+    fn fired_by_schedule(&self) -> bool {
+        self.message
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get("Nats-Scheduler").is_some())
+    }
+
     fn dedup_key(&self) -> Option<&str> {
         self.message
             .headers

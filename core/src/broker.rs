@@ -190,6 +190,12 @@ pub trait Delivery: Send + Sync + Debug {
     fn routed_task(&self) -> Option<&str> {
         None
     }
+    /// Whether the broker published this message itself when its delay
+    /// ran out (NATS: a message schedule fired it; such a message carries
+    /// no deduplication key).
+    fn fired_by_schedule(&self) -> bool {
+        false
+    }
     /// The message's deduplication key (NATS: `Nats-Msg-Id`), if it has one.
     /// The worker refuses a message whose key belongs to another request.
     fn dedup_key(&self) -> Option<&str> {

@@ -1104,7 +1104,16 @@ async fn process(
                 }
             }
         }
-        let claim = match claim(&env, &request, info, delivery.dedup_key(), max_retries).await {
+        let claim = match claim(
+            &env,
+            &request,
+            info,
+            delivery.dedup_key(),
+            delivery.fired_by_schedule(),
+            max_retries,
+        )
+        .await
+        {
             Ok(c) => c,
             Err(e) => {
                 let delay = release_delay(info.delivered);
@@ -1651,9 +1660,14 @@ fn check_routing(
     Ok(())
 }
 
-/// Whether `key` is a requeue key (`<id>.requeue.<n>`) rather than the id.
-fn delivery_key_is_requeue(key: Option<&str>, request: &Request) -> bool {
-    key.is_some_and(|k| k != request.id)
+/// Whether a message with deduplication key `key` (fired by a schedule or
+/// not) may create the record of `request`: its key is the id, or the
+/// broker's schedule fired it (keyless).
+fn may_start_record(key: Option<&str>, scheduled: bool, request: &Request) -> bool {
+    match key {
+        Some(k) => k == request.id,
+        None => scheduled,
+    }
 }
 
 /// Whether request `id` was cancelled (or otherwise ended) before it was due.
@@ -1677,6 +1691,7 @@ async fn claim(
     request: &Request,
     info: crate::broker::DeliveryInfo,
     dedup_key: Option<&str>,
+    scheduled: bool,
     max_retries: u32,
 ) -> Result<Claim> {
     let seq = info.sequence;
@@ -1684,12 +1699,18 @@ async fn claim(
     for _ in 0..16 {
         let existing = env.broker.get_record(&request.id).await?;
         let (mut record, revision) = match existing {
-            // A requeued message's record was reset when it was requeued:
-            // with none, the key is not this message's to use.
-            None if delivery_key_is_requeue(dedup_key, request) => {
+            // Only the message stored under the id (`Nats-Msg-Id`), or one
+            // the broker's schedule fired, may start a record: a requeued
+            // message's record was reset before it was published, and a
+            // message without its id as key could be anyone's.
+            None if !may_start_record(dedup_key, scheduled, request) => {
                 return Ok(Claim::NotOwner(format!(
-                    "request `{}` came with a requeue key but has no record to requeue",
-                    request.id
+                    "request `{}` has no record, and this message may not start one: its deduplication key (Nats-Msg-Id) is {}, not the id",
+                    request.id,
+                    match dedup_key {
+                        Some(k) => format!("`{}`", names::escape(k)),
+                        None => "missing".to_owned(),
+                    }
                 )));
             }
             None => (Record::pending(request), None),
@@ -1789,6 +1810,17 @@ async fn claim(
             stamp.apply(&mut record);
         }
         let attempt = record.attempts;
+        // A request that cannot run is written `failed` at once (its dead
+        // letter follows): if this attempt is cut short, the redelivery
+        // finishes burying it instead of running it.
+        let failing = |record: &mut Record, err: &TaskError| {
+            record.status = Status::Failed;
+            record.error = Some(err.info());
+            record.finished_at = Some(OffsetDateTime::now_utc());
+        };
+        if let Some(err) = &fail {
+            failing(&mut record, err);
+        }
         let mut written = put_record(env, &request.id, &record, revision).await;
         if matches!(&written, Err(e) if e.kind() == ErrorKind::PayloadTooLarge) {
             // The claimed record (start time, worker, sequence) does not fit
@@ -1811,6 +1843,9 @@ async fn claim(
                     ))
                     .with_kind(kinds::TOO_LARGE),
                 );
+            }
+            if let Some(err) = &fail {
+                failing(&mut record, err);
             }
             written = put_record(env, &request.id, &record, revision).await;
         }
