@@ -1236,7 +1236,13 @@ impl NatsBroker {
 
     async fn watch_record_impl(&self, id: &str) -> Result<BoxStream<'static, Result<RecordEntry>>> {
         let subject = self.record_subject(id)?;
-        let kv = self.bucket().await?.clone();
+        // A read: the bucket is opened if it exists, never created (until
+        // it exists there is no record to see; it is looked up again).
+        let kv = match self.existing_bucket().await {
+            Ok(kv) => kv.cloned(),
+            Err(e) if matches!(e.kind(), ErrorKind::Broker | ErrorKind::Timeout) => None,
+            Err(e) => return Err(e),
+        };
         // Subscribe first, then read: an update committed in between arrives
         // on the subscription, and revisions drop what was already seen.
         let sub = self
@@ -1267,6 +1273,7 @@ impl NatsBroker {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let state = WatchState {
             sub,
+            broker: self.clone(),
             kv,
             id: id.to_owned(),
             last: current.as_ref().map_or(0, |e| e.revision),
@@ -1287,7 +1294,8 @@ impl NatsBroker {
 
 struct WatchState {
     sub: Subscriber,
-    kv: kv::Store,
+    broker: NatsBroker,
+    kv: Option<kv::Store>,
     id: String,
     last: u64,
     pending: Option<RecordEntry>,
@@ -1318,7 +1326,11 @@ impl WatchState {
 
     /// Read the record back (after a reconnect, or periodically).
     async fn read_back(&mut self) -> Option<RecordEntry> {
-        match self.kv.entry(self.id.as_str()).await {
+        if self.kv.is_none() {
+            self.kv = self.broker.existing_bucket().await.ok().flatten().cloned();
+        }
+        let kv = self.kv.as_ref()?;
+        match kv.entry(self.id.as_str()).await {
             Ok(Some(e)) if e.operation == Operation::Put => {
                 self.accept(RecordEntry::new(e.value, e.revision))
             }

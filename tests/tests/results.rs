@@ -172,3 +172,44 @@ async fn a_notify_address_that_is_not_an_inbox_is_never_published_to() {
     }
     worker.shutdown().await.unwrap();
 }
+
+/// Guarantee: waiting for a record is a read: it creates no bucket or
+/// stream, and still sees the record once a worker writes it.
+#[tokio::test]
+async fn waiting_creates_nothing_and_still_sees_the_record() {
+    let server = NatsServer::start();
+    let broker = connect(&server).await;
+    let client = Client::new(broker.clone());
+    let err = client
+        .wait("nobody-yet", Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), jetq::ErrorKind::Timeout);
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let names: Vec<String> = futures_util::TryStreamExt::try_collect(js.stream_names())
+        .await
+        .unwrap();
+    assert!(names.is_empty(), "created {names:?}");
+    // A wait begun before anything exists sees the record once it is written.
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.wait("later-1", WAIT).await }
+    });
+    let producer = Client::new(connect(&server).await);
+    producer
+        .task("demo.add")
+        .id("later-1")
+        .args(&json!({"a": 2, "b": 3}))
+        .notify(false)
+        .publish()
+        .await
+        .unwrap();
+    let worker = Worker::builder(connect(&server).await)
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    let record = waiting.await.unwrap().unwrap();
+    assert_eq!(record.value, Some(json!(5)));
+    worker.shutdown().await.unwrap();
+}
