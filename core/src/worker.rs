@@ -346,6 +346,8 @@ impl WorkerBuilder {
                 ack_wait: self.ack_wait,
                 running_after: self.running_after,
                 concluding: Arc::new(Semaphore::new(self.concurrency)),
+                slots: Arc::new(Semaphore::new(self.concurrency)),
+                task_micros: AtomicU64::new(u64::MAX),
                 running: StdMutex::new(HashMap::new()),
                 next_registration: AtomicU64::new(0),
             }),
@@ -394,13 +396,55 @@ struct Env {
     /// Attempts whose task has returned and whose outcome is being written
     /// and settled, at most as many as tasks run at once.
     concluding: Arc<Semaphore>,
+    /// Places for running tasks (the worker's concurrency). Deliveries are
+    /// pulled against an allowance of their own, so that the next ones'
+    /// records are read while these run.
+    slots: Arc<Semaphore>,
+    /// A moving average of how long tasks run, in microseconds.
+    task_micros: AtomicU64,
     /// Running attempts by request id: the task's token and the flag that a
     /// client cancelled it.
     running: StdMutex<HashMap<String, Vec<RunningAttempt>>>,
     next_registration: AtomicU64,
 }
 
+/// Tasks shorter than this on average let a worker read ahead.
+const READ_AHEAD_BELOW: Duration = Duration::from_millis(20);
+
 impl Env {
+    /// Whether tasks have been quick enough to read the next deliveries'
+    /// records while every slot is busy.
+    fn read_ahead_ok(&self) -> bool {
+        self.task_micros.load(Ordering::Relaxed) < duration_micros(READ_AHEAD_BELOW)
+    }
+
+    /// Wait until a task slot is free; returns how many are.
+    async fn free_slot(&self) -> usize {
+        loop {
+            let free = self.slots.available_permits();
+            if free > 0 {
+                return free;
+            }
+            // Held only to learn that one came free.
+            match self.slots.acquire().await {
+                Ok(p) => drop(p),
+                Err(_) => return 1,
+            }
+        }
+    }
+
+    /// Count a task that ran for `took` into the average.
+    fn task_took(&self, took: Duration) {
+        let micros = duration_micros(took);
+        let old = self.task_micros.load(Ordering::Relaxed);
+        let new = if old == u64::MAX {
+            micros
+        } else {
+            old - old / 8 + micros / 8
+        };
+        self.task_micros.store(new, Ordering::Relaxed);
+    }
+
     /// Make a running attempt reachable by cancellation signals until the
     /// returned guard is dropped.
     fn register(
@@ -700,6 +744,10 @@ impl SharedAckWait {
     }
 }
 
+fn duration_micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -732,6 +780,19 @@ async fn pull_loop(
         if extra > 0 {
             if let Ok(more) = Arc::clone(&permits).try_acquire_many_owned(extra as u32) {
                 held.merge(more);
+            }
+        }
+        // Reading ahead (taking deliveries and reading their records while
+        // every task slot is busy) only while tasks are quick: a delivery
+        // must not wait here for a slot that a long task holds while
+        // another worker could run it.
+        if !env.read_ahead_ok() {
+            let free = tokio::select! {
+                _ = stop.cancelled() => return,
+                free = env.free_slot() => free,
+            };
+            if held.num_permits() > free {
+                drop(held.split(held.num_permits() - free));
             }
         }
         let want = held.num_permits();
@@ -1034,15 +1095,17 @@ enum Claim {
 const EARLY_TOLERANCE: Duration = Duration::from_millis(500);
 
 /// One delivery's life: check it, claim its record, run the task, write the
-/// outcome and settle the message. `slot` is its place among the tasks
-/// running at once; it is given back as soon as the task has returned, so
-/// that the next task runs while this one's outcome is being written (those
-/// writes are bounded separately, by [`Env::concluding`]).
+/// outcome and settle the message. It moves through three allowances, each
+/// as large as the worker's concurrency: `reading` (pulled, its record
+/// read), a task slot ([`Env::slots`], while the task runs) and
+/// [`Env::concluding`] (its outcome written and the message settled), so
+/// that one delivery's record is read and another's outcome written while a
+/// third runs.
 async fn process(
     env: Arc<Env>,
     queue: String,
     delivery: Box<dyn Delivery>,
-    slot: tokio::sync::OwnedSemaphorePermit,
+    reading: tokio::sync::OwnedSemaphorePermit,
     ack_wait: Arc<SharedAckWait>,
     stop: CancellationToken,
     hard_stop: CancellationToken,
@@ -1195,6 +1258,36 @@ async fn process(
         let by_client = CancellationToken::new();
         let _registration = env.register(&request.id, &cancel, &by_client);
         let id = request.id.clone();
+        // A place to run: at once, unless the worker read ahead while every
+        // slot was busy; the delivery is kept alive meanwhile.
+        let slot = match Arc::clone(&env.slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let wait = Arc::clone(&env.slots).acquire_owned();
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        s = &mut wait => match s {
+                            Ok(slot) => break slot,
+                            Err(_) => return,
+                        },
+                        _ = tokio::time::sleep(ack_wait.get() / 3) => {
+                            if let Err(e) = delivery.in_progress().await {
+                                debug!(error = %e, "keep-alive failed");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        drop(reading);
+        if by_client.is_cancelled() {
+            // Cancelled while it waited for a slot: it does not start.
+            let now = OffsetDateTime::now_utc();
+            let change = |r: &mut Record| r.mark_cancelled(now);
+            conclude(&env, &writer, &*delivery, &change, Settle::Ack).await;
+            return;
+        }
         let ctx = Context {
             inner: Arc::new(ContextInner {
                 request,
@@ -1266,12 +1359,14 @@ async fn process(
             }
             std::future::pending::<()>().await
         };
+        let started = tokio::time::Instant::now();
         let outcome = tokio::select! {
             r = run => Some(r),
             _ = keepalive => None,
             _ = mark_running => None,
             _ = hard_stop.cancelled() => None,
         };
+        env.task_took(started.elapsed());
         // The task is done with its slot; the outcome's writes hold a place
         // of their own.
         let _concluding = Arc::clone(&env.concluding).acquire_owned().await;
