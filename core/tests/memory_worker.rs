@@ -716,3 +716,90 @@ async fn a_request_whose_workers_all_died_fails_instead_of_looping() {
     assert!(client.dead_letter("doomed").await.unwrap().is_some());
     w.shutdown().await.unwrap();
 }
+
+/// What the read-ahead test's tasks share.
+#[derive(Clone)]
+struct Held {
+    /// Released to let the held tasks finish.
+    gate: Arc<tokio::sync::Semaphore>,
+    /// Held tasks running now.
+    running: Arc<AtomicUsize>,
+    /// Tells the test that one more held task started.
+    started: Arc<tokio::sync::Notify>,
+    /// Runs of the task that must never run.
+    victim_ran: Arc<AtomicUsize>,
+}
+
+async fn held(jetq::State(h): jetq::State<Held>) -> Result<(), TaskError> {
+    h.running.fetch_add(1, Ordering::SeqCst);
+    h.started.notify_one();
+    let _ = h.gate.acquire().await;
+    Ok(())
+}
+
+async fn victim(jetq::State(h): jetq::State<Held>) -> Result<(), TaskError> {
+    h.victim_ran.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Reading ahead: while every slot is busy (with tasks that looked quick so
+/// far), a worker takes the next delivery and reads its record; if a client
+/// cancels that request while it waits for a slot, it never starts.
+#[tokio::test]
+async fn a_request_cancelled_while_it_waits_for_a_slot_never_starts() {
+    let broker = MemoryBroker::new();
+    let h = Held {
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        running: Arc::default(),
+        started: Arc::default(),
+        victim_ran: Arc::default(),
+    };
+    let w = start(
+        Worker::builder(broker.clone())
+            .concurrency(2)
+            .state(h.clone())
+            .task("demo.add", add)
+            .task("held", held)
+            .task("victim", victim),
+    );
+    let client = Client::new(broker.clone()).pending_records(true);
+    // Quick tasks first: the worker learns that tasks are short.
+    for i in 0..20 {
+        let v: i64 = client
+            .task("demo.add")
+            .args(&serde_json::json!({"a": i, "b": 1}))
+            .publish()
+            .await
+            .unwrap()
+            .result(WAIT)
+            .await
+            .unwrap();
+        assert_eq!(v, i + 1);
+    }
+    // Both slots taken by tasks that wait.
+    let holders = [
+        client.task("held").publish().await.unwrap(),
+        client.task("held").publish().await.unwrap(),
+    ];
+    while h.running.load(Ordering::SeqCst) < 2 {
+        h.started.notified().await;
+    }
+    // The next request is taken and waits for a slot.
+    let v = client.task("victim").id("v-1").publish().await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.queued("default") > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never taken");
+        tokio::task::yield_now().await;
+    }
+    let cancelled = client.cancel("v-1").await.unwrap();
+    assert_eq!(cancelled.status, Status::Cancelled);
+    h.gate.add_permits(2);
+    for holder in &holders {
+        assert_eq!(holder.wait(WAIT).await.unwrap().status, Status::Succeeded);
+    }
+    let record = v.wait(WAIT).await.unwrap();
+    assert_eq!(record.status, Status::Cancelled);
+    w.shutdown().await.unwrap();
+    assert_eq!(h.victim_ran.load(Ordering::SeqCst), 0, "the victim ran");
+    assert_eq!(broker.queued("default"), 0);
+}
