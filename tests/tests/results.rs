@@ -106,6 +106,9 @@ async fn a_notify_address_that_is_not_an_inbox_is_never_published_to() {
         .spawn()
         .unwrap();
     let client = Client::new(broker.clone());
+    // The stream first: with the spy below subscribed, a publish before it
+    // exists would wait for an answer instead of being told "no responders".
+    broker.ensure_queue("default").await.unwrap();
     let nats = async_nats::connect(server.url()).await.unwrap();
     let mut spy = nats.subscribe("jetq.>").await.unwrap();
     nats.flush().await.unwrap();
