@@ -1291,7 +1291,7 @@ async fn process(
         // A place to run: at once, unless the worker read ahead while every
         // slot was busy; the delivery is kept alive meanwhile.
         let Taken { reading, slot } = taken;
-        let slot = match slot.map_or_else(|| Arc::clone(&env.slots).try_acquire_owned().ok(), Some) {
+        let slot = match slot.or_else(|| Arc::clone(&env.slots).try_acquire_owned().ok()) {
             Some(slot) => slot,
             None => {
                 let wait = Arc::clone(&env.slots).acquire_owned();
