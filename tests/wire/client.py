@@ -34,7 +34,10 @@ Checks (the section of docs/wire-format.md each one proves in brackets):
      runs once, not before T [3 "Delayed requests", 4 `not_before`];
   i. a delayed request cancelled as documented (revision-checked record
      update to `cancelled`, purge of `jetq.delayed.<id>`) never runs
-     [6 "Cancelling"].
+     [6 "Cancelling"];
+  j. the `run_many` function of the Python example [8], taken from the
+     document: requests naming an inbox in `notify` get their ended records
+     sent there by the worker [4 `notify`, 7].
 
 With --before-worker it checks one thing only, on a server where no jetq
 worker or client has run yet: a JetStream publish to jetq.tasks.default.demo.add
@@ -467,6 +470,24 @@ async def check_f(nc):
     ok("f. the document's Python example run_task(nc, 'demo.add', {a:2,b:40}) returned succeeded, value 42")
 
 
+async def check_j(nc):
+    """Section 8: the document's inbox example (`run_many`), with the first example's imports."""
+    with open(DOC, encoding="utf-8") as f:
+        doc = f.read()
+    section = doc.split("### Python (nats-py)", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    many = [b for b in blocks if "def run_many" in b]
+    check(blocks and many, f"no ```python block with run_many under '### Python (nats-py)' in {DOC}")
+    scope = {"__name__": "wire_format_example"}
+    exec(compile(blocks[0].replace("asyncio.run(main())", ""), "docs/wire-format.md (Python example)", "exec"), scope)
+    exec(compile(many[0], "docs/wire-format.md (inbox example)", "exec"), scope)
+    records = await scope["run_many"](nc, "demo.add", [{"a": 1, "b": 2}, {"a": 3, "b": 4}], timeout=WAIT)
+    values = sorted(r["value"] for r in records.values())
+    check(len(records) == 2 and all(r["status"] == "succeeded" for r in records.values()) and values == [3, 7],
+          f"the document's run_many returned {records}")
+    ok("j. the document's inbox example run_many: both records arrived on the inbox, values 3 and 7")
+
+
 async def before_worker(nc):
     """Section 1: publishing before any worker ran fails with NoStreamResponseError."""
     js = nc.jetstream(timeout=WAIT)
@@ -502,6 +523,7 @@ async def main(url, mode):
         await check_g(nc, failed)
         await check_h(nc, js, kv)
         await check_i(nc, js, kv)
+        await check_j(nc)
     finally:
         await nc.close()
 
