@@ -108,7 +108,7 @@ impl Client {
             return Ok(TaskHandle {
                 client: self.clone(),
                 id: request.id.clone(),
-                queued: Some(Arc::new(Record::pending(&request))),
+                queued: Some(Arc::new(request)),
                 registration,
             });
         }
@@ -647,7 +647,7 @@ pub struct TaskHandle {
     /// The `pending` record of a request this handle published without
     /// writing it: what [`record`](Self::record) reports until a worker
     /// writes one.
-    queued: Option<Arc<Record>>,
+    queued: Option<Arc<Request>>,
     /// Its place in the client's result inbox, if it published the request.
     registration: Option<Arc<Registration>>,
 }
@@ -663,7 +663,7 @@ impl TaskHandle {
     pub async fn record(&self) -> Result<Record> {
         match self.client.record(&self.id).await {
             Err(e) if e.kind() == ErrorKind::NotFound => match &self.queued {
-                Some(queued) => Ok(Record::clone(queued)),
+                Some(queued) => Ok(Record::pending(queued)),
                 None => Err(e),
             },
             other => other,
@@ -683,7 +683,7 @@ impl TaskHandle {
     /// Wait for the terminal record, whatever its status.
     pub async fn wait(&self, timeout: Duration) -> Result<Record> {
         let Some(registration) = &self.registration else {
-            let queued = self.queued.as_ref().map(|r| r.status);
+            let queued = self.queued.as_ref().map(|_| Status::Pending);
             return self
                 .client
                 .watch_until_ended(&self.id, timeout, queued)
@@ -695,7 +695,7 @@ impl TaskHandle {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pause = Duration::from_secs(1);
         let mut next_read = tokio::time::Instant::now() + pause;
-        let mut last = self.queued.as_ref().map(|r| r.status);
+        let mut last = self.queued.as_ref().map(|_| Status::Pending);
         loop {
             let changed = slot.changed.notified();
             tokio::pin!(changed);

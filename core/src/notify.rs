@@ -163,28 +163,24 @@ async fn dispatch(
                     slot.changed.notify_waiters();
                 }
             }
-            Some(Notification::Resync) => {
-                let all: Vec<Arc<Slot>> = slots
-                    .lock()
-                    .map(|s| s.values().cloned().collect())
-                    .unwrap_or_default();
-                for slot in all {
-                    slot.resync.store(true, Ordering::Release);
-                    slot.changed.notify_waiters();
-                }
-            }
+            Some(Notification::Resync) => resync_all(&slots),
             None => {
                 // The connection closed for good: waits fall back to reading.
-                let all: Vec<Arc<Slot>> = slots
-                    .lock()
-                    .map(|s| s.values().cloned().collect())
-                    .unwrap_or_default();
-                for slot in all {
-                    slot.resync.store(true, Ordering::Release);
-                    slot.changed.notify_waiters();
-                }
+                resync_all(&slots);
                 return;
             }
         }
+    }
+}
+
+/// Tell every wait to read its record itself: notifications may be lost.
+fn resync_all(slots: &Mutex<HashMap<String, Arc<Slot>>>) {
+    let all: Vec<Arc<Slot>> = slots
+        .lock()
+        .map(|s| s.values().cloned().collect())
+        .unwrap_or_default();
+    for slot in all {
+        slot.resync.store(true, Ordering::Release);
+        slot.changed.notify_waiters();
     }
 }

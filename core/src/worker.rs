@@ -1197,16 +1197,7 @@ async fn process(
                 }
             }
         }
-        let claim = match claim(
-            &env,
-            &request,
-            info,
-            delivery.dedup_key(),
-            delivery.fired_by_schedule(),
-            max_retries,
-        )
-        .await
-        {
+        let claim = match claim(&env, &request, &*delivery, max_retries).await {
             Ok(c) => c,
             Err(e) => {
                 let delay = release_delay(info.delivered);
@@ -1555,7 +1546,7 @@ async fn conclude(
             // redelivery that the record drops, so it is not waited for.
             Settle::Nak(_) | Settle::Ack => delivery.ack_unconfirmed().await,
         },
-        Err(e) => return not_written(env, delivery, e).await,
+        Err(e) => return not_written(env, writer, delivery, e).await,
     };
     if let Err(e) = result {
         warn!(error = %e, "acknowledgement failed; the request may run again");
@@ -1566,23 +1557,17 @@ async fn conclude(
 /// or it ended (cancelled, or a duplicate finished it): leave the message to
 /// the record's owner, or drop it if the request has ended; else (an
 /// outage) release the message for another attempt.
-async fn not_written(env: &Env, delivery: &dyn Delivery, e: Error) {
+async fn not_written(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery, e: Error) {
     let result = if e.kind() == ErrorKind::Conflict {
-        let id = Request::from_json(delivery.payload()).map(|r| r.id);
-        if let Ok(id) = id {
-            let ended = match env.broker.get_record(&id).await {
-                Ok(Some(entry)) => Record::decode(&id, &entry.value)
-                    .map(|r| r.status.is_terminal())
-                    .unwrap_or(false),
-                _ => false,
-            };
-            if ended {
-                debug!(error = %e, "the request ended meanwhile; dropping this delivery");
-                if let Err(e) = delivery.ack().await {
-                    warn!(error = %e, "cannot acknowledge a dropped delivery");
-                }
-                return;
+        if stored_record(env, &writer.id)
+            .await
+            .is_some_and(|r| r.status.is_terminal())
+        {
+            debug!(error = %e, "the request ended meanwhile; dropping this delivery");
+            if let Err(e) = delivery.ack().await {
+                warn!(error = %e, "cannot acknowledge a dropped delivery");
             }
+            return;
         }
         warn!(error = %e, "leaving the message to the attempt that owns the record");
         Ok(())
@@ -1602,7 +1587,7 @@ async fn finish_failed(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery
     // leaves a `running` record naming this message, which the next delivery
     // fails from the dead letter (see `claim`).
     if let Err(e) = writer.ensure_claimed().await {
-        return not_written(env, delivery, e).await;
+        return not_written(env, writer, delivery, e).await;
     }
     // An attempt taken over meanwhile (its worker was presumed dead) must
     // not leave a dead letter for a request another attempt runs.
@@ -1611,7 +1596,7 @@ async fn finish_failed(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery
             ErrorKind::Conflict,
             format!("record `{}` was taken over by another attempt", writer.id),
         );
-        return not_written(env, delivery, lost).await;
+        return not_written(env, writer, delivery, lost).await;
     }
     let now = OffsetDateTime::now_utc();
     let info = err.info();
@@ -1786,24 +1771,27 @@ fn check_routing(
     Ok(())
 }
 
-/// Whether a message with deduplication key `key` (fired by a schedule or
-/// not) may create the record of `request`: its key is the id, or the
-/// broker's schedule fired it (keyless).
-fn may_start_record(key: Option<&str>, scheduled: bool, request: &Request) -> bool {
-    match key {
+/// Whether `delivery` may create the record of `request`: its
+/// deduplication key is the id, or it has none because the broker's
+/// schedule fired it.
+fn may_start_record(delivery: &dyn Delivery, request: &Request) -> bool {
+    match delivery.dedup_key() {
         Some(k) => k == request.id,
-        None => scheduled,
+        None => delivery.fired_by_schedule(),
     }
+}
+
+/// The stored record of request `id`, if it can be read and decoded.
+async fn stored_record(env: &Env, id: &str) -> Option<Record> {
+    let entry = env.broker.get_record(id).await.ok()??;
+    Record::decode(id, &entry.value).ok()
 }
 
 /// Whether request `id` was cancelled (or otherwise ended) before it was due.
 async fn ended_before_due(env: &Env, id: &str) -> bool {
-    match env.broker.get_record(id).await {
-        Ok(Some(entry)) => Record::decode(id, &entry.value)
-            .map(|r| r.status.is_terminal() || r.cancel_requested_at.is_some())
-            .unwrap_or(false),
-        _ => false,
-    }
+    stored_record(env, id)
+        .await
+        .is_some_and(|r| r.status.is_terminal() || r.cancel_requested_at.is_some())
 }
 
 /// Take ownership of the request's record for this attempt.
@@ -1815,11 +1803,10 @@ async fn ended_before_due(env: &Env, id: &str) -> bool {
 async fn claim(
     env: &Env,
     request: &Request,
-    info: crate::broker::DeliveryInfo,
-    dedup_key: Option<&str>,
-    scheduled: bool,
+    delivery: &dyn Delivery,
     max_retries: u32,
 ) -> Result<Claim> {
+    let info = delivery.info();
     let seq = info.sequence;
     let mut fail: Option<TaskError> = None;
     for _ in 0..16 {
@@ -1829,11 +1816,11 @@ async fn claim(
             // the broker's schedule fired, may start a record: a requeued
             // message's record was reset before it was published, and a
             // message without its id as key could be anyone's.
-            None if !may_start_record(dedup_key, scheduled, request) => {
+            None if !may_start_record(delivery, request) => {
                 return Ok(Claim::NotOwner(format!(
                     "request `{}` has no record, and this message may not start one: its deduplication key (Nats-Msg-Id) is {}, not the id",
                     request.id,
-                    match dedup_key {
+                    match delivery.dedup_key() {
                         Some(k) => format!("`{}`", names::escape(k)),
                         None => "missing".to_owned(),
                     }
