@@ -971,6 +971,17 @@ impl RecordWriter {
             && !stored.status.is_terminal()
     }
 
+    /// Whether `stored` is this attempt's own claim, written by a write
+    /// whose future was dropped before it saw the answer (the `running`
+    /// write races the task's end).
+    fn own_claim(claimed: bool, claim: &ClaimStamp, stored: &Record) -> bool {
+        !claimed
+            && stored.seq == Some(claim.seq)
+            && stored.attempts == claim.attempts
+            && stored.worker.as_deref() == Some(claim.worker.as_str())
+            && !stored.status.is_terminal()
+    }
+
     /// Write the claim if it is not written yet.
     async fn ensure_claimed(&self) -> Result<()> {
         if self.state.lock().await.claimed {
@@ -1020,7 +1031,10 @@ impl RecordWriter {
                         }
                         Some(entry) => {
                             let mut stored = Record::decode(&self.id, &entry.value)?;
-                            if !Self::still_owned(state, &stored) {
+                            if Self::own_claim(state.claimed, &state.claim, &stored) {
+                                state.claimed = true;
+                                state.base = (stored.seq, stored.attempts);
+                            } else if !Self::still_owned(state, &stored) {
                                 return Err(Error::new(
                                     ErrorKind::Conflict,
                                     format!(
@@ -1057,9 +1071,9 @@ impl RecordWriter {
     /// Read the record back: has a client asked to cancel, or has another
     /// attempt taken the request over?
     async fn check(&self, broker: &Arc<dyn Broker>) -> Result<Watch> {
-        let (base, claimed) = {
+        let (base, claimed, claim) = {
             let guard = self.state.lock().await;
-            (guard.base, guard.claimed)
+            (guard.base, guard.claimed, guard.claim.clone())
         };
         let Some(entry) = broker.get_record(&self.id).await? else {
             return Ok(if claimed || base != (None, 0) {
@@ -1069,13 +1083,17 @@ impl RecordWriter {
             });
         };
         let current = Record::decode(&self.id, &entry.value)?;
-        Ok(if current.seq != base.0 || current.attempts != base.1 {
-            Watch::Lost
-        } else if current.cancel_requested_at.is_some() || current.status == Status::Cancelled {
-            Watch::CancelRequested
-        } else {
-            Watch::Fine
-        })
+        // Its own claim, from a write whose answer was dropped, is not lost.
+        let own = Self::own_claim(claimed, &claim, &current);
+        Ok(
+            if !own && (current.seq != base.0 || current.attempts != base.1) {
+                Watch::Lost
+            } else if current.cancel_requested_at.is_some() || current.status == Status::Cancelled {
+                Watch::CancelRequested
+            } else {
+                Watch::Fine
+            },
+        )
     }
 }
 
