@@ -190,15 +190,26 @@ pub(crate) async fn throughput(env: &Env, tasks: u64, concurrency: usize) -> Res
 }
 
 /// Publish `tasks` requests of `task`, `window` publishes at a time, none
-/// to be waited for (no result sent to the producer's inbox).
-async fn publish_all(client: &Client, task: &str, tasks: u64, window: usize) -> Result<()> {
+/// to be waited for (no result sent to the producer's inbox); with
+/// `ignore_result`, none whose success is recorded either.
+async fn publish_all(
+    client: &Client,
+    task: &str,
+    tasks: u64,
+    window: usize,
+    ignore_result: bool,
+) -> Result<()> {
     let mut publishes = futures_util::stream::iter(0..tasks)
         .map(|i| {
-            client
+            let request = client
                 .task(task)
                 .args(&AddArgs { a: i, b: 1 })
-                .notify(false)
-                .publish()
+                .notify(false);
+            match ignore_result {
+                true => request.ignore_result(),
+                false => request,
+            }
+            .publish()
         })
         .buffer_unordered(window);
     while let Some(published) = publishes.next().await {
@@ -208,13 +219,28 @@ async fn publish_all(client: &Client, task: &str, tasks: u64, window: usize) -> 
 }
 
 /// Fire and forget: `tasks` requests published and run, their records never
-/// read; done when every request has been run and acknowledged.
-pub(crate) async fn fire_and_forget(env: &Env, tasks: u64, concurrency: usize) -> Result<Sample> {
-    with_jq(env, "jf", concurrency, async |jq| {
+/// read; done when every request has been run and acknowledged. With
+/// `ignore_result` (the requests say nobody reads their result) a success
+/// writes no record; without, every record is written.
+pub(crate) async fn fire_and_forget(
+    env: &Env,
+    tasks: u64,
+    concurrency: usize,
+    ignore_result: bool,
+) -> Result<Sample> {
+    let prefix = if ignore_result { "jf" } else { "jg" };
+    with_jq(env, prefix, concurrency, async |jq| {
         let before = env.probe_before(&jq.connections, &jq.streams).await?;
         let start = Instant::now();
         timed_out(tasks, async {
-            publish_all(&jq.client, "demo.add_counted", tasks, env.window).await?;
+            publish_all(
+                &jq.client,
+                "demo.add_counted",
+                tasks,
+                env.window,
+                ignore_result,
+            )
+            .await?;
             jq.done.wait_for(tasks).await;
             env.wait_empty(&jq.task_stream, Duration::from_secs(30))
                 .await
@@ -314,7 +340,11 @@ pub(crate) async fn memory(env: &Env, tasks: u64, concurrency: usize) -> Result<
     let prefix = env.fresh_name("jm");
     let result = async {
         let client = Client::new(broker(&env.url, &prefix, "producer").await?);
-        timed_out(tasks, publish_all(&client, "demo.add", tasks, env.window)).await?;
+        timed_out(
+            tasks,
+            publish_all(&client, "demo.add", tasks, env.window, false),
+        )
+        .await?;
         let exe = std::env::current_exe().context("cannot find this program to run the worker")?;
         let start = Instant::now();
         let child = Command::new(&exe)

@@ -350,22 +350,34 @@ async fn fire_and_forget_round(
                 .context("fire-and-forget (raw)")
         },
         async {
-            jq::fire_and_forget(env, opts.tasks, opts.concurrency)
+            jq::fire_and_forget(env, opts.tasks, opts.concurrency, true)
                 .await
                 .context("fire-and-forget (jetq)")
         },
     )
     .await?;
+    // The same with every success recorded, after the pair.
+    let recorded = jq::fire_and_forget(env, opts.tasks, opts.concurrency, false)
+        .await
+        .context("fire-and-forget (jetq, records written)")?;
     eprintln!(
-        "  fire-and-forget: raw {:.0}/s, jetq {:.0}/s (x{:.3})",
+        "  fire-and-forget: raw {:.0}/s, jetq {:.0}/s (x{:.3}), jetq with records {:.0}/s (x{:.3})",
         raw.per_s(),
         jetq.per_s(),
-        jetq.per_s() / raw.per_s()
+        jetq.per_s() / raw.per_s(),
+        recorded.per_s(),
+        recorded.per_s() / raw.per_s()
     );
     figures.push("ff_raw_tasks_per_s", Some(raw.per_s()));
     figures.push("ff_jetq_tasks_per_s", Some(jetq.per_s()));
     figures.push("ff_ratio", Some(jetq.per_s() / raw.per_s()));
-    for (name, sample) in [("raw_ff", &raw), ("jetq_ff", &jetq)] {
+    figures.push("ff_jetq_recorded_tasks_per_s", Some(recorded.per_s()));
+    figures.push("ff_recorded_ratio", Some(recorded.per_s() / raw.per_s()));
+    for (name, sample) in [
+        ("raw_ff", &raw),
+        ("jetq_ff", &jetq),
+        ("jetq_ff_recorded", &recorded),
+    ] {
         let key = |what: &str| format!("{name}_{what}");
         figures.push(key("cpu_us_per_task"), sample.cpu_us_per_task());
         figures.push(

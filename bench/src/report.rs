@@ -145,12 +145,30 @@ pub(crate) fn lines(opts: &Opts, figures: &Figures, ran: &dyn Fn(Bench) -> bool)
         b.row(
             "jetq_tasks_per_s",
             "ff_jetq_tasks_per_s",
-            format!("jetq, c={c}, tasks/s"),
+            format!("jetq, c={c}, ignore_result, tasks/s"),
             Unit::Rate,
         );
         b.row("ratio", "ff_ratio", "jetq / raw", Unit::Ratio);
+        b.row(
+            "jetq_recorded_tasks_per_s",
+            "ff_jetq_recorded_tasks_per_s",
+            format!("jetq, c={c}, every record written, tasks/s"),
+            Unit::Rate,
+        );
+        b.row(
+            "recorded_ratio",
+            "ff_recorded_ratio",
+            "jetq with records / raw",
+            Unit::Ratio,
+        );
         cpu_rows(&mut b, "raw", "raw_ff", "raw");
         cpu_rows(&mut b, "jetq", "jetq_ff", "jetq");
+        cpu_rows(
+            &mut b,
+            "jetq_recorded",
+            "jetq_ff_recorded",
+            "jetq with records",
+        );
         lines.push(Line {
             bench: "fire_and_forget",
             title: format!("Fire and forget: {} tasks, results not read", opts.tasks),
@@ -243,6 +261,10 @@ pub(crate) fn lines(opts: &Opts, figures: &Figures, ran: &dyn Fn(Bench) -> bool)
         if ran(Bench::FireAndForget) {
             runs.push(("raw_ff", "raw fire-and-forget".to_owned()));
             runs.push(("jetq_ff", "jetq fire-and-forget".to_owned()));
+            runs.push((
+                "jetq_ff_recorded",
+                "jetq fire-and-forget with records".to_owned(),
+            ));
         }
         for (name, who) in runs {
             b.same(

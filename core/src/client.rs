@@ -84,6 +84,7 @@ impl Client {
     async fn publish_with(&self, mut request: Request, notify: bool) -> Result<TaskHandle> {
         request.validate()?;
         check_bounds(&request)?;
+        let notify = notify && !request.ignore_result;
         // Registered before the publish, so that no result can come too early.
         let registration = match notify {
             true => self.register(&request.id).await,
@@ -96,7 +97,7 @@ impl Client {
         self.check_size(&request.id, payload.len())?;
         let now = time::OffsetDateTime::now_utc();
         let delayed = request.not_before.is_some_and(|at| at > now);
-        if !delayed && !self.pending_records {
+        if !delayed && (!self.pending_records || request.ignore_result) {
             // No record before a worker takes the request: the broker's
             // dedup (`Nats-Msg-Id`) keeps a retried publish to one message,
             // and a worker drops a later message for an id whose record
@@ -623,6 +624,21 @@ impl RequestBuilder {
         self
     }
 
+    /// Nobody will read this request's result: a worker that runs it
+    /// successfully at its first delivery writes no record, so it costs
+    /// one stored message (the request) instead of two, and no record
+    /// read. Failures, retries and cancellations are still recorded (and
+    /// dead-lettered); a duplicate published after the broker's dedup window
+    /// runs again, and a cancellation reaches it only through the workers'
+    /// cancel signals. Implies [`notify(false)`](Self::notify); the
+    /// handle's [`wait`](TaskHandle::wait) and [`result`](TaskHandle::result)
+    /// refuse with [`ErrorKind::Config`]. Like Celery's `ignore_result`.
+    pub fn ignore_result(mut self) -> Self {
+        self.request.ignore_result = true;
+        self.notify = false;
+        self
+    }
+
     /// The request as it stands.
     pub fn request(&self) -> &Request {
         &self.request
@@ -682,6 +698,15 @@ impl TaskHandle {
 
     /// Wait for the terminal record, whatever its status.
     pub async fn wait(&self, timeout: Duration) -> Result<Record> {
+        if self.queued.as_ref().is_some_and(|r| r.ignore_result) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "request `{}` was published with `ignore_result`: its success leaves no record to wait for",
+                    self.id
+                ),
+            ));
+        }
         let Some(registration) = &self.registration else {
             let queued = self.queued.as_ref().map(|_| Status::Pending);
             return self

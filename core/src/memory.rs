@@ -32,7 +32,7 @@
 //! ```
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -60,6 +60,8 @@ struct Inner {
     records: broadcast::Sender<(String, RecordEntry)>,
     cancels: broadcast::Sender<String>,
     max_payload: Option<usize>,
+    record_reads: AtomicU64,
+    record_writes: AtomicU64,
 }
 
 impl Default for Inner {
@@ -70,6 +72,8 @@ impl Default for Inner {
             records: broadcast::channel(1024).0,
             cancels: broadcast::channel(1024).0,
             max_payload: None,
+            record_reads: AtomicU64::new(0),
+            record_writes: AtomicU64::new(0),
         }
     }
 }
@@ -113,6 +117,7 @@ impl Inner {
         check: impl FnOnce(Option<u64>) -> Result<()>,
     ) -> Result<u64> {
         names::validate_id(id)?;
+        self.record_writes.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         check(st.records.get(id).map(|e| e.revision))?;
         st.next_revision += 1;
@@ -159,6 +164,16 @@ impl MemoryBroker {
     /// delayed).
     pub fn queued(&self, queue: &str) -> usize {
         self.inner.lock().queues.get(queue).map_or(0, VecDeque::len)
+    }
+
+    /// Record reads so far (`get_record`), for tests that count operations.
+    pub fn record_reads(&self) -> u64 {
+        self.inner.record_reads.load(Ordering::Relaxed)
+    }
+
+    /// Record writes tried so far (creates and updates, refused ones too).
+    pub fn record_writes(&self) -> u64 {
+        self.inner.record_writes.load(Ordering::Relaxed)
     }
 }
 
@@ -262,6 +277,7 @@ impl Broker for MemoryBroker {
     }
 
     fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
+        self.inner.record_reads.fetch_add(1, Ordering::Relaxed);
         let res = names::validate_id(id).map(|()| self.inner.lock().records.get(id).cloned());
         Box::pin(async move { res })
     }

@@ -80,6 +80,18 @@ pub struct Request {
     /// address its broker does not accept as an inbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<String>,
+    /// The producer will not read the result: a worker that runs the request
+    /// successfully at its first delivery writes no record (it neither reads
+    /// nor writes the record store, as Celery's `ignore_result`). Failures,
+    /// retries, cancellations and attempts still running after a while are
+    /// recorded as usual. Such a request runs at least once rather than once:
+    /// see `docs/guarantees.md`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ignore_result: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Request {
@@ -97,6 +109,7 @@ impl Request {
             not_before: None,
             headers: BTreeMap::new(),
             notify: None,
+            ignore_result: false,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The worker: pulls requests, runs their handlers, writes records, acks.
 
 use std::any::{Any, TypeId};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -361,6 +361,7 @@ impl WorkerBuilder {
                 task_micros: AtomicU64::new(u64::MAX),
                 running: StdMutex::new(HashMap::new()),
                 next_registration: AtomicU64::new(0),
+                cancelled: StdMutex::new(RecentIds::default()),
             }),
             concurrency: self.concurrency,
             shutdown_timeout: self.shutdown_timeout,
@@ -417,6 +418,35 @@ struct Env {
     /// client cancelled it.
     running: StdMutex<HashMap<String, Vec<RunningAttempt>>>,
     next_registration: AtomicU64,
+    /// Ids whose cancel signal this worker saw lately: an `ignore_result`
+    /// request among them reads its record before it runs.
+    cancelled: StdMutex<RecentIds>,
+}
+
+/// The last [`RecentIds::CAPACITY`] ids seen, oldest forgotten first.
+#[derive(Default)]
+struct RecentIds {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl RecentIds {
+    const CAPACITY: usize = 10_000;
+
+    fn insert(&mut self, id: &str) {
+        if self.set.insert(id.to_owned()) {
+            self.order.push_back(id.to_owned());
+            if self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
 }
 
 /// Tasks shorter than this on average let a worker read ahead.
@@ -464,8 +494,12 @@ impl Env {
         }
     }
 
-    /// A client cancelled request `id`: fire the tokens of its attempts here.
+    /// A client cancelled request `id`: fire the tokens of its attempts
+    /// here, and remember it for a delivery still to come.
     fn cancel_running(&self, id: &str) {
+        if let Ok(mut cancelled) = self.cancelled.lock() {
+            cancelled.insert(id);
+        }
         if let Ok(running) = self.running.lock() {
             for (_, cancel, by_client) in running.get(id).into_iter().flatten() {
                 info!(id, "cancelled by a client");
@@ -473,6 +507,14 @@ impl Env {
                 cancel.cancel();
             }
         }
+    }
+
+    /// Whether this worker saw a cancel signal for `id` lately.
+    fn cancelled_lately(&self, id: &str) -> bool {
+        self.cancelled
+            .lock()
+            .map(|c| c.contains(id))
+            .unwrap_or(true)
     }
 }
 
@@ -902,6 +944,9 @@ struct WriterState {
     claim: ClaimStamp,
     /// The record as last written, encoded.
     written: Option<Bytes>,
+    /// Whether a write was sent (it may have landed even if its answer was
+    /// never seen).
+    attempted: bool,
 }
 
 /// What a claim writes into the record.
@@ -950,6 +995,7 @@ impl RecordWriter {
                 base,
                 claim,
                 written: None,
+                attempted: false,
             }),
         }
     }
@@ -957,6 +1003,13 @@ impl RecordWriter {
     /// The record as last written, encoded.
     async fn written(&self) -> Option<Bytes> {
         self.state.lock().await.written.clone()
+    }
+
+    /// Whether the attempt found no record and has sent no write: nothing
+    /// of it is stored.
+    async fn untouched(&self) -> bool {
+        let state = self.state.lock().await;
+        state.revision.is_none() && !state.attempted
     }
 
     /// The record as this attempt means it.
@@ -999,6 +1052,7 @@ impl RecordWriter {
             let mut next = guard.record.clone();
             change(&mut next);
             let bytes = Bytes::from(next.to_json()?);
+            guard.attempted = true;
             let written = match guard.revision {
                 Some(revision) => {
                     self.broker
@@ -1215,7 +1269,12 @@ async fn process(
                 }
             }
         }
-        let claim = match claim(&env, &request, &*delivery, max_retries).await {
+        let claimed = if runs_unread(&env, &request, &*delivery) {
+            Ok(unread_claim(&env, &request, &*delivery, max_retries))
+        } else {
+            claim(&env, &request, &*delivery, max_retries).await
+        };
+        let claim = match claimed {
             Ok(c) => c,
             Err(e) => {
                 let delay = release_delay(info.delivered);
@@ -1328,6 +1387,7 @@ async fn process(
             conclude(&env, &writer, &*delivery, &change, Settle::Ack).await;
             return;
         }
+        let ignore_result = request.ignore_result;
         let ctx = Context {
             inner: Arc::new(ContextInner {
                 request,
@@ -1419,6 +1479,13 @@ async fn process(
             return;
         }
         match outcome {
+            // Nobody reads its result and nothing of this attempt is stored:
+            // the acknowledgement is all there is to write.
+            Some(Ok(_)) if ignore_result && writer.untouched().await => {
+                if let Err(e) = delivery.ack_unconfirmed().await {
+                    warn!(error = %e, "acknowledgement failed; the request may run again");
+                }
+            }
             Some(Ok(value)) => {
                 let now = OffsetDateTime::now_utc();
                 let change = |r: &mut Record| {
@@ -1919,19 +1986,7 @@ async fn claim(
         };
         let over = u64::from(stamp.attempts) > u64::from(max_retries) + 1;
         if !cancelled && fail.is_none() && info.delivered <= 1 && !over {
-            let base = (record.seq, record.attempts);
-            stamp.apply(&mut record);
-            let attempt = stamp.attempts;
-            let writer = RecordWriter::new(
-                Arc::clone(&env.broker),
-                request,
-                record,
-                revision,
-                false,
-                base,
-                stamp,
-            );
-            return Ok(Claim::Run(writer, attempt));
+            return Ok(lazy_claim(env, request, record, revision, stamp));
         }
         if cancelled {
             // Its worker died after a client asked to cancel it.
@@ -2012,6 +2067,56 @@ async fn claim(
         ErrorKind::Conflict,
         format!("record `{}` keeps changing; cannot claim it", request.id),
     ))
+}
+
+/// Claim `record` (stored at `revision`, or none) for a quick attempt that
+/// writes it only when it must (see [`RecordWriter`]).
+fn lazy_claim(
+    env: &Env,
+    request: &Request,
+    mut record: Record,
+    revision: Option<u64>,
+    stamp: ClaimStamp,
+) -> Claim {
+    let base = (record.seq, record.attempts);
+    stamp.apply(&mut record);
+    let attempt = stamp.attempts;
+    let writer = RecordWriter::new(
+        Arc::clone(&env.broker),
+        request,
+        record,
+        revision,
+        false,
+        base,
+        stamp,
+    );
+    Claim::Run(writer, attempt)
+}
+
+/// Whether `request`, just delivered, may run without reading its record
+/// first: an `ignore_result` request at its first delivery, stored under its
+/// own id, not delayed (a delayed request has a pending record) and not
+/// cancelled lately as far as this worker heard. It is taken to have no
+/// record; if it has one after all (a cancellation), the first write finds
+/// it and the attempt yields to it.
+fn runs_unread(env: &Env, request: &Request, delivery: &dyn Delivery) -> bool {
+    request.ignore_result
+        && delivery.info().delivered <= 1
+        && request.not_before.is_none()
+        && may_start_record(delivery, request)
+        && !env.cancelled_lately(&request.id)
+}
+
+/// The claim of a request that [`runs_unread`].
+fn unread_claim(env: &Env, request: &Request, delivery: &dyn Delivery, max_retries: u32) -> Claim {
+    let stamp = ClaimStamp {
+        seq: delivery.info().sequence,
+        attempts: 1,
+        max_retries,
+        started_at: OffsetDateTime::now_utc(),
+        worker: env.name.clone(),
+    };
+    lazy_claim(env, request, Record::pending(request), None, stamp)
 }
 
 /// A message that may not run: its envelope cannot be decoded, or it speaks
