@@ -1,0 +1,352 @@
+//! One delivery's life: checks, claim, the task, and its outcome.
+
+use super::*;
+
+/// A request held back until this long before its due time is put back.
+pub(super) const EARLY_TOLERANCE: Duration = Duration::from_millis(500);
+
+/// A delivery's places in the worker: among those taken (`reading`), and its
+/// task slot if it was reserved when it was pulled (not reading ahead).
+pub(super) struct Taken {
+    pub(super) reading: tokio::sync::OwnedSemaphorePermit,
+    pub(super) slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// One delivery's life: check it, claim its record, run the task, write the
+/// outcome and settle the message. It moves through three allowances, each
+/// as large as the worker's concurrency: `reading` (pulled, its record
+/// read), a task slot ([`Env::slots`], while the task runs) and
+/// [`Env::concluding`] (its outcome written and the message settled), so
+/// that one delivery's record is read and another's outcome written while a
+/// third runs.
+pub(super) async fn process(
+    env: Arc<Env>,
+    queue: String,
+    delivery: Box<dyn Delivery>,
+    taken: Taken,
+    ack_wait: Arc<SharedAckWait>,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    let info = delivery.info();
+    let request = match Request::from_json(delivery.payload()) {
+        Ok(r) => r,
+        Err(e) => {
+            let reason = format!("invalid request envelope: {e}");
+            return poison(&env, &queue, &*delivery, kinds::INVALID_REQUEST, reason).await;
+        }
+    };
+    // A message must not speak for another request, task or queue: refuse
+    // it without touching any record.
+    if let Err(reason) = check_routing(&request, &queue, &*delivery) {
+        return poison(&env, &queue, &*delivery, kinds::INVALID_REQUEST, reason).await;
+    }
+    let span = info_span!("jetq.task", task = %request.task, id = %request.id, queue = %queue, seq = info.sequence);
+    async move {
+        let entry = env
+            .registry
+            .get(&queue)
+            .and_then(|tasks| tasks.get(&request.task))
+            .cloned();
+        let max_retries = request
+            .max_retries
+            .or(entry.as_ref().map(|e| e.retry.max_retries))
+            .unwrap_or(crate::request::DEFAULT_MAX_RETRIES)
+            .min(MAX_RETRIES_LIMIT);
+        // The backstop: whatever keeps this message coming back, it ends here.
+        let budget = delivery_budget(max_retries);
+        if info.delivered > budget {
+            return abandon(&env, &queue, &*delivery, &request, budget).await;
+        }
+        let now = OffsetDateTime::now_utc();
+        // A due time no broker can hold: fail it (below, once claimed).
+        let refuse = request.check_due(now).err().map(|e| {
+            TaskError::permanent(format!("not_before: {}", e.message()))
+                .with_kind(kinds::INVALID_REQUEST)
+        });
+        if let (Some(due), None) = (request.not_before, &refuse) {
+            if let Ok(early) = Duration::try_from(due - now) {
+                // Delivered before it is due (a producer that bypassed the
+                // schedule, or clocks apart): put it back until then, no
+                // attempt counted; unless it was cancelled meanwhile.
+                if early > EARLY_TOLERANCE {
+                    if ended_before_due(&env, &request.id).await {
+                        debug!("cancelled or finished before it was due; dropping it");
+                        if let Err(e) = delivery.ack().await {
+                            warn!(error = %e, "cannot acknowledge a dropped delivery");
+                        }
+                    } else {
+                        debug!("not due for {early:?}; putting it back");
+                        if let Err(e) = delivery.nak(Some(early)).await {
+                            warn!(error = %e, "cannot put back a request that is not due");
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        let claimed = if runs_unread(&env, &request, &*delivery) {
+            Ok(unread_claim(&env, &request, &*delivery, max_retries))
+        } else {
+            claim(&env, &request, &*delivery, max_retries).await
+        };
+        let claim = match claimed {
+            Ok(c) => c,
+            Err(e) => {
+                let delay = release_delay(info.delivered);
+                warn!(error = %e, "cannot claim the record; releasing the request for {delay:?}");
+                let _ = delivery.nak(Some(delay)).await;
+                return;
+            }
+        };
+        let (writer, attempt) = match claim {
+            Claim::Skip(why) => {
+                debug!("dropping delivery: {why}");
+                if let Err(e) = delivery.ack().await {
+                    warn!(error = %e, "cannot acknowledge a dropped delivery");
+                }
+                return;
+            }
+            Claim::NotOwner(reason) => {
+                return poison(&env, &queue, &*delivery, kinds::ID_CONFLICT, reason).await;
+            }
+            Claim::Bury(record) => {
+                bury(&env, &*delivery, &record).await;
+                return;
+            }
+            Claim::Terminate => {
+                if let Err(e) = delivery.term("jetq: failed (dead-lettered)").await {
+                    warn!(error = %e, "cannot terminate a dead-lettered request");
+                }
+                return;
+            }
+            Claim::Fail(writer, err) => {
+                finish_failed(&env, &writer, &*delivery, &err).await;
+                return;
+            }
+            Claim::GiveUp(writer, attempt) => {
+                let last = writer.current().await.error;
+                let last = match last {
+                    Some(e) => format!("; the last error reported: {}: {}", e.kind, e.message),
+                    None => String::new(),
+                };
+                let err = TaskError::permanent(format!(
+                    "gave up after {} attempts: the last one did not report back within the ack wait (its worker stopped, died or lost its connection to NATS){last}",
+                    attempt.saturating_sub(1)
+                ))
+                .with_kind(kinds::ABANDONED);
+                finish_failed(&env, &writer, &*delivery, &err).await;
+                return;
+            }
+            Claim::Run(writer, attempt) => (writer, attempt),
+        };
+        if let Some(err) = refuse {
+            finish_failed(&env, &writer, &*delivery, &err).await;
+            return;
+        }
+        let Some(entry) = entry else {
+            let registered: Vec<&String> = env
+                .registry
+                .get(&queue)
+                .map(|t| t.keys().collect::<BTreeSet<_>>().into_iter().collect())
+                .unwrap_or_default();
+            let err = TaskError::permanent(format!(
+                "task `{}` is not registered on queue `{queue}` (registered: {})",
+                request.task,
+                registered
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .with_kind(kinds::UNKNOWN_TASK);
+            finish_failed(&env, &writer, &*delivery, &err).await;
+            return;
+        };
+
+        let writer = Arc::new(writer);
+        // `cancel` is the task's token: it fires on shutdown (a child of
+        // `stop`), on a client's cancellation and when the attempt lost its
+        // record; `by_client` tells the first two apart.
+        let cancel = stop.child_token();
+        let by_client = CancellationToken::new();
+        let _registration = env.register(&request.id, &cancel, &by_client);
+        let id = request.id.clone();
+        // A place to run: at once, unless the worker read ahead while every
+        // slot was busy; the delivery is kept alive meanwhile.
+        let Taken { reading, slot } = taken;
+        let slot = match slot.or_else(|| Arc::clone(&env.slots).try_acquire_owned().ok()) {
+            Some(slot) => slot,
+            None => {
+                let wait = Arc::clone(&env.slots).acquire_owned();
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        s = &mut wait => match s {
+                            Ok(slot) => break slot,
+                            Err(_) => return,
+                        },
+                        _ = tokio::time::sleep(ack_wait.get() / 3) => {
+                            if let Err(e) = delivery.in_progress().await {
+                                debug!(error = %e, "keep-alive failed");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        drop(reading);
+        if by_client.is_cancelled() {
+            // Cancelled while it waited for a slot: it does not start.
+            let now = OffsetDateTime::now_utc();
+            let change = |r: &mut Record| r.mark_cancelled(now);
+            conclude(&env, &writer, &*delivery, &change, Settle::Ack).await;
+            return;
+        }
+        let ignore_result = request.ignore_result;
+        let ctx = Context {
+            inner: Arc::new(ContextInner {
+                request,
+                attempt,
+                max_retries,
+                worker: env.name.clone(),
+                cancel: cancel.clone(),
+                shared: Arc::clone(&env.shared),
+                sink: Arc::clone(&writer) as Arc<dyn RecordSink>,
+            }),
+        };
+        debug!(attempt, "running");
+        let run = async {
+            match entry.timeout {
+                Some(limit) => {
+                    match tokio::time::timeout(limit, call_catching(&entry.handler, ctx)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(TaskError::new(format!(
+                            "the attempt ran longer than its {limit:?} limit"
+                        ))
+                        .with_kind(kinds::TIMEOUT)),
+                    }
+                }
+                None => call_catching(&entry.handler, ctx).await,
+            }
+        };
+        // Keep the delivery alive, and look at the record now and then: a
+        // cancellation whose signal this worker missed, or another attempt
+        // that took the request over, stops this one.
+        let keepalive = async {
+            loop {
+                // A third of the queue's ack wait as the broker applies it now
+                // (another worker of the queue may have changed it).
+                tokio::time::sleep(ack_wait.get() / 3).await;
+                if let Err(e) = delivery.in_progress().await {
+                    debug!(error = %e, "keep-alive failed");
+                }
+                if cancel.is_cancelled() {
+                    continue;
+                }
+                match writer.check(&env.broker).await {
+                    Ok(Watch::Fine) => {}
+                    Ok(Watch::CancelRequested) => {
+                        info!("cancelled by a client (seen in the record)");
+                        by_client.cancel();
+                        cancel.cancel();
+                    }
+                    Ok(Watch::Lost) => {
+                        warn!("another attempt took this request over; stopping this one");
+                        cancel.cancel();
+                    }
+                    Err(e) => debug!(id = %id, error = %e, "cannot re-read the record"),
+                }
+            }
+        };
+        // A slow attempt says `running` (its claim, written on its own).
+        let mark_running = async {
+            tokio::time::sleep(env.running_after).await;
+            match writer.ensure_claimed().await {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Conflict => {
+                    warn!(error = %e, "another attempt took this request over, or it was cancelled; stopping this one");
+                    if let Ok(Watch::CancelRequested) = writer.check(&env.broker).await {
+                        by_client.cancel();
+                    }
+                    cancel.cancel();
+                }
+                Err(e) => debug!(id = %id, error = %e, "cannot write the running record yet"),
+            }
+            std::future::pending::<()>().await
+        };
+        let started = tokio::time::Instant::now();
+        let outcome = tokio::select! {
+            r = run => Some(r),
+            _ = keepalive => None,
+            _ = mark_running => None,
+            _ = hard_stop.cancelled() => None,
+        };
+        env.task_took(started.elapsed());
+        // The task is done with its slot; the outcome's writes hold a place
+        // of their own.
+        let _concluding = Arc::clone(&env.concluding).acquire_owned().await;
+        drop(slot);
+        if by_client.is_cancelled() {
+            info!(attempt, "attempt ended after a cancellation");
+            let now = OffsetDateTime::now_utc();
+            let change = |r: &mut Record| r.mark_cancelled(now);
+            conclude(&env, &writer, &*delivery, &change, Settle::Ack).await;
+            return;
+        }
+        match outcome {
+            // Nobody reads its result and nothing of this attempt is stored:
+            // the acknowledgement is all there is to write.
+            Some(Ok(_)) if ignore_result && writer.untouched().await => {
+                if let Err(e) = delivery.ack_unconfirmed().await {
+                    warn!(error = %e, "acknowledgement failed; the request may run again");
+                }
+            }
+            Some(Ok(value)) => {
+                let now = OffsetDateTime::now_utc();
+                let change = |r: &mut Record| {
+                    r.status = Status::Succeeded;
+                    r.value = Some(value.clone());
+                    r.error = None;
+                    r.finished_at = Some(now);
+                    r.next_attempt_at = None;
+                };
+                conclude(&env, &writer, &*delivery, &change, Settle::Ack).await;
+            }
+            // Shutting down: a task that stopped early (or could not finish in
+            // time) goes back for immediate redelivery instead of counting as a
+            // failure. A permanent error still fails it: another worker could not do better.
+            Some(Err(ref e)) if cancel.is_cancelled() && e.is_retryable() => {
+                release(&env, &writer, &*delivery).await
+            }
+            None => release(&env, &writer, &*delivery).await,
+            Some(Err(err)) => {
+                let retry_no = attempt; // retries done after this attempt
+                if err.is_retryable() && retry_no <= max_retries {
+                    let delay = match err.retry() {
+                        Retry::After(d) => d,
+                        _ => entry.retry.delay(retry_no),
+                    }
+                    .min(MAX_DELAY);
+                    let now = OffsetDateTime::now_utc();
+                    let due = time::Duration::try_from(delay)
+                        .ok()
+                        .and_then(|d| now.checked_add(d))
+                        .unwrap_or(now);
+                    let info = err.info();
+                    info!(attempt, error = %err, "attempt failed; retrying in {delay:?}");
+                    let change = |r: &mut Record| {
+                        r.status = Status::Retrying;
+                        r.error = Some(info.clone());
+                        r.next_attempt_at = Some(due);
+                    };
+                    conclude(&env, &writer, &*delivery, &change, Settle::Nak(delay)).await;
+                } else {
+                    finish_failed(&env, &writer, &*delivery, &err).await;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,484 @@
+//! The worker: pulls requests, runs their handlers, writes records, acks.
+//!
+//! Its parts, in the order a request meets them:
+//! - `builder`: tasks and the [`WorkerBuilder`];
+//! - this module: the running [`Worker`], its shared environment (`Env`),
+//!   cancellation signals and shutdown;
+//! - `pull`: one loop per queue taking deliveries against the worker's
+//!   allowances and spawning one attempt each;
+//! - `attempt`: one delivery's life (checks, claim, the task, its outcome);
+//! - `record`: the record protocol (claim, revision-checked writes);
+//! - `settle`: writing the outcome and settling the message (ack, nak,
+//!   term, dead letters).
+
+use std::any::{Any, TypeId};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use tokio::sync::{Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::broker::{BoxFuture, Broker, ConsumeOptions, Consumer, Delivery};
+use crate::context::{Context, ContextInner, RecordSink, Shared};
+use crate::dead::DeadLetter;
+use crate::error::{Error, ErrorKind, Result};
+use crate::extract::{Requirements, ResourceCell};
+use crate::handler::{call_catching, BlockingHandler, ErasedHandler, Handler};
+use crate::names;
+use crate::record::{ErrorInfo, Record, Status};
+use crate::request::{Request, DEFAULT_QUEUE, MAX_DELAY, MAX_RETRIES_LIMIT};
+use crate::retry::RetryPolicy;
+use crate::task_error::{kinds, Retry, TaskError};
+
+mod attempt;
+mod builder;
+mod pull;
+mod record;
+mod settle;
+
+use attempt::*;
+use builder::*;
+pub use builder::{Task, WorkerBuilder};
+use pull::*;
+use record::*;
+use settle::*;
+
+/// How long one pull waits for messages before asking again.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long record writes are retried through a broker outage (a leader
+/// election takes up to ~20 s) before the attempt is released.
+const RECORD_WRITE_PATIENCE: Duration = Duration::from_secs(30);
+/// Deliveries allowed beyond a request's attempts (`max_retries + 1`) before
+/// the backstop ends it: room for releases after outages (each put back for
+/// longer: a second per delivery so far, at most 30 s) and for early
+/// deliveries put back until due.
+pub const DELIVERY_SLACK: u64 = 10;
+/// Deliveries a worker may have in each of its own stages (taken and having
+/// their records read; having their outcomes written and settled), per task
+/// slot. Tasks still run at most `concurrency` at once; the broker round
+/// trips around them overlap, which is what a worker waits on with quick
+/// tasks.
+const PIPELINE_DEPTH: usize = 4;
+/// How long an attempt runs before its record says `running`.
+const DEFAULT_RUNNING_AFTER: Duration = Duration::from_millis(500);
+/// How often a pulling worker reads its queue's ack wait back from the
+/// broker (another worker may have changed it).
+const ACK_WAIT_REFRESH: Duration = Duration::from_secs(5);
+
+/// The most deliveries a message may have before the worker ends it,
+/// whatever its state: `max_retries + 1 + DELIVERY_SLACK`.
+pub fn delivery_budget(max_retries: u32) -> u64 {
+    u64::from(max_retries) + 1 + DELIVERY_SLACK
+}
+
+/// How long to put a message back for when it could not be handled (the
+/// record or dead letter could not be read or written): a second per
+/// delivery so far, at most 30 s, so an outage is ridden out within the
+/// delivery slack rather than burning it in seconds.
+fn release_delay(delivered: u64) -> Duration {
+    Duration::from_secs(delivered.clamp(1, 30))
+}
+
+struct Env {
+    broker: Arc<dyn Broker>,
+    name: String,
+    registry: HashMap<String, HashMap<String, Arc<TaskEntry>>>,
+    shared: Arc<Shared>,
+    ack_wait: Duration,
+    running_after: Duration,
+    /// Attempts whose task has returned and whose outcome is being written
+    /// and settled, at most [`PIPELINE_DEPTH`] per task slot.
+    concluding: Arc<Semaphore>,
+    /// Places for running tasks (the worker's concurrency). Deliveries are
+    /// pulled against an allowance of their own, so that the next ones'
+    /// records are read while these run.
+    slots: Arc<Semaphore>,
+    /// A moving average of how long tasks run, in microseconds.
+    task_micros: AtomicU64,
+    /// Running attempts by request id: the task's token and the flag that a
+    /// client cancelled it.
+    running: StdMutex<HashMap<String, Vec<RunningAttempt>>>,
+    next_registration: AtomicU64,
+    /// Ids whose cancel signal this worker saw lately: an `ignore_result`
+    /// request among them reads its record before it runs.
+    cancelled: StdMutex<RecentIds>,
+}
+
+/// The last [`RecentIds::CAPACITY`] ids seen, oldest forgotten first.
+#[derive(Default)]
+struct RecentIds {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl RecentIds {
+    const CAPACITY: usize = 10_000;
+
+    fn insert(&mut self, id: &str) {
+        if self.set.insert(id.to_owned()) {
+            self.order.push_back(id.to_owned());
+            if self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+}
+
+/// Tasks shorter than this on average let a worker read ahead.
+const READ_AHEAD_BELOW: Duration = Duration::from_millis(20);
+
+impl Env {
+    /// Whether tasks have been quick enough to read the next deliveries'
+    /// records while every slot is busy.
+    fn read_ahead_ok(&self) -> bool {
+        self.task_micros.load(Ordering::Relaxed) < duration_micros(READ_AHEAD_BELOW)
+    }
+
+    /// Count a task that ran for `took` into the average.
+    fn task_took(&self, took: Duration) {
+        let micros = duration_micros(took);
+        let old = self.task_micros.load(Ordering::Relaxed);
+        let new = if old == u64::MAX {
+            micros
+        } else {
+            old - old / 8 + micros / 8
+        };
+        self.task_micros.store(new, Ordering::Relaxed);
+    }
+
+    /// Make a running attempt reachable by cancellation signals until the
+    /// returned guard is dropped.
+    fn register(
+        self: &Arc<Self>,
+        id: &str,
+        cancel: &CancellationToken,
+        by_client: &CancellationToken,
+    ) -> Registration {
+        let key = self.next_registration.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut running) = self.running.lock() {
+            running.entry(id.to_owned()).or_default().push((
+                key,
+                cancel.clone(),
+                by_client.clone(),
+            ));
+        }
+        Registration {
+            env: Arc::clone(self),
+            id: id.to_owned(),
+            key,
+        }
+    }
+
+    /// A client cancelled request `id`: fire the tokens of its attempts
+    /// here, and remember it for a delivery still to come.
+    fn cancel_running(&self, id: &str) {
+        if let Ok(mut cancelled) = self.cancelled.lock() {
+            cancelled.insert(id);
+        }
+        if let Ok(running) = self.running.lock() {
+            for (_, cancel, by_client) in running.get(id).into_iter().flatten() {
+                info!(id, "cancelled by a client");
+                by_client.cancel();
+                cancel.cancel();
+            }
+        }
+    }
+
+    /// Whether this worker saw a cancel signal for `id` lately.
+    fn cancelled_lately(&self, id: &str) -> bool {
+        self.cancelled
+            .lock()
+            .map(|c| c.contains(id))
+            .unwrap_or(true)
+    }
+}
+
+/// A running attempt, reachable by cancellation signals: its registration
+/// key, its task's token, and the flag that a client cancelled it.
+type RunningAttempt = (u64, CancellationToken, CancellationToken);
+
+/// Keeps a running attempt in [`Env::running`] while alive.
+struct Registration {
+    env: Arc<Env>,
+    id: String,
+    key: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.env.running.lock() {
+            if let Some(list) = running.get_mut(&self.id) {
+                list.retain(|(key, _, _)| *key != self.key);
+                if list.is_empty() {
+                    running.remove(&self.id);
+                }
+            }
+        }
+    }
+}
+
+/// A worker: serves registered tasks on their queues until shut down.
+pub struct Worker {
+    env: Arc<Env>,
+    concurrency: usize,
+    shutdown_timeout: Duration,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("name", &self.env.name)
+            .field("queues", &self.queues())
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// Start building a worker on `broker`.
+    pub fn builder(broker: impl Broker) -> WorkerBuilder {
+        Self::builder_arc(Arc::new(broker))
+    }
+
+    /// Start building a worker on a shared broker.
+    pub fn builder_arc(broker: Arc<dyn Broker>) -> WorkerBuilder {
+        WorkerBuilder {
+            broker,
+            name: None,
+            default_queue: DEFAULT_QUEUE.to_owned(),
+            tasks: Vec::new(),
+            shared: Shared::default(),
+            concurrency: 16,
+            ack_wait: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            running_after: DEFAULT_RUNNING_AFTER,
+        }
+    }
+
+    /// The worker's name.
+    pub fn name(&self) -> &str {
+        &self.env.name
+    }
+
+    /// The queues it serves.
+    pub fn queues(&self) -> Vec<String> {
+        let set: BTreeSet<&String> = self.env.registry.keys().collect();
+        set.into_iter().cloned().collect()
+    }
+
+    /// Run in the background on the current tokio runtime until
+    /// [`RunningWorker::shutdown`]; for embedding a worker in a program or a test.
+    pub fn spawn(self) -> RunningWorker {
+        let stop = CancellationToken::new();
+        let join = tokio::spawn(self.run_until(stop.clone().cancelled_owned()));
+        RunningWorker { stop, join }
+    }
+
+    /// Run until SIGINT or SIGTERM, then shut down gracefully.
+    pub async fn run(self) -> Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Run until `signal` completes, then shut down gracefully: stop pulling,
+    /// fire the tasks' cancellation tokens, let running tasks finish within
+    /// the shutdown timeout, and release the rest for immediate redelivery.
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<()> {
+        let stop = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        // Deliveries taken and having their records read: reading ahead is
+        // bounded by this (and only happens while tasks are quick).
+        let permits = Arc::new(Semaphore::new(self.concurrency * PIPELINE_DEPTH));
+        let tracker = TaskTracker::new();
+        let mut loops = Vec::new();
+        for queue in self.queues() {
+            // Consume first: the consumer is created with this worker's
+            // settings if it does not exist yet (an existing one keeps its own).
+            let options = ConsumeOptions::new(self.env.name.clone()).ack_wait(self.env.ack_wait);
+            let mut consumer = self.env.broker.consume(&queue, options).await?;
+            self.env.broker.ensure_queue(&queue).await?;
+            let ack_wait =
+                Arc::new(SharedAckWait::read(&queue, &mut *consumer, self.env.ack_wait).await);
+            loops.push(tokio::spawn(pull_loop(
+                queue,
+                consumer,
+                ack_wait,
+                Arc::clone(&self.env),
+                Arc::clone(&permits),
+                tracker.clone(),
+                stop.clone(),
+                hard_stop.clone(),
+            )));
+        }
+        let listener = tokio::spawn(cancel_listener(Arc::clone(&self.env), stop.clone()));
+        info!(worker = %self.env.name, queues = ?self.queues(), concurrency = self.concurrency, "worker started");
+        signal.await;
+        info!(worker = %self.env.name, "shutting down: no new tasks; waiting for running ones");
+        stop.cancel();
+        for l in loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        if tokio::time::timeout(self.shutdown_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(worker = %self.env.name, "shutdown timeout passed; releasing unfinished tasks for redelivery");
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+        listener.abort();
+        if let Err(e) = self.env.broker.flush().await {
+            warn!(worker = %self.env.name, error = %e, "cannot flush the last acknowledgements; their requests may be delivered again (and dropped)");
+        }
+        info!(worker = %self.env.name, "worker stopped");
+        Ok(())
+    }
+}
+
+/// A worker running in the background, from [`Worker::spawn`].
+#[derive(Debug)]
+pub struct RunningWorker {
+    stop: CancellationToken,
+    join: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl RunningWorker {
+    /// Shut the worker down gracefully and wait for it; returns its result.
+    pub async fn shutdown(self) -> Result<()> {
+        self.stop.cancel();
+        self.join.await.map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("the worker task panicked or was aborted: {e}"),
+            )
+        })?
+    }
+
+    /// Whether the worker has stopped (by itself, e.g. on a start-up error).
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Fire the tokens of running attempts that clients cancel. Signals are best
+/// effort; a running attempt also finds the cancellation in its record.
+async fn cancel_listener(env: Arc<Env>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let signals = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = env.broker.cancel_signals() => s,
+        };
+        match signals {
+            Ok(mut signals) => {
+                backoff = Duration::from_millis(100);
+                loop {
+                    let id = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        id = signals.next() => id,
+                    };
+                    match id {
+                        Some(id) => env.cancel_running(&id),
+                        None => break,
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot listen for cancellations; retrying in {backoff:?}"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {},
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A queue's ack wait as the broker applies it, in milliseconds, shared by
+/// the queue's pull loop (which reads it back now and then) and its running
+/// attempts (whose keep-alives follow it).
+struct SharedAckWait(AtomicU64);
+
+impl SharedAckWait {
+    /// The queue's ack wait as the broker has it, else `own` (this worker's
+    /// setting). A broker applying another one says so when consuming.
+    async fn read(queue: &str, consumer: &mut dyn Consumer, own: Duration) -> Self {
+        let actual = match consumer.ack_wait().await {
+            Ok(actual) => actual,
+            Err(e) => {
+                debug!(queue, error = %e, "cannot read the queue's ack wait back");
+                None
+            }
+        };
+        SharedAckWait(AtomicU64::new(duration_ms(actual.unwrap_or(own))))
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed).max(1))
+    }
+
+    /// Read the queue's ack wait back from the broker; say so when it changed.
+    async fn refresh(&self, queue: &str, consumer: &mut dyn Consumer) {
+        match consumer.ack_wait().await {
+            Ok(Some(actual)) => {
+                let before = self.0.swap(duration_ms(actual), Ordering::Relaxed);
+                if before != duration_ms(actual) {
+                    warn!(
+                        queue,
+                        "the queue's ack wait changed from {:?} to {actual:?} (on the broker); keep-alives follow it",
+                        Duration::from_millis(before)
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(e) => debug!(queue, error = %e, "cannot read the queue's ack wait back"),
+        }
+    }
+}
+
+fn duration_micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
