@@ -295,7 +295,8 @@ pub enum SignError {
 pub struct Claims {
     /// The user.
     pub sub: String,
-    /// The user's roles.
+    /// The user's roles (absent means none).
+    #[serde(default)]
     pub roles: Vec<String>,
     /// The request id the token is bound to.
     pub jetq_id: String,
