@@ -1,0 +1,12 @@
+//! Middleware for jetq.
+//!
+//! [`auth`]: signed auth tokens (JWT, RFC 7519) that a producer attaches to a
+//! request's `authorization` header and a worker verifies before running the
+//! task. A token is bound to its request (id and task name), so a token lifted
+//! from one request cannot authorise another; a task may require roles, and
+//! the user's assumed role is the first required role the user holds.
+//!
+//! The auth logic here stands alone (keys, signing, verification, role
+//! checks); the worker and producer middlewares wrap it.
+
+pub mod auth;
