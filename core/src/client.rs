@@ -11,8 +11,10 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::broker::{Broker, OutgoingRequest};
+use crate::context::Context;
 use crate::dead::DeadLetter;
 use crate::error::{Error, ErrorKind, Result};
+use crate::middleware::{Publish, PublishMiddleware, PublishNext};
 use crate::names;
 use crate::notify::{Notifier, Registration};
 use crate::record::{Record, Status};
@@ -25,6 +27,10 @@ pub struct Client {
     pending_records: bool,
     /// The client's result inbox, opened at the first publish.
     notifier: Arc<tokio::sync::OnceCell<Option<Arc<Notifier>>>>,
+    /// The publish chain, outermost first.
+    middleware: Arc<[Arc<dyn PublishMiddleware>]>,
+    /// The attempt publishing through this client (see [`Context::client`]).
+    parent: Option<Context>,
 }
 
 impl fmt::Debug for Client {
@@ -32,6 +38,8 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("broker", &self.broker)
             .field("pending_records", &self.pending_records)
+            .field("middleware", &self.middleware.len())
+            .field("parent", &self.parent.as_ref().map(|p| p.id().to_owned()))
             .finish()
     }
 }
@@ -48,7 +56,38 @@ impl Client {
             broker,
             pending_records: false,
             notifier: Arc::default(),
+            middleware: Arc::new([]),
+            parent: None,
         }
+    }
+
+    /// Add a publish middleware: it runs around every publish of this client
+    /// (and of its clones made afterwards). The first added is the
+    /// outermost. See [`middleware`](crate::middleware).
+    pub fn middleware(mut self, middleware: impl PublishMiddleware) -> Self {
+        let mut chain: Vec<Arc<dyn PublishMiddleware>> = self.middleware.iter().cloned().collect();
+        chain.push(Arc::new(middleware));
+        self.middleware = chain.into();
+        self
+    }
+
+    /// This client publishing on behalf of `parent`, a running attempt: its
+    /// requests name the parent's id (envelope field `parent`) and the
+    /// publish chain sees the attempt ([`Publish::parent`]).
+    pub(crate) fn child_of(&self, parent: Context) -> Self {
+        Client {
+            parent: Some(parent),
+            ..self.clone()
+        }
+    }
+
+    /// The attempt this client publishes for, if any.
+    pub fn parent(&self) -> Option<&Context> {
+        self.parent.as_ref()
+    }
+
+    pub(crate) fn publish_chain(&self) -> &[Arc<dyn PublishMiddleware>] {
+        &self.middleware
     }
 
     /// Write a `pending` record for every request at publish (default: only
@@ -82,6 +121,26 @@ impl Client {
     }
 
     async fn publish_with(&self, mut request: Request, notify: bool) -> Result<TaskHandle> {
+        if let Some(parent) = &self.parent {
+            request.parent = Some(parent.id().to_owned());
+        }
+        if self.middleware.is_empty() {
+            return self.publish_unchained(request, notify).await;
+        }
+        let publish = Publish {
+            request,
+            parent: self.parent.clone(),
+            notify,
+        };
+        PublishNext::new(self.clone()).run(publish).await
+    }
+
+    /// Publish, past the middleware chain.
+    pub(crate) async fn publish_unchained(
+        &self,
+        mut request: Request,
+        notify: bool,
+    ) -> Result<TaskHandle> {
         request.validate()?;
         check_bounds(&request)?;
         let notify = notify && !request.ignore_result;

@@ -4,7 +4,8 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -12,6 +13,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::BoxFuture;
+use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::record::{Progress, Record};
 use crate::request::Request;
@@ -45,6 +47,12 @@ pub(crate) struct ContextInner {
     pub(crate) cancel: CancellationToken,
     pub(crate) shared: Arc<Shared>,
     pub(crate) sink: Arc<dyn RecordSink>,
+    /// The task's own time limit, if it has one.
+    pub(crate) timeout: Option<Duration>,
+    /// The client the task publishes children with (without a parent).
+    pub(crate) client: Client,
+    /// Values middleware gave this attempt, by type.
+    pub(crate) extensions: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
 }
 
 /// The context of one attempt of a task, given to extractors and, as an
@@ -187,6 +195,47 @@ impl Context {
     /// Completes when cancellation is requested.
     pub async fn cancelled(&self) {
         self.inner.cancel.cancelled().await
+    }
+
+    /// The task's own time limit ([`Task::timeout`](crate::Task::timeout)),
+    /// if it has one.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.inner.timeout
+    }
+
+    /// A client to publish child requests with: they go through the
+    /// worker's publish middleware with this attempt as their parent
+    /// ([`Publish::parent`](crate::middleware::Publish::parent)), and their
+    /// envelope names this request's id in `parent`.
+    pub fn client(&self) -> Client {
+        self.inner.client.child_of(self.clone())
+    }
+
+    /// Give this attempt a value of type `T` (replacing one of the same
+    /// type, which is returned): the handler reads it with the
+    /// [`Extension`](crate::Extension) extractor, later middleware with
+    /// [`extension`](Self::extension). Lives as long as the attempt.
+    pub fn insert_extension<T: Clone + Send + Sync + 'static>(&self, value: T) -> Option<T> {
+        let mut map = self
+            .inner
+            .extensions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.insert(TypeId::of::<T>(), Box::new(value))
+            .and_then(|old| old.downcast::<T>().ok())
+            .map(|old| *old)
+    }
+
+    /// The value of type `T` a middleware gave this attempt, if any.
+    pub fn extension<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        let map = self
+            .inner
+            .extensions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.get(&TypeId::of::<T>())
+            .and_then(|b| b.downcast_ref::<T>())
+            .cloned()
     }
 
     /// Shared state of type `T`, if the worker was given one.

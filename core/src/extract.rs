@@ -111,6 +111,33 @@ impl<T: DeserializeOwned + Send + 'static> FromContext for Meta<T> {
     }
 }
 
+/// A value a middleware gave this attempt with
+/// [`Context::insert_extension`] (axum's `Extension`). If no middleware
+/// inserted one, the attempt fails at once (kind `extractor`, permanent): a
+/// task that needs it is registered without the middleware that provides it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extension<T>(pub T);
+
+impl<T: Clone + Send + Sync + 'static> FromContext for Extension<T> {
+    async fn from_context(ctx: &Context) -> Result<Self, TaskError> {
+        ctx.extension::<T>().map(Extension).ok_or_else(|| {
+            TaskError::permanent(format!(
+                "task `{}` needs the extension {}, which no middleware of its worker inserted",
+                ctx.task(),
+                type_name::<T>()
+            ))
+            .with_kind(kinds::EXTRACTOR)
+        })
+    }
+}
+
+impl<T> Deref for Extension<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// Shared state given to the worker with `WorkerBuilder::state`. A handler
 /// that asks for a state the worker was not given is refused when the worker
 /// is built.

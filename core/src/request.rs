@@ -88,6 +88,10 @@ pub struct Request {
     /// see `docs/guarantees.md`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub ignore_result: bool,
+    /// The id of the request whose task published this one, if a task did
+    /// (through its context's client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -110,6 +114,7 @@ impl Request {
             headers: BTreeMap::new(),
             notify: None,
             ignore_result: false,
+            parent: None,
         }
     }
 

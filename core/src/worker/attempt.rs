@@ -213,23 +213,13 @@ pub(super) async fn process(
                 cancel: cancel.clone(),
                 shared: Arc::clone(&env.shared),
                 sink: Arc::clone(&writer) as Arc<dyn RecordSink>,
+                timeout: entry.timeout,
+                client: env.client.clone(),
+                extensions: StdMutex::default(),
             }),
         };
         debug!(attempt, "running");
-        let run = async {
-            match entry.timeout {
-                Some(limit) => {
-                    match tokio::time::timeout(limit, call_catching(&entry.handler, ctx)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(TaskError::new(format!(
-                            "the attempt ran longer than its {limit:?} limit"
-                        ))
-                        .with_kind(kinds::TIMEOUT)),
-                    }
-                }
-                None => call_catching(&entry.handler, ctx).await,
-            }
-        };
+        let run = run_attempt(&entry.chain, &entry.handler, entry.timeout, ctx);
         // Keep the delivery alive, and look at the record now and then: a
         // cancellation whose signal this worker missed, or another attempt
         // that took the request over, stops this one.

@@ -10,6 +10,7 @@ pub struct Task {
     pub(super) requirements: Requirements,
     pub(super) retry: RetryPolicy,
     pub(super) timeout: Option<Duration>,
+    pub(super) middleware: Vec<Arc<dyn Middleware>>,
 }
 
 impl fmt::Debug for Task {
@@ -19,6 +20,7 @@ impl fmt::Debug for Task {
             .field("queues", &self.queues)
             .field("retry", &self.retry)
             .field("timeout", &self.timeout)
+            .field("middleware", &self.middleware.len())
             .finish()
     }
 }
@@ -56,6 +58,7 @@ impl Task {
             requirements,
             retry: RetryPolicy::default(),
             timeout: None,
+            middleware: Vec::new(),
         }
     }
 
@@ -83,12 +86,22 @@ impl Task {
         self.timeout = Some(timeout);
         self
     }
+
+    /// Add a middleware around this task's attempts, inside the worker's
+    /// own (see [`middleware`](crate::middleware)); the first added is the
+    /// outermost of the task's.
+    pub fn middleware(mut self, middleware: impl Middleware) -> Self {
+        self.middleware.push(Arc::new(middleware));
+        self
+    }
 }
 
 pub(super) struct TaskEntry {
     pub(super) handler: ErasedHandler,
     pub(super) retry: RetryPolicy,
     pub(super) timeout: Option<Duration>,
+    /// The worker's middleware, then the task's: outermost first.
+    pub(super) chain: Arc<[Arc<dyn Middleware>]>,
 }
 
 /// Builds a [`Worker`].
@@ -102,6 +115,8 @@ pub struct WorkerBuilder {
     pub(super) ack_wait: Duration,
     pub(super) shutdown_timeout: Duration,
     pub(super) running_after: Duration,
+    pub(super) middleware: Vec<Arc<dyn Middleware>>,
+    pub(super) client: Option<Client>,
 }
 
 impl fmt::Debug for WorkerBuilder {
@@ -214,6 +229,22 @@ impl WorkerBuilder {
         self
     }
 
+    /// Add a middleware around every attempt of every task of this worker
+    /// (see [`middleware`](crate::middleware)). The first added is the
+    /// outermost; a task's own middleware run inside the worker's.
+    pub fn middleware(mut self, middleware: impl Middleware) -> Self {
+        self.middleware.push(Arc::new(middleware));
+        self
+    }
+
+    /// The client tasks publish child requests with
+    /// ([`Context::client`]), with its publish middleware (default: a plain
+    /// client on the worker's broker).
+    pub fn client(mut self, client: Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
     /// How long running tasks may finish after shutdown begins (default 30 s);
     /// then they are stopped and released for immediate redelivery.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -262,10 +293,17 @@ impl WorkerBuilder {
             } else {
                 task.queues.clone()
             };
+            let chain: Vec<Arc<dyn Middleware>> = self
+                .middleware
+                .iter()
+                .chain(&task.middleware)
+                .cloned()
+                .collect();
             let entry = Arc::new(TaskEntry {
                 handler: task.handler,
                 retry: task.retry,
                 timeout: task.timeout,
+                chain: chain.into(),
             });
             for queue in queues {
                 names::validate_queue(&queue)?;
@@ -285,8 +323,12 @@ impl WorkerBuilder {
             }
         }
         let name = self.name.unwrap_or_else(default_worker_name);
+        let client = self
+            .client
+            .unwrap_or_else(|| Client::from_arc(Arc::clone(&self.broker)));
         Ok(Worker {
             env: Arc::new(Env {
+                client,
                 broker: self.broker,
                 name,
                 registry,

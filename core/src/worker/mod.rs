@@ -29,11 +29,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::broker::{BoxFuture, Broker, ConsumeOptions, Consumer, Delivery};
+use crate::client::Client;
 use crate::context::{Context, ContextInner, RecordSink, Shared};
 use crate::dead::DeadLetter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extract::{Requirements, ResourceCell};
-use crate::handler::{call_catching, BlockingHandler, ErasedHandler, Handler};
+use crate::handler::{BlockingHandler, ErasedHandler, Handler};
+use crate::middleware::{run_attempt, Middleware};
 use crate::names;
 use crate::record::{ErrorInfo, Record, Status};
 use crate::request::{Request, DEFAULT_QUEUE, MAX_DELAY, MAX_RETRIES_LIMIT};
@@ -91,6 +93,8 @@ fn release_delay(delivered: u64) -> Duration {
 
 struct Env {
     broker: Arc<dyn Broker>,
+    /// The client tasks publish children with.
+    client: Client,
     name: String,
     registry: HashMap<String, HashMap<String, Arc<TaskEntry>>>,
     shared: Arc<Shared>,
@@ -268,6 +272,8 @@ impl Worker {
             ack_wait: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             running_after: DEFAULT_RUNNING_AFTER,
+            middleware: Vec::new(),
+            client: None,
         }
     }
 
