@@ -8,5 +8,13 @@
 //!
 //! The auth logic here stands alone (keys, signing, verification, role
 //! checks); the worker and producer middlewares wrap it.
+//!
+//! [`trace`] (features `trace` and `otlp`, on by default): OpenTelemetry
+//! spans for each publish and each attempt, following the messaging semantic
+//! conventions, with W3C trace context carried in the request's headers
+//! from producer to worker and on to child requests; bridged through
+//! `tracing` and exported over OTLP.
 
 pub mod auth;
+#[cfg(feature = "trace")]
+pub mod trace;
