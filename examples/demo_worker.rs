@@ -8,6 +8,11 @@
 //! - `demo.fail` `{"times": u32}` → a retryable error until the attempt
 //!   number exceeds `times`, then succeeds with the attempt number
 //! - `demo.panic` → panics
+//!
+//! With `--otlp` each attempt is a trace span (a child of the producer's
+//! span when the request carries `traceparent`), exported over OTLP/HTTP to
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (default `http://localhost:4318`) as
+//! `OTEL_SERVICE_NAME` (default `jetq-demo-worker`).
 
 use std::time::Duration;
 
@@ -47,6 +52,10 @@ struct Opts {
     /// 86400; 0 fails at once if it is down).
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, default_value = "60", value_parser = seconds(Duration::ZERO, DAY))]
     connect_wait: Duration,
+    /// Export a trace span per attempt over OTLP/HTTP (to
+    /// OTEL_EXPORTER_OTLP_ENDPOINT, as OTEL_SERVICE_NAME).
+    #[arg(long)]
+    otlp: bool,
 }
 
 #[derive(Deserialize)]
@@ -101,13 +110,15 @@ async fn panic() -> Result<(), TaskError> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let opts: Opts = jetq_cli::args::parse("jetq-demo-worker");
+    // Kept to the end: dropping it exports the spans still queued.
+    let _otlp = match init_logging(opts.otlp) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("jetq-demo-worker: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     match run(opts).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -120,10 +131,32 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// Logs to stderr as `RUST_LOG` says (default `info`); with `otlp`, INFO
+/// spans are also exported over OTLP.
+fn init_logging(
+    otlp: bool,
+) -> Result<Option<jetq_middleware::trace::OtlpGuard>, jetq_middleware::trace::OtlpError> {
+    use tracing_subscriber::prelude::*;
+    let logs = tracing_subscriber::fmt::layer().with_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
+    if !otlp {
+        tracing_subscriber::registry().with(logs).init();
+        return Ok(None);
+    }
+    let guard = jetq_middleware::trace::init_otlp("jetq-demo-worker")?;
+    let spans = guard
+        .layer()
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing_subscriber::registry().with(logs).with(spans).init();
+    Ok(Some(guard))
+}
+
 async fn run(opts: Opts) -> jetq::Result<()> {
     let config = jetq_nats::NatsConfig::new(&opts.nats).connect_wait(opts.connect_wait);
     let broker = jetq_nats::NatsBroker::connect_with(config).await?;
-    let mut builder = Worker::builder(broker)
+    let mut builder = Worker::builder(broker.clone())
         .default_queue(opts.queue)
         .concurrency(opts.concurrency)
         .ack_wait(opts.ack_wait)
@@ -136,6 +169,12 @@ async fn run(opts: Opts) -> jetq::Result<()> {
         .task("demo.panic", panic);
     if let Some(name) = opts.name {
         builder = builder.name(name);
+    }
+    if opts.otlp {
+        use jetq_middleware::trace::{TraceAttempts, TracePublish};
+        builder = builder
+            .middleware(TraceAttempts::new())
+            .client(jetq::Client::new(broker).middleware(TracePublish::new()));
     }
     builder.run().await
 }

@@ -9,6 +9,8 @@ use jetq_nats::NatsBroker;
 pub use jetq_test_server::NatsServer;
 use tokio::sync::watch;
 
+pub mod otlp;
+
 /// A generous bound for anything a test waits on; reaching it is a failure.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -166,6 +168,27 @@ pub fn demo_worker_with(server: &NatsServer, args: &[&str]) -> ChildProcess {
             "RUST_LOG",
             std::env::var("JETQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
+    ChildProcess(child)
+}
+
+/// Like [`demo_worker_with`], with these environment variables set as
+/// well (e.g. the `OTEL_*` variables of `--otlp`).
+pub fn demo_worker_with_env(
+    server: &NatsServer,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> ChildProcess {
+    let child = std::process::Command::new(workspace_bin("jetq-demo-worker"))
+        .args(["--nats", &server.url()])
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("JETQ_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start jetq-demo-worker: {e}"));
