@@ -3,6 +3,8 @@
 //! requests and reads records against a real nats-server served by
 //! `jetq-demo-worker`, following only the document. It runs once before the
 //! worker starts (a publish then fails as the document says) and once after.
+//! The worker runs with `--otlp` to an OTLP receiver of this test, which
+//! shows that a `traceparent` set by hand in Python (check k) is continued.
 //!
 //! It needs `python3` with nats-py (`scripts/test` installs it; by hand:
 //! `python3 -m pip install nats-py`). Without it the test fails, unless
@@ -13,7 +15,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use jetq_tests::{demo_worker, NatsServer};
+use jetq_tests::otlp::OtlpReceiver;
+use jetq_tests::{demo_worker_with_env, NatsServer, WAIT};
 
 /// `false` when the test is to be skipped (`JETQ_SKIP_PYTHON=1` and no usable
 /// Python); panics when Python or nats-py is missing otherwise.
@@ -46,8 +49,8 @@ fn python_with_nats() -> bool {
     );
 }
 
-#[test]
-fn a_python_nats_client_follows_the_wire_format() {
+#[tokio::test]
+async fn a_python_nats_client_follows_the_wire_format() {
     if !python_with_nats() {
         return;
     }
@@ -57,23 +60,76 @@ fn a_python_nats_client_follows_the_wire_format() {
     let server = NatsServer::start();
     // Before any worker ran: the document's "start a worker first" error.
     let early = run_client(&script, &server, &["--before-worker"]);
-    let _worker = demo_worker(&server);
-    let out = run_client(&script, &server, &[]);
+    // With tracing, so that check k's hand-set `traceparent` shows up at
+    // this OTLP receiver.
+    let receiver = OtlpReceiver::start();
+    let endpoint = receiver.endpoint();
+    let _worker = demo_worker_with_env(
+        &server,
+        &["--concurrency", "4", "--otlp"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let out = {
+        let (script, url) = (script.clone(), server.url());
+        tokio::task::spawn_blocking(move || run_client_at(&script, &url, &[]))
+            .await
+            .unwrap()
+    };
     assert!(
         out.contains("all wire-format checks passed"),
         "tests/wire/client.py exited 0 without finishing its checks:\n{out}"
     );
+    check_k_was_traced(&out, &receiver).await;
     // Shown with --nocapture: what was checked.
     println!("{early}{out}");
+}
+
+/// Check k published a request with `traceparent=00-<trace>-<span>-01`: the
+/// worker's attempt span is in that trace, a child of that span.
+async fn check_k_was_traced(out: &str, receiver: &OtlpReceiver) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("ok   k."))
+        .unwrap_or_else(|| panic!("no line of check k:\n{out}"));
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_owned()
+    };
+    let (traceparent, id) = (field("traceparent="), field("id="));
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+    let (trace, parent) = (parts[1].to_owned(), parts[2].to_owned());
+    let spans = receiver
+        .wait_for(WAIT, |spans| spans.iter().any(|s| s.trace_id == trace))
+        .await;
+    let span = spans
+        .iter()
+        .find(|s| s.trace_id == trace)
+        .unwrap_or_else(|| panic!("no span of trace {trace}"));
+    assert_eq!(span.parent_span_id, parent, "{span:?}");
+    assert_eq!(span.name, "process jetq.tasks.default.demo.add");
+    assert_eq!(span.attr("messaging.message.id"), Some(id.as_str()));
+    assert_eq!(span.attr("jetq.status"), Some("succeeded"));
+    assert_eq!(span.service_name, "jetq-demo-worker");
 }
 
 /// Run `python3 client.py URL ARGS...`; panic with its output unless it
 /// exits 0; return its stdout.
 fn run_client(script: &Path, server: &NatsServer, args: &[&str]) -> String {
+    run_client_at(script, &server.url(), args)
+}
+
+/// [`run_client`] with the server's URL.
+fn run_client_at(script: &Path, url: &str, args: &[&str]) -> String {
     // The script bounds each of its waits (20 s) and its whole run.
     let out = Command::new("python3")
         .arg(script)
-        .arg(server.url())
+        .arg(url)
         .args(args)
         .env("PYTHONUNBUFFERED", "1")
         .stdin(Stdio::null())

@@ -37,7 +37,12 @@ Checks (the section of docs/wire-format.md each one proves in brackets):
      [6 "Cancelling"];
   j. the `run_many` function of the Python example [8], taken from the
      document: requests naming an inbox in `notify` get their ended records
-     sent there by the worker [4 `notify`, 7].
+     sent there by the worker [4 `notify`, 7];
+  k. a request whose envelope carries a `traceparent` header set by hand
+     (W3C trace context) [4 `headers`] succeeds; the line printed names the
+     traceparent, and the Rust test checks that the worker (run with
+     `--otlp`) exported the attempt's span in that trace, as a child of that
+     span (docs/middleware-tracing.md).
 
 With --before-worker it checks one thing only, on a server where no jetq
 worker or client has run yet: a JetStream publish to jetq.tasks.default.demo.add
@@ -488,6 +493,18 @@ async def check_j(nc):
     ok("j. the document's inbox example run_many: both records arrived on the inbox, values 3 and 7")
 
 
+async def check_k(nc, js, kv):
+    """Section 4 `headers`: trace context set by hand, as docs/middleware-tracing.md shows."""
+    trace_id = uuid.uuid4().hex  # 32 hex digits, not all zero
+    span_id = uuid.uuid4().hex[:16]  # 16 hex digits
+    traceparent = f"00-{trace_id}-{span_id}-01"  # version 00, sampled
+    env = envelope(new_id("traced"), "demo.add", {"a": 20, "b": 22})
+    env["headers"] = {"traceparent": traceparent}
+    record = await run_and_wait(nc, js, kv, env)
+    check(record["status"] == "succeeded" and record["value"] == 42, f"traced request ended {record}")
+    ok(f"k. demo.add with a hand-set header: succeeded, traceparent={traceparent} id={env['id']}")
+
+
 async def before_worker(nc):
     """Section 1: publishing before any worker ran fails with NoStreamResponseError."""
     js = nc.jetstream(timeout=WAIT)
@@ -524,6 +541,7 @@ async def main(url, mode):
         await check_h(nc, js, kv)
         await check_i(nc, js, kv)
         await check_j(nc)
+        await check_k(nc, js, kv)
     finally:
         await nc.close()
 
