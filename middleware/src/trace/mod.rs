@@ -15,9 +15,9 @@
 //!
 //! Both are `tracing` spans (target `jetq_middleware::trace`, level INFO)
 //! that a `tracing-opentelemetry` layer turns into OpenTelemetry spans:
-//! [`layer`] for a tracer of your own, or [`init_otlp`] to export over OTLP
-//! as the `OTEL_*` variables say. Without such a layer they are plain
-//! `tracing` spans and nothing is exported.
+//! [`layer`] for a tracer of your own, or `init_otlp` (feature `otlp`) to
+//! export over OTLP as the `OTEL_*` variables say. Without such a layer they
+//! are plain `tracing` spans and nothing is exported.
 //!
 //! Attributes follow the OpenTelemetry messaging semantic conventions:
 //!

@@ -152,8 +152,10 @@ impl OtlpGuard {
             .map_err(|e| OtlpError(e.to_string()))
     }
 
-    /// Export what is left and shut the exporter down, reporting a failure
-    /// (dropping the guard does the same, silently).
+    /// Export what is left and shut the exporter down (dropping the guard
+    /// does the same). The error says the provider could not be shut down
+    /// in time; exports that the collector refused or never received are
+    /// dropped by the SDK, not reported here.
     pub fn shutdown(mut self) -> Result<(), OtlpError> {
         self.shut_down = true;
         self.provider
