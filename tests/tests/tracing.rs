@@ -481,6 +481,61 @@ async fn a_traceparent_set_by_hand_is_continued() {
 
 // ---------------------------------------------------------------------------
 
+/// Contexts (and their extensions) that tasks kept after their attempt.
+#[derive(Clone, Default)]
+struct Kept(std::sync::Arc<std::sync::Mutex<Vec<(Context, AttemptSpan)>>>);
+
+async fn keeps(
+    ctx: Context,
+    Extension(span): Extension<AttemptSpan>,
+    jetq::State(kept): jetq::State<Kept>,
+) -> Result<(), TaskError> {
+    kept.0.lock().unwrap().push((ctx, span));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_attempt_span_ends_with_the_attempt_even_if_the_task_keeps_it() {
+    exporter();
+    let (_server, broker) = server_and_broker().await;
+    let kept = Kept::default();
+    let worker = traced_worker(broker.clone(), "trace-d")
+        .state(kept.clone())
+        .task("trace.keeps", keeps)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone()).middleware(TracePublish::new());
+    let root = tracing::info_span!("producer.keeps");
+    let trace = trace_of(&root);
+    let handle = client
+        .task("trace.keeps")
+        .queue("trace-d")
+        .publish()
+        .instrument(root.clone())
+        .await
+        .unwrap();
+    handle.wait(WAIT).await.unwrap();
+    // Ended (exported) while the task's copies are still alive.
+    let name = "process jetq.tasks.trace-d.trace.keeps";
+    let spans = wait_spans(trace, |s| count(s, name) == 1).await;
+    let span = find(&spans, name, handle.id());
+    let (_, attempt) = kept.0.lock().unwrap()[0].clone();
+    assert_eq!(
+        attempt.span_context().map(|sc| sc.span_id()),
+        Some(span.span_context.span_id())
+    );
+    assert_eq!(
+        attempt.traceparent(),
+        Some(format!("00-{trace}-{}-01", span.span_context.span_id()))
+    );
+    // A late change goes nowhere.
+    attempt.set_attribute("late", true);
+    assert_eq!(count(&spans_of(trace), name), 1);
+    worker.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+
 #[tokio::test]
 async fn the_demo_worker_exports_its_attempt_spans_over_otlp() {
     exporter();

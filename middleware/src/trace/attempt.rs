@@ -101,7 +101,7 @@ impl Middleware for TraceAttempts {
         if let Some(parent) = &ctx.request().parent {
             span.set_attribute(attr::JETQ_PARENT_ID, parent.clone());
         }
-        ctx.insert_extension(AttemptSpan { span: span.clone() });
+        ctx.insert_extension(AttemptSpan::of(&span));
         let observed = ctx.clone();
         Box::pin(async move {
             let outcome = next.run(ctx).instrument(span.clone()).await;
@@ -146,41 +146,45 @@ fn record_outcome(span: &tracing::Span, ctx: &Context, outcome: &Outcome) {
 /// }
 /// ```
 ///
-/// The same span is also `tracing::Span::current()` inside the task (unless
-/// the task opened spans of its own), so `OpenTelemetrySpanExt` works on it.
+/// It holds the span's OpenTelemetry context, not the `tracing` span, so a
+/// copy kept past the attempt does not keep the span open: the span ends
+/// with the attempt, and changes made afterwards are ignored. Inside the
+/// task the attempt's `tracing` span is `tracing::Span::current()` (unless
+/// the task opened spans of its own), so `OpenTelemetrySpanExt` works on it
+/// too, and it is the span to instrument spawned futures with.
 #[derive(Debug, Clone)]
 pub struct AttemptSpan {
-    span: tracing::Span,
+    cx: opentelemetry::Context,
 }
 
 impl AttemptSpan {
-    /// The `tracing` span: instrument futures with it, or create spans with
-    /// it as their explicit parent.
-    pub fn span(&self) -> &tracing::Span {
-        &self.span
+    /// The handle of `span` (built now, if an OpenTelemetry layer records it).
+    fn of(span: &tracing::Span) -> Self {
+        AttemptSpan { cx: span.context() }
     }
 
     /// Set an attribute on the span (a later value of the same key wins).
     pub fn set_attribute(&self, key: impl Into<Key>, value: impl Into<Value>) {
-        self.span.set_attribute(key, value);
+        self.cx
+            .span()
+            .set_attribute(KeyValue::new(key.into(), value.into()));
     }
 
     /// Add an event (a timestamped log entry) to the span.
     pub fn add_event(&self, name: impl Into<Cow<'static, str>>, attributes: Vec<KeyValue>) {
-        self.span.add_event(name, attributes);
+        self.cx.span().add_event(name, attributes);
     }
 
     /// The OpenTelemetry context whose span is this one, for propagating it
     /// by hand (a call to another service). Empty when no OpenTelemetry
     /// layer records the span.
     pub fn context(&self) -> opentelemetry::Context {
-        self.span.context()
+        self.cx.clone()
     }
 
     /// The span's ids, if an OpenTelemetry layer records it.
     pub fn span_context(&self) -> Option<SpanContext> {
-        let cx = self.span.context();
-        let span = cx.span();
+        let span = self.cx.span();
         let sc = span.span_context();
         sc.is_valid().then(|| sc.clone())
     }
