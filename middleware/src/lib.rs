@@ -10,3 +10,4 @@
 //! checks); the worker and producer middlewares wrap it.
 
 pub mod auth;
+pub mod limits;
