@@ -65,20 +65,18 @@ pub struct Limits {
     default_timeout: Option<Duration>,
 }
 
+impl fmt::Debug for TaskLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskLimits")
+            .field("running", &self.running.as_ref().map(|(n, _)| *n))
+            .field("rate", &self.rate.as_ref().map(|(n, per, _)| (*n, *per)))
+            .finish()
+    }
+}
+
 impl fmt::Debug for Limits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut tasks: Vec<(&String, Option<usize>, Option<(u32, Duration)>)> = self
-            .tasks
-            .iter()
-            .map(|(name, l)| {
-                (
-                    name,
-                    l.running.as_ref().map(|(n, _)| *n),
-                    l.rate.as_ref().map(|(n, per, _)| (*n, *per)),
-                )
-            })
-            .collect();
-        tasks.sort_by(|a, b| a.0.cmp(b.0));
+        let tasks: std::collections::BTreeMap<&String, &TaskLimits> = self.tasks.iter().collect();
         f.debug_struct("Limits")
             .field("tasks", &tasks)
             .field("default_timeout", &self.default_timeout)
