@@ -47,6 +47,10 @@ struct Opts {
     /// 86400; 0 fails at once if it is down).
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, default_value = "60", value_parser = seconds(Duration::ZERO, DAY))]
     connect_wait: Duration,
+    /// Serve Prometheus metrics (attempts by task and outcome, durations,
+    /// in flight) over HTTP at this address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -123,7 +127,23 @@ async fn main() -> std::process::ExitCode {
 async fn run(opts: Opts) -> jetq::Result<()> {
     let config = jetq_nats::NatsConfig::new(&opts.nats).connect_wait(opts.connect_wait);
     let broker = jetq_nats::NatsBroker::connect_with(config).await?;
-    let mut builder = Worker::builder(broker)
+    let mut builder = Worker::builder(broker);
+    // Metrics outermost, so they count attempts that other middleware refuse.
+    let mut _metrics_server = None;
+    if let Some(addr) = opts.metrics_addr {
+        let endpoint = std::sync::Arc::new(
+            jetq_middleware::metrics::PrometheusEndpoint::new()
+                .map_err(|e| jetq::Error::new(jetq::ErrorKind::Config, e.to_string()))?,
+        );
+        builder = builder.middleware(endpoint.metrics());
+        let (bound, server) = endpoint
+            .serve(addr)
+            .await
+            .map_err(|e| jetq::Error::new(jetq::ErrorKind::Config, e.to_string()))?;
+        tracing::info!("metrics at http://{bound}/metrics");
+        _metrics_server = Some(server);
+    }
+    let mut builder = builder
         .default_queue(opts.queue)
         .concurrency(opts.concurrency)
         .ack_wait(opts.ack_wait)
