@@ -500,6 +500,28 @@ impl Client {
         Ok(self.record(id).await?.metadata)
     }
 
+    /// Event `key` of workflow `id` (set with
+    /// [`Workflow::set_event`](crate::workflow::Workflow::set_event)): at
+    /// once if it is set, else the first value set within `timeout`
+    /// (watched, not polled); `None` if none was set in time.
+    pub async fn get_event<T: DeserializeOwned>(
+        &self,
+        id: &str,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<T>> {
+        names::validate_id(id)?;
+        names::validate_key("event key", key)?;
+        let mut watch = self.broker.watch_event(id, key).await?;
+        let entry = match tokio::time::timeout(timeout, watch.next()).await {
+            Ok(Some(entry)) => entry?,
+            Ok(None) | Err(_) => return Ok(None),
+        };
+        serde_json::from_slice(&entry.value)
+            .map(Some)
+            .map_err(|e| Error::serialization(&format!("event `{key}` of workflow `{id}`"), e))
+    }
+
     /// Wait until request `id` has a terminal record (watching it, not
     /// polling) and return it, whatever its status.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Record> {
