@@ -8,14 +8,22 @@
 //! - `demo.fail` `{"times": u32}` → a retryable error until the attempt
 //!   number exceeds `times`, then succeeds with the attempt number
 //! - `demo.panic` → panics
+//! - `demo.pipeline` (a workflow) `n` → step 1 returns n+1, step 2 doubles it,
+//!   step 3 returns a string with that number and the `user` of the request's
+//!   metadata
+//! - `demo.steps` (a workflow) `{"count": u32, "ms": u64}` → `count` steps,
+//!   each printing `step <i> of <id>` on stdout and sleeping `ms`; returns
+//!   `count`
 
 use std::time::Duration;
 
-use jetq::{Args, Context, TaskError, Worker};
+use jetq::workflow::Workflow;
+use jetq::{Args, Context, Meta, TaskError, Worker};
 use jetq_cli::args::{seconds, DAY, MIN_ACK_WAIT};
 use serde::Deserialize;
 
-/// Serve the demo tasks `demo.add`, `demo.sleep`, `demo.slow`, `demo.fail` and `demo.panic`.
+/// Serve the demo tasks `demo.add`, `demo.sleep`, `demo.slow`, `demo.fail`,
+/// `demo.panic`, and the demo workflows `demo.pipeline` and `demo.steps`.
 #[derive(Debug, clap::Parser)]
 #[command(name = "jetq-demo-worker", version, about)]
 struct Opts {
@@ -99,6 +107,47 @@ async fn fail(ctx: Context, Args(args): Args<FailArgs>) -> Result<u32, TaskError
     }
 }
 
+async fn pipeline(
+    wf: Workflow,
+    Args(n): Args<i64>,
+    Meta(meta): Meta<serde_json::Map<String, serde_json::Value>>,
+) -> Result<String, TaskError> {
+    let one: i64 = wf
+        .step("add_one", async { Ok::<_, TaskError>(n + 1) })
+        .await?;
+    let two: i64 = wf
+        .step("double", async { Ok::<_, TaskError>(one * 2) })
+        .await?;
+    let user = meta
+        .get("user")
+        .and_then(|u| u.as_str())
+        .unwrap_or("someone")
+        .to_owned();
+    wf.step("describe", async move {
+        Ok::<_, TaskError>(format!("{user} got {two}"))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct StepsArgs {
+    count: u32,
+    ms: u64,
+}
+
+async fn steps(wf: Workflow, Args(args): Args<StepsArgs>) -> Result<u32, TaskError> {
+    for i in 0..args.count {
+        let id = wf.id().to_owned();
+        wf.step(&format!("step_{i}"), async move {
+            println!("step {i} of {id}");
+            tokio::time::sleep(Duration::from_millis(args.ms)).await;
+            Ok::<_, TaskError>(())
+        })
+        .await?;
+    }
+    Ok(args.count)
+}
+
 async fn panic() -> Result<(), TaskError> {
     panic!("demo.panic panics on purpose")
 }
@@ -153,7 +202,9 @@ async fn run(opts: Opts) -> jetq::Result<()> {
         .task("demo.sleep", sleep)
         .task("demo.slow", slow)
         .task("demo.fail", fail)
-        .task("demo.panic", panic);
+        .task("demo.panic", panic)
+        .task("demo.pipeline", pipeline)
+        .task("demo.steps", steps);
     if let Some(name) = opts.name {
         builder = builder.name(name);
     }
