@@ -46,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use crate::client::TaskHandle;
 use crate::context::Context;
 use crate::error::ErrorKind;
 use crate::extract::FromContext;
@@ -282,5 +283,47 @@ fn unavailable(id: &str, position: u32, e: &crate::Error) -> TaskError {
     match e.kind() {
         ErrorKind::Config | ErrorKind::InvalidName => TaskError::permanent(message),
         _ => TaskError::new(message),
+    }
+}
+
+/// A started workflow run, from
+/// [`Client::start_workflow`](crate::Client::start_workflow) or
+/// [`Client::retrieve_workflow`](crate::Client::retrieve_workflow).
+#[derive(Debug, Clone)]
+pub struct WorkflowHandle {
+    handle: TaskHandle,
+}
+
+impl WorkflowHandle {
+    pub(crate) fn new(handle: TaskHandle) -> Self {
+        WorkflowHandle { handle }
+    }
+
+    /// The run's id.
+    pub fn workflow_id(&self) -> &str {
+        self.handle.id()
+    }
+
+    /// The run's record.
+    pub async fn record(&self) -> crate::Result<crate::Record> {
+        self.handle.record().await
+    }
+
+    /// The run's status.
+    pub async fn status(&self) -> crate::Result<crate::Status> {
+        self.handle.status().await
+    }
+
+    /// Wait for the run's value; see [`TaskHandle::result`].
+    pub async fn result<T: DeserializeOwned>(
+        &self,
+        timeout: std::time::Duration,
+    ) -> crate::Result<T> {
+        self.handle.result(timeout).await
+    }
+
+    /// The run as a task handle.
+    pub fn task_handle(&self) -> &TaskHandle {
+        &self.handle
     }
 }

@@ -247,3 +247,53 @@ async fn events_are_readable_at_once_waited_for_and_time_out() {
     assert_eq!(err.kind(), jetq::ErrorKind::InvalidName);
     w.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn start_retrieve_and_the_same_id_starts_once() {
+    let broker = MemoryBroker::new();
+    let runs = Runs::default();
+    let client = Client::new(broker.clone());
+    // Unknown: an error at once; a wait for it returns once it is started.
+    let err = client.retrieve_workflow("wf-s").await.unwrap_err();
+    assert_eq!(err.kind(), jetq::ErrorKind::NotFound);
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move { client.retrieve_workflow_created("wf-s", WAIT).await })
+    };
+    let timed_out = client
+        .retrieve_workflow_created("wf-never", Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert_eq!(timed_out.kind(), jetq::ErrorKind::Timeout);
+    // Started with no worker running: durably stored, found by id at once.
+    let first = client
+        .workflow("checkout")
+        .id("wf-s")
+        .args(&"o9")
+        .publish()
+        .await
+        .unwrap();
+    let found = client.retrieve_workflow("wf-s").await.unwrap();
+    assert_eq!(found.workflow_id(), "wf-s");
+    assert_eq!(found.status().await.unwrap(), Status::Pending);
+    assert_eq!(waiting.await.unwrap().unwrap().workflow_id(), "wf-s");
+    // The same id again: the same run.
+    let again = client
+        .workflow("checkout")
+        .id("wf-s")
+        .args(&"o9")
+        .publish()
+        .await
+        .unwrap();
+    assert_eq!(again.id(), first.id());
+    let w = Worker::builder(broker.clone())
+        .state(runs.clone())
+        .register(Task::new("checkout", checkout).retry_policy(fast()))
+        .spawn()
+        .unwrap();
+    assert_eq!(found.result::<String>(WAIT).await.unwrap(), "paid r-o9");
+    assert_eq!(runs.reserve.load(Ordering::SeqCst), 1, "one run");
+    let started = client.start_workflow("checkout", "o10").await.unwrap();
+    assert_eq!(started.result::<String>(WAIT).await.unwrap(), "paid r-o10");
+    w.shutdown().await.unwrap();
+}
