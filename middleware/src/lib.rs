@@ -6,8 +6,9 @@
 //! from one request cannot authorise another; a task may require roles, and
 //! the user's assumed role is the first required role the user holds.
 //!
-//! The auth logic here stands alone (keys, signing, verification, role
-//! checks); the worker and producer middlewares wrap it.
+//! The auth logic (keys, signing, verification, role checks) stands alone in
+//! [`auth::TokenAuth`]; the worker middleware [`auth::RequireAuth`] and the
+//! producer middleware [`auth::SignAuth`] wrap it.
 
 pub mod auth;
 pub mod limits;
