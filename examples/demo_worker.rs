@@ -14,7 +14,12 @@
 //! - `demo.steps` (a workflow) `{"count": u32, "ms": u64}` → `count` steps,
 //!   each printing `step <i> of <id>` on stdout and sleeping `ms`; returns
 //!   `count`
+//! - `demo.whoami`, `demo.admin`: who a signed request runs for, and a task
+//!   for the role `admin` (see `demo_auth.rs`; `--auth-key-file`)
 
+mod demo_auth;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use jetq::workflow::Workflow;
@@ -23,7 +28,8 @@ use jetq_cli::args::{seconds, DAY, MIN_ACK_WAIT};
 use serde::Deserialize;
 
 /// Serve the demo tasks `demo.add`, `demo.sleep`, `demo.slow`, `demo.fail`,
-/// `demo.panic`, and the demo workflows `demo.pipeline` and `demo.steps`.
+/// `demo.panic`, `demo.whoami`, `demo.admin`, and the demo workflows
+/// `demo.pipeline` and `demo.steps`.
 #[derive(Debug, clap::Parser)]
 #[command(name = "jetq-demo-worker", version, about)]
 struct Opts {
@@ -59,6 +65,11 @@ struct Opts {
     /// in flight) over HTTP at this address, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Require a valid auth token on every request, verified with this key
+    /// file: a shared secret, or an Ed25519 public (or private) key in PEM.
+    /// `demo.admin` requires the role `admin`.
+    #[arg(long, value_name = "PATH")]
+    auth_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +185,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(opts: Opts) -> jetq::Result<()> {
+    let auth = demo_auth::layer(opts.auth_key_file.as_deref())?;
     let config = jetq_nats::NatsConfig::new(&opts.nats).connect_wait(opts.connect_wait);
     let broker = jetq_nats::NatsBroker::connect_with(config).await?;
     let mut builder = Worker::builder(broker);
@@ -192,7 +204,8 @@ async fn run(opts: Opts) -> jetq::Result<()> {
         tracing::info!("metrics at http://{bound}/metrics");
         _metrics_server = Some(server);
     }
-    let mut builder = builder
+    // Auth right after metrics: nothing else runs for a refused request.
+    let mut builder = demo_auth::register(builder, auth)
         .default_queue(opts.queue)
         .concurrency(opts.concurrency)
         .ack_wait(opts.ack_wait)
