@@ -242,9 +242,7 @@ fn signer(flags: AuthFlags) -> Result<Option<SignAuth>, String> {
             )
         }
         (None, Some(_)) => {
-            return Err(
-                "--auth-key-file needs --user USER, who the request runs for".to_owned(),
-            )
+            return Err("--auth-key-file needs --user USER, who the request runs for".to_owned())
         }
         (None, None) => {
             if roles.is_some() {
