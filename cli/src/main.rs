@@ -63,21 +63,9 @@ enum Command {
         /// record and print it; the exit code is 0 only if it succeeded.
         #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, value_parser = args::seconds(Duration::ZERO, MAX_WAIT))]
         wait: Option<Duration>,
-        /// Sign the request for this user: a token bound to the request in
-        /// its `authorization` header (needs --auth-key-file).
-        #[arg(long, value_name = "USER")]
-        user: Option<String>,
-        /// The user's roles, comma-separated (with --user).
-        #[arg(long, value_name = "ROLES", value_delimiter = ',')]
-        roles: Option<Vec<String>>,
-        /// The key that signs the token: a file holding a shared secret or an
-        /// Ed25519 private key (PKCS#8 PEM) (with --user).
-        #[arg(long, value_name = "PATH")]
-        auth_key_file: Option<PathBuf>,
-        /// Seconds the token lives, counted from when the request is due
-        /// (default 3600; 1 to 31536000) (with --user).
-        #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, value_parser = args::seconds(Duration::from_secs(1), MAX_WAIT))]
-        auth_ttl: Option<Duration>,
+        /// Signing the request (boxed: the other commands are small).
+        #[command(flatten)]
+        auth: Box<AuthFlags>,
     },
     /// Print the record of a request as JSON.
     Get {
@@ -217,10 +205,22 @@ async fn connect(url: &str) -> Result<Client, String> {
 }
 
 /// The auth flags of `jetq publish`.
+#[derive(Debug, clap::Args)]
 struct AuthFlags {
+    /// Sign the request for this user: a token bound to the request in its
+    /// `authorization` header (needs --auth-key-file).
+    #[arg(long, value_name = "USER")]
     user: Option<String>,
+    /// The user's roles, comma-separated (with --user).
+    #[arg(long, value_name = "ROLES", value_delimiter = ',')]
     roles: Option<Vec<String>>,
+    /// The key that signs the token: a file holding a shared secret or an
+    /// Ed25519 private key (PKCS#8 PEM) (with --user).
+    #[arg(long = "auth-key-file", value_name = "PATH")]
     key_file: Option<PathBuf>,
+    /// Seconds the token lives, counted from when the request is due
+    /// (default 3600; 1 to 31536000) (with --user).
+    #[arg(long = "auth-ttl", value_name = "SECONDS", allow_hyphen_values = true, value_parser = args::seconds(Duration::from_secs(1), MAX_WAIT))]
     ttl: Option<Duration>,
 }
 
@@ -290,10 +290,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             queue,
             delay,
             wait,
-            user,
-            roles,
-            auth_key_file,
-            auth_ttl,
+            auth,
         } => {
             let args = parse_json("args", &args)?;
             let metadata: Map<String, Value> = match metadata {
@@ -309,12 +306,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             jetq::names::validate_task(&task).map_err(|e| e.to_string())?;
             jetq::names::validate_queue(&queue).map_err(|e| e.to_string())?;
-            let signer = signer(AuthFlags {
-                user,
-                roles,
-                key_file: auth_key_file,
-                ttl: auth_ttl,
-            })?;
+            let signer = signer(*auth)?;
             let mut client = connect(&cli.nats).await?;
             if let Some(sign) = signer {
                 client = client.middleware(sign);
