@@ -27,7 +27,8 @@ pub(crate) fn layer(key_file: Option<&Path>) -> jetq::Result<Option<RequireAuth>
     ))
 }
 
-/// Register the auth middleware (first: outermost) and the auth tasks.
+/// Register the auth middleware (before any but metrics and tracing) and the
+/// auth tasks.
 pub(crate) fn register(builder: WorkerBuilder, auth: Option<RequireAuth>) -> WorkerBuilder {
     let builder = match auth {
         Some(auth) => builder.middleware(auth),

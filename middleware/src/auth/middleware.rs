@@ -3,7 +3,6 @@
 //! [`SignAuth`] signs a token for each request a client publishes.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,8 +133,8 @@ impl FromContext for Auth {
 ///
 /// Register it first (outermost) with
 /// [`WorkerBuilder::middleware`](jetq::WorkerBuilder::middleware), or right
-/// after a tracing middleware, so that nothing else runs for a refused
-/// request. It checks every task of the worker; tasks not named in
+/// after metrics and tracing, so that nothing else (limits, your own
+/// middleware, extractors, the handler) runs for a refused request. It checks every task of the worker; tasks not named in
 /// [`require`](Self::require) need a valid token and no role.
 ///
 /// ```
@@ -157,19 +156,10 @@ impl FromContext for Auth {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RequireAuth {
     auth: TokenAuth,
     roles: Arc<HashMap<String, Vec<String>>>,
-}
-
-impl fmt::Debug for RequireAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RequireAuth")
-            .field("auth", &self.auth)
-            .field("roles", &self.roles)
-            .finish()
-    }
 }
 
 impl RequireAuth {
