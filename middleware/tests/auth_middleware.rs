@@ -606,7 +606,7 @@ async fn a_parent_whose_token_expired_cannot_publish_children() {
         .spawn()
         .unwrap();
     let who = AuthContext::new("erin")
-        .with_expires_at(OffsetDateTime::now_utc() + time::Duration::seconds(2));
+        .with_expires_at(OffsetDateTime::now_utc() + time::Duration::seconds(3));
     let client = Client::new(broker.clone()).middleware(SignAuth::new(secret_auth(), who).unwrap());
     let text: String = client
         .task("late")
