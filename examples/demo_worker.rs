@@ -8,19 +8,33 @@
 //! - `demo.fail` `{"times": u32}` → a retryable error until the attempt
 //!   number exceeds `times`, then succeeds with the attempt number
 //! - `demo.panic` → panics
+//! - `demo.pipeline` (a workflow) `n` → step 1 returns n+1, step 2 doubles it,
+//!   step 3 returns a string with that number and the `user` of the request's
+//!   metadata
+//! - `demo.steps` (a workflow) `{"count": u32, "ms": u64}` → `count` steps,
+//!   each printing `step <i> of <id>` on stdout and sleeping `ms`; returns
+//!   `count`
+//! - `demo.whoami`, `demo.admin`: who a signed request runs for, and a task
+//!   for the role `admin` (see `demo_auth.rs`; `--auth-key-file`)
 //!
 //! With `--otlp` each attempt is a trace span (a child of the producer's
 //! span when the request carries `traceparent`), exported over OTLP/HTTP to
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (default `http://localhost:4318`) as
 //! `OTEL_SERVICE_NAME` (default `jetq-demo-worker`).
 
+mod demo_auth;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
-use jetq::{Args, Context, TaskError, Worker};
+use jetq::workflow::Workflow;
+use jetq::{Args, Context, Meta, TaskError, Worker};
 use jetq_cli::args::{seconds, DAY, MIN_ACK_WAIT};
 use serde::Deserialize;
 
-/// Serve the demo tasks `demo.add`, `demo.sleep`, `demo.slow`, `demo.fail` and `demo.panic`.
+/// Serve the demo tasks `demo.add`, `demo.sleep`, `demo.slow`, `demo.fail`,
+/// `demo.panic`, `demo.whoami`, `demo.admin`, and the demo workflows
+/// `demo.pipeline` and `demo.steps`.
 #[derive(Debug, clap::Parser)]
 #[command(name = "jetq-demo-worker", version, about)]
 struct Opts {
@@ -52,6 +66,15 @@ struct Opts {
     /// 86400; 0 fails at once if it is down).
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, default_value = "60", value_parser = seconds(Duration::ZERO, DAY))]
     connect_wait: Duration,
+    /// Serve Prometheus metrics (attempts by task and outcome, durations,
+    /// in flight) over HTTP at this address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Require a valid auth token on every request, verified with this key
+    /// file: a shared secret, or an Ed25519 public (or private) key in PEM.
+    /// `demo.admin` requires the role `admin`.
+    #[arg(long, value_name = "PATH")]
+    auth_key_file: Option<PathBuf>,
     /// Export a trace span per attempt over OTLP/HTTP (to
     /// OTEL_EXPORTER_OTLP_ENDPOINT, as OTEL_SERVICE_NAME).
     #[arg(long)]
@@ -104,6 +127,47 @@ async fn fail(ctx: Context, Args(args): Args<FailArgs>) -> Result<u32, TaskError
     }
 }
 
+async fn pipeline(
+    wf: Workflow,
+    Args(n): Args<i64>,
+    Meta(meta): Meta<serde_json::Map<String, serde_json::Value>>,
+) -> Result<String, TaskError> {
+    let one: i64 = wf
+        .step("add_one", async { Ok::<_, TaskError>(n + 1) })
+        .await?;
+    let two: i64 = wf
+        .step("double", async { Ok::<_, TaskError>(one * 2) })
+        .await?;
+    let user = meta
+        .get("user")
+        .and_then(|u| u.as_str())
+        .unwrap_or("someone")
+        .to_owned();
+    wf.step("describe", async move {
+        Ok::<_, TaskError>(format!("{user} got {two}"))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct StepsArgs {
+    count: u32,
+    ms: u64,
+}
+
+async fn steps(wf: Workflow, Args(args): Args<StepsArgs>) -> Result<u32, TaskError> {
+    for i in 0..args.count {
+        let id = wf.id().to_owned();
+        wf.step(&format!("step_{i}"), async move {
+            println!("step {i} of {id}");
+            tokio::time::sleep(Duration::from_millis(args.ms)).await;
+            Ok::<_, TaskError>(())
+        })
+        .await?;
+    }
+    Ok(args.count)
+}
+
 async fn panic() -> Result<(), TaskError> {
     panic!("demo.panic panics on purpose")
 }
@@ -154,9 +218,35 @@ fn init_logging(
 }
 
 async fn run(opts: Opts) -> jetq::Result<()> {
+    let auth = demo_auth::layer(opts.auth_key_file.as_deref())?;
     let config = jetq_nats::NatsConfig::new(&opts.nats).connect_wait(opts.connect_wait);
     let broker = jetq_nats::NatsBroker::connect_with(config).await?;
-    let mut builder = Worker::builder(broker.clone())
+    let mut builder = Worker::builder(broker.clone());
+    // Metrics outermost, so they count attempts that other middleware refuse.
+    let mut _metrics_server = None;
+    if let Some(addr) = opts.metrics_addr {
+        let endpoint = std::sync::Arc::new(
+            jetq_middleware::metrics::PrometheusEndpoint::new()
+                .map_err(|e| jetq::Error::new(jetq::ErrorKind::Config, e.to_string()))?,
+        );
+        builder = builder.middleware(endpoint.metrics());
+        let (bound, server) = endpoint
+            .serve(addr)
+            .await
+            .map_err(|e| jetq::Error::new(jetq::ErrorKind::Config, e.to_string()))?;
+        tracing::info!("metrics at http://{bound}/metrics");
+        _metrics_server = Some(server);
+    }
+    // Tracing next, so that a refusal by auth is a traced attempt too;
+    // requests published from tasks continue the trace.
+    if opts.otlp {
+        use jetq_middleware::trace::{TraceAttempts, TracePublish};
+        builder = builder
+            .middleware(TraceAttempts::new())
+            .client(jetq::Client::new(broker).middleware(TracePublish::new()));
+    }
+    // Auth after them: nothing else runs for a refused request.
+    let mut builder = demo_auth::register(builder, auth)
         .default_queue(opts.queue)
         .concurrency(opts.concurrency)
         .ack_wait(opts.ack_wait)
@@ -166,15 +256,11 @@ async fn run(opts: Opts) -> jetq::Result<()> {
         .task("demo.sleep", sleep)
         .task("demo.slow", slow)
         .task("demo.fail", fail)
-        .task("demo.panic", panic);
+        .task("demo.panic", panic)
+        .task("demo.pipeline", pipeline)
+        .task("demo.steps", steps);
     if let Some(name) = opts.name {
         builder = builder.name(name);
-    }
-    if opts.otlp {
-        use jetq_middleware::trace::{TraceAttempts, TracePublish};
-        builder = builder
-            .middleware(TraceAttempts::new())
-            .client(jetq::Client::new(broker).middleware(TracePublish::new()));
     }
     builder.run().await
 }

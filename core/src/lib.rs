@@ -42,6 +42,7 @@ pub mod request;
 pub mod retry;
 pub mod task_error;
 pub mod worker;
+pub mod workflow;
 
 pub use client::{Client, RequestBuilder, TaskHandle};
 pub use context::Context;

@@ -118,12 +118,23 @@ impl Inner {
     ) -> Result<u64> {
         names::validate_id(id)?;
         self.record_writes.fetch_add(1, Ordering::Relaxed);
+        self.write_entry(id, value, check)
+    }
+
+    /// Store an entry of the record store (a record, a step, an event) if
+    /// `check` accepts its current revision, and tell watchers.
+    fn write_entry(
+        &self,
+        key: &str,
+        value: Bytes,
+        check: impl FnOnce(Option<u64>) -> Result<()>,
+    ) -> Result<u64> {
         let mut st = self.lock();
-        check(st.records.get(id).map(|e| e.revision))?;
+        check(st.records.get(key).map(|e| e.revision))?;
         st.next_revision += 1;
         let entry = RecordEntry::new(value, st.next_revision);
-        st.records.insert(id.to_owned(), entry.clone());
-        let _ = self.records.send((id.to_owned(), entry));
+        st.records.insert(key.to_owned(), entry.clone());
+        let _ = self.records.send((key.to_owned(), entry));
         Ok(st.next_revision)
     }
 
@@ -138,6 +149,32 @@ impl Inner {
 }
 
 impl MemoryBroker {
+    /// Watch an entry of the record store: its current value, then changes.
+    fn watch_key(&self, id: String) -> BoxStream<'static, Result<RecordEntry>> {
+        // Subscribe before reading, so no update falls in between.
+        let rx = self.inner.records.subscribe();
+        let current = self.inner.lock().records.get(&id).cloned();
+        let inner = Arc::clone(&self.inner);
+        let first = futures_util::stream::iter(current.map(Ok));
+        let rest =
+            futures_util::stream::unfold((rx, id, inner), |(mut rx, id, inner)| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok((key, entry)) if key == id => return Some((Ok(entry), (rx, id, inner))),
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            let current = inner.lock().records.get(&id).cloned();
+                            if let Some(entry) = current {
+                                return Some((Ok(entry), (rx, id, inner)));
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            });
+        Box::pin(futures_util::StreamExt::chain(first, rest))
+    }
+
     /// An empty broker.
     pub fn new() -> Self {
         Self::default()
@@ -435,37 +472,68 @@ impl Broker for MemoryBroker {
         &self,
         id: &str,
     ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>> {
-        let id = id.to_owned();
-        Box::pin(async move {
-            names::validate_id(&id)?;
-            // Subscribe before reading, so no update falls in between.
-            let rx = self.inner.records.subscribe();
-            let current = self.inner.lock().records.get(&id).cloned();
-            let inner = Arc::clone(&self.inner);
-            let first = futures_util::stream::iter(current.map(Ok));
-            let rest =
-                futures_util::stream::unfold((rx, id, inner), |(mut rx, id, inner)| async move {
-                    loop {
-                        match rx.recv().await {
-                            Ok((key, entry)) if key == id => {
-                                return Some((Ok(entry), (rx, id, inner)))
-                            }
-                            Ok(_) => continue,
-                            Err(broadcast::error::RecvError::Lagged(_)) => {
-                                let current = inner.lock().records.get(&id).cloned();
-                                if let Some(entry) = current {
-                                    return Some((Ok(entry), (rx, id, inner)));
-                                }
-                            }
-                            Err(broadcast::error::RecvError::Closed) => return None,
-                        }
-                    }
-                });
-            let stream: BoxStream<'static, Result<RecordEntry>> =
-                Box::pin(futures_util::StreamExt::chain(first, rest));
-            Ok(stream)
-        })
+        let res = names::validate_id(id).map(|()| self.watch_key(id.to_owned()));
+        Box::pin(async move { res })
     }
+
+    fn get_step(&self, id: &str, position: u32) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        let res = names::validate_id(id).map(|()| {
+            self.inner
+                .lock()
+                .records
+                .get(&step_key(id, position))
+                .map(|e| e.value.clone())
+        });
+        Box::pin(async move { res })
+    }
+
+    fn create_step(&self, id: &str, position: u32, value: Bytes) -> BoxFuture<'_, Result<()>> {
+        let res = names::validate_id(id).and_then(|()| {
+            let key = step_key(id, position);
+            self.inner
+                .write_entry(&key, value, |current| match current {
+                    None => Ok(()),
+                    Some(_) => Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!("step {position} of workflow `{id}` is already recorded"),
+                    )),
+                })
+                .map(|_| ())
+        });
+        Box::pin(async move { res })
+    }
+
+    fn put_event(&self, id: &str, key: &str, value: Bytes) -> BoxFuture<'_, Result<u64>> {
+        let res = event_key(id, key).and_then(|k| self.inner.write_entry(&k, value, |_| Ok(())));
+        Box::pin(async move { res })
+    }
+
+    fn get_event(&self, id: &str, key: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
+        let res = event_key(id, key).map(|k| self.inner.lock().records.get(&k).cloned());
+        Box::pin(async move { res })
+    }
+
+    fn watch_event(
+        &self,
+        id: &str,
+        key: &str,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>> {
+        let res = event_key(id, key).map(|k| self.watch_key(k));
+        Box::pin(async move { res })
+    }
+}
+
+/// Where the memory broker keeps step `position` of workflow `id` (beside
+/// records, which never contain a `.`).
+fn step_key(id: &str, position: u32) -> String {
+    format!("{id}.step.{position}")
+}
+
+/// Where the memory broker keeps event `key` of workflow `id`.
+fn event_key(id: &str, key: &str) -> Result<String> {
+    names::validate_id(id)?;
+    names::validate_key("event key", key)?;
+    Ok(format!("{id}.event.{key}"))
 }
 
 #[derive(Debug)]

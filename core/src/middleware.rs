@@ -202,6 +202,9 @@ pub struct Publish {
     /// Whether the worker sends the ended record to this client's inbox
     /// ([`RequestBuilder::notify`](crate::client::RequestBuilder::notify)).
     pub notify: bool,
+    /// Whether a `pending` record is written before the publish
+    /// ([`RequestBuilder::pending_record`](crate::client::RequestBuilder::pending_record)).
+    pub pending_record: bool,
 }
 
 /// Code around every publish of a client. Object-safe. For a closure, see
@@ -258,7 +261,7 @@ impl PublishNext {
             }
             None => {
                 self.client
-                    .publish_unchained(publish.request, publish.notify)
+                    .publish_unchained(publish.request, publish.notify, publish.pending_record)
                     .await
             }
         }

@@ -6,15 +6,17 @@
 //! from one request cannot authorise another; a task may require roles, and
 //! the user's assumed role is the first required role the user holds.
 //!
-//! The auth logic here stands alone (keys, signing, verification, role
-//! checks); the worker and producer middlewares wrap it.
+//! The auth logic (keys, signing, verification, role checks) stands alone in
+//! [`auth::TokenAuth`]; the worker middleware [`auth::RequireAuth`] and the
+//! producer middleware [`auth::SignAuth`] wrap it.
 //!
-//! [`trace`] (features `trace` and `otlp`, on by default): OpenTelemetry
-//! spans for each publish and each attempt, following the messaging semantic
-//! conventions, with W3C trace context carried in the request's headers
-//! from producer to worker and on to child requests; bridged through
-//! `tracing` and exported over OTLP.
+//! [`trace`]: OpenTelemetry spans for each publish and each attempt,
+//! following the messaging semantic conventions, with W3C trace context
+//! carried in the request's headers from producer to worker and on to child
+//! requests; bridged through `tracing`, and exported over OTLP (feature
+//! `otlp`, on by default).
 
 pub mod auth;
-#[cfg(feature = "trace")]
+pub mod limits;
+pub mod metrics;
 pub mod trace;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A foreign (non-Rust) jetq client that follows docs/wire-format.md only.
 
-Usage: client.py NATS_URL [--before-worker]
+Usage: client.py NATS_URL [--before-worker | --auth SECRET_FILE ED25519_PRIVATE_PEM]
 
 Run by tests/tests/wire_python.rs against a real nats-server with
 `jetq-demo-worker` serving queue `default`. It speaks plain NATS through
@@ -38,7 +38,16 @@ Checks (the section of docs/wire-format.md each one proves in brackets):
   j. the `run_many` function of the Python example [8], taken from the
      document: requests naming an inbox in `notify` get their ended records
      sent there by the worker [4 `notify`, 7];
-  k. a request whose envelope carries a `traceparent` header set by hand
+  k. (with --auth) signed requests, following docs/middleware-auth.md: the
+     `jetq_auth_header` function taken from that document signs with PyJWT
+     an `authorization` header bound to the request [4 `headers`]; a
+     `jetq-demo-worker --auth-key-file` on queue `wire-auth-hs` (the shared
+     secret) runs `demo.whoami` for the signed user, and one on queue
+     `wire-auth-ed` (the Ed25519 public key) runs `demo.admin` signed with the
+     private key for an admin; unsigned, a token bound to another request,
+     and a viewer on `demo.admin` end `failed` with kinds `unauthenticated`,
+     `unauthenticated` and `forbidden`;
+  l. a request whose envelope carries a `traceparent` header set by hand
      (W3C trace context) [4 `headers`] succeeds; the line printed names the
      traceparent, and the Rust test checks that the worker (run with
      `--otlp`) exported the attempt's span in that trace, as a child of that
@@ -75,6 +84,7 @@ RECORD_FIELDS = [
 ]
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "wire-format.md")
+AUTH_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "middleware-auth.md")
 
 
 class CheckFailed(Exception):
@@ -493,7 +503,69 @@ async def check_j(nc):
     ok("j. the document's inbox example run_many: both records arrived on the inbox, values 3 and 7")
 
 
-async def check_k(nc, js, kv):
+def auth_header_function():
+    """docs/middleware-auth.md: the `jetq_auth_header` function, run as written."""
+    with open(AUTH_DOC, encoding="utf-8") as f:
+        doc = f.read()
+    section = doc.split("## Signing from another language (Python)", 1)
+    check(len(section) == 2, f"no section 'Signing from another language (Python)' in {AUTH_DOC}")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section[1], re.S) if "def jetq_auth_header" in b]
+    check(blocks, f"no ```python block defining jetq_auth_header in {AUTH_DOC}")
+    scope = {"__name__": "middleware_auth_example"}
+    exec(compile(blocks[0], "docs/middleware-auth.md (Python example)", "exec"), scope)
+    return scope["jetq_auth_header"]
+
+
+async def check_k(nc, js, kv, secret_file, private_pem_file):
+    import jwt  # PyJWT: the Rust test checks that it imports
+
+    sign = auth_header_function()
+    secret = open(secret_file).read().strip()  # as the document says
+    private_pem = open(private_pem_file, "rb").read()
+
+    def signed(task, queue, header_for=None, **kwargs):
+        env = envelope(new_id("auth"), task, None, queue=queue)
+        if header_for is not None:
+            key, algorithm, user, roles = header_for
+            env["headers"] = {"authorization": sign(key, algorithm, kwargs.get("bound_id", env["id"]),
+                                                    task, user, roles)}
+        return env
+
+    # HS256, the shared secret: the worker runs the task for the signed user.
+    env = signed("demo.whoami", "wire-auth-hs", (secret, "HS256", "alice", ["viewer"]))
+    token = env["headers"]["authorization"].split(" ", 1)[1]
+    check(jwt.get_unverified_header(token)["alg"] == "HS256", f"not an HS256 token: {token[:20]}...")
+    record = await run_and_wait(nc, js, kv, env)
+    check(record["status"] == "succeeded", f"signed demo.whoami ended {record}")
+    want = {"user": "alice", "roles": ["viewer"], "assumed_role": None}
+    check(record["value"] == want, f"demo.whoami value {record['value']!r}, expected {want!r}")
+    ok(f"k. HS256 token from the document's jetq_auth_header: demo.whoami on wire-auth-hs ran for alice: {record['value']}")
+
+    # EdDSA, the private key; the worker holds the public key only.
+    env = signed("demo.admin", "wire-auth-ed", (private_pem, "EdDSA", "root", ["viewer", "admin"]))
+    record = await run_and_wait(nc, js, kv, env)
+    check(record["status"] == "succeeded" and record["value"] == "ok", f"signed demo.admin ended {record}")
+    ok("k. EdDSA token signed with the private key: demo.admin on wire-auth-ed (public key) returned 'ok'")
+
+    # Refusals: ended at once, with their kinds.
+    cases = [
+        ("unsigned", signed("demo.whoami", "wire-auth-hs"), "unauthenticated"),
+        ("bound to another request",
+         signed("demo.whoami", "wire-auth-hs", (secret, "HS256", "alice", []), bound_id=new_id("other")),
+         "unauthenticated"),
+        ("a viewer on demo.admin",
+         signed("demo.admin", "wire-auth-ed", (private_pem, "EdDSA", "alice", ["viewer"])), "forbidden"),
+    ]
+    for label, env, kind in cases:
+        record = await run_and_wait(nc, js, kv, env)
+        check_failed(record, kind)
+        check(record["attempts"] == 1, f"{label}: attempts {record['attempts']!r}, expected 1")
+        token = env.get("headers", {}).get("authorization", "Bearer -").split(" ", 1)[1]
+        check(token == "-" or token not in record["error"]["message"], f"{label}: the error quotes the token")
+        ok(f"k. {label}: failed, kind {kind} ({record['error']['message']!r})")
+
+
+async def check_l(nc, js, kv):
     """Section 4 `headers`: trace context set by hand, as docs/middleware-tracing.md shows."""
     trace_id = uuid.uuid4().hex  # 32 hex digits, not all zero
     span_id = uuid.uuid4().hex[:16]  # 16 hex digits
@@ -502,7 +574,7 @@ async def check_k(nc, js, kv):
     env["headers"] = {"traceparent": traceparent}
     record = await run_and_wait(nc, js, kv, env)
     check(record["status"] == "succeeded" and record["value"] == 42, f"traced request ended {record}")
-    ok(f"k. demo.add with a hand-set header: succeeded, traceparent={traceparent} id={env['id']}")
+    ok(f"l. demo.add with a hand-set header: succeeded, traceparent={traceparent} id={env['id']}")
 
 
 async def before_worker(nc):
@@ -517,7 +589,7 @@ async def before_worker(nc):
     raise CheckFailed(f"a publish before any worker ran was acknowledged: {ack}")
 
 
-async def main(url, mode):
+async def main(url, mode, auth_files=None):
     async def on_error(e):  # nats-py logs a traceback per error otherwise
         print(f"nats-py: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
@@ -541,17 +613,24 @@ async def main(url, mode):
         await check_h(nc, js, kv)
         await check_i(nc, js, kv)
         await check_j(nc)
-        await check_k(nc, js, kv)
+        if auth_files is not None:
+            await check_k(nc, js, kv, *auth_files)
+        await check_l(nc, js, kv)
     finally:
         await nc.close()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--before-worker"]):
-        sys.exit(f"usage: {sys.argv[0]} NATS_URL [--before-worker]")
-    mode = sys.argv[2] if len(sys.argv) == 3 else None
+    rest = sys.argv[2:]
+    mode, auth_files = None, None
+    if rest == ["--before-worker"]:
+        mode = rest[0]
+    elif len(rest) == 3 and rest[0] == "--auth":
+        auth_files = rest[1:]
+    elif rest or len(sys.argv) < 2:
+        sys.exit(f"usage: {sys.argv[0]} NATS_URL [--before-worker | --auth SECRET_FILE ED25519_PRIVATE_PEM]")
     try:
-        asyncio.run(asyncio.wait_for(main(sys.argv[1], mode), timeout=10 * WAIT))
+        asyncio.run(asyncio.wait_for(main(sys.argv[1], mode, auth_files), timeout=10 * WAIT))
     except CheckFailed as e:
         print(f"FAIL: {e}", flush=True)
         sys.exit(1)

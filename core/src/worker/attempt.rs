@@ -211,6 +211,7 @@ pub(super) async fn process(
                 max_retries,
                 worker: env.name.clone(),
                 cancel: cancel.clone(),
+                by_client: by_client.clone(),
                 shared: Arc::clone(&env.shared),
                 sink: Arc::clone(&writer) as Arc<dyn RecordSink>,
                 timeout: entry.timeout,

@@ -13,6 +13,12 @@
 //! child request with [`TokenAuth::sign_child`]. Failures are [`AuthError`]s
 //! of kind `unauthenticated` or `forbidden`.
 //!
+//! The middleware wrap this: [`RequireAuth`] on a worker verifies every
+//! attempt (and the task's required roles) before anything else runs and
+//! gives the handler an [`Auth`] extractor; [`SignAuth`] on a client signs a
+//! token for each request it publishes, and on a worker's client one for
+//! each child request, for the parent's user. See `docs/middleware-auth.md`.
+//!
 //! ```
 //! use jetq_middleware::auth::{bearer, AuthContext, AuthKey, TokenAuth};
 //!
@@ -35,9 +41,11 @@
 //! ```
 
 mod keys;
+mod middleware;
 mod token;
 
 pub use keys::{Algorithm, AuthKey, KeyError, MIN_SECRET_LEN};
+pub use middleware::{Auth, RequireAuth, SignAuth};
 pub use token::{
     assumed_role, bearer, claims, AuthContext, AuthError, AuthErrorKind, AuthFailure, Claims,
     SignError, TokenAuth, VerifiedAuth, AUTH_HEADER, BEARER_SCHEME, DEFAULT_LEEWAY,

@@ -24,8 +24,9 @@ use super::{attr, task_subject, DEFAULT_PREFIX, SYSTEM};
 /// turns into an OpenTelemetry span; spans the task opens nest under it. The
 /// task reaches it through the [`AttemptSpan`] extension.
 ///
-/// Register it first (outermost) so that the span covers the other
-/// middleware and a refusal by them is recorded too:
+/// Register it early, so that the span covers the middleware after it and
+/// records their refusals too (the suggested order: metrics, tracing, auth,
+/// limits, then your own):
 ///
 /// ```
 /// use jetq::memory::MemoryBroker;
