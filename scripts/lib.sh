@@ -16,7 +16,7 @@
 #   jetq_ensure_python_jwt   python3 can `import jwt` with EdDSA support;
 #                            installs the pinned PyJWT and cryptography from
 #                            PyPI when needed (the wire-format test's signed
-#                            requests, docs/middleware-auth.md)
+#                            requests, docs/middleware.md, Auth context)
 #   jetq_start_nats_server   starts a throwaway `nats-server -js` on a free
 #                            loopback port, exports NATS_URL, and stops it and
 #                            removes its files when the calling script exits

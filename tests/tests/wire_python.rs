@@ -6,7 +6,7 @@
 //! when two more demo workers verify auth tokens (`--auth-key-file`, queues
 //! `wire-auth-hs` with a shared secret and `wire-auth-ed` with an Ed25519
 //! public key), so that it also signs requests with PyJWT as
-//! `docs/middleware-auth.md` says (check k). The first worker runs with
+//! `docs/middleware.md` (Auth context) says (check k). The first worker runs with
 //! `--otlp` to an OTLP receiver of this test, which shows that a
 //! `traceparent` set by hand in Python (check l) is continued.
 //!

@@ -38,7 +38,7 @@ Checks (the section of docs/wire-format.md each one proves in brackets):
   j. the `run_many` function of the Python example [8], taken from the
      document: requests naming an inbox in `notify` get their ended records
      sent there by the worker [4 `notify`, 7];
-  k. (with --auth) signed requests, following docs/middleware-auth.md: the
+  k. (with --auth) signed requests, following docs/middleware.md (Auth context): the
      `jetq_auth_header` function taken from that document signs with PyJWT
      an `authorization` header bound to the request [4 `headers`]; a
      `jetq-demo-worker --auth-key-file` on queue `wire-auth-hs` (the shared
@@ -51,7 +51,7 @@ Checks (the section of docs/wire-format.md each one proves in brackets):
      (W3C trace context) [4 `headers`] succeeds; the line printed names the
      traceparent, and the Rust test checks that the worker (run with
      `--otlp`) exported the attempt's span in that trace, as a child of that
-     span (docs/middleware-tracing.md).
+     span (docs/middleware.md (Tracing)).
 
 With --before-worker it checks one thing only, on a server where no jetq
 worker or client has run yet: a JetStream publish to jetq.tasks.default.demo.add
@@ -84,7 +84,7 @@ RECORD_FIELDS = [
 ]
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "wire-format.md")
-AUTH_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "middleware-auth.md")
+AUTH_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "middleware.md")
 
 
 class CheckFailed(Exception):
@@ -504,7 +504,7 @@ async def check_j(nc):
 
 
 def auth_header_function():
-    """docs/middleware-auth.md: the `jetq_auth_header` function, run as written."""
+    """docs/middleware.md (Auth context): the `jetq_auth_header` function, run as written."""
     with open(AUTH_DOC, encoding="utf-8") as f:
         doc = f.read()
     section = doc.split("## Signing from another language (Python)", 1)
@@ -512,7 +512,7 @@ def auth_header_function():
     blocks = [b for b in re.findall(r"```python\n(.*?)```", section[1], re.S) if "def jetq_auth_header" in b]
     check(blocks, f"no ```python block defining jetq_auth_header in {AUTH_DOC}")
     scope = {"__name__": "middleware_auth_example"}
-    exec(compile(blocks[0], "docs/middleware-auth.md (Python example)", "exec"), scope)
+    exec(compile(blocks[0], "docs/middleware.md (Auth context) (Python example)", "exec"), scope)
     return scope["jetq_auth_header"]
 
 
@@ -566,7 +566,7 @@ async def check_k(nc, js, kv, secret_file, private_pem_file):
 
 
 async def check_l(nc, js, kv):
-    """Section 4 `headers`: trace context set by hand, as docs/middleware-tracing.md shows."""
+    """Section 4 `headers`: trace context set by hand, as docs/middleware.md (Tracing) shows."""
     trace_id = uuid.uuid4().hex  # 32 hex digits, not all zero
     span_id = uuid.uuid4().hex[:16]  # 16 hex digits
     traceparent = f"00-{trace_id}-{span_id}-01"  # version 00, sampled

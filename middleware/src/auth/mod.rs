@@ -17,7 +17,7 @@
 //! attempt (and the task's required roles) before anything else runs and
 //! gives the handler an [`Auth`] extractor; [`SignAuth`] on a client signs a
 //! token for each request it publishes, and on a worker's client one for
-//! each child request, for the parent's user. See `docs/middleware-auth.md`.
+//! each child request, for the parent's user. See `docs/middleware.md` (Auth context).
 //!
 //! ```
 //! use jetq_middleware::auth::{bearer, AuthContext, AuthKey, TokenAuth};
