@@ -79,18 +79,28 @@ struct Jq {
 }
 
 impl Jq {
-    async fn setup(env: &Env, prefix: &str, concurrency: usize) -> Result<Jq> {
+    async fn setup(env: &Env, prefix: &str, concurrency: usize, middleware: bool) -> Result<Jq> {
         let producer = broker(&env.url, prefix, "producer").await?;
         let done = Arc::new(Counter::default());
         // Default settings but the concurrency; the worker's own connection.
-        let worker = Worker::builder(broker(&env.url, prefix, "worker").await?)
+        let mut builder = Worker::builder(broker(&env.url, prefix, "worker").await?)
             .concurrency(concurrency)
             .state(Arc::clone(&done))
             .task("demo.add", add)
-            .task("demo.add_counted", add_counted)
-            .spawn()
-            .context("cannot start the worker")?;
-        let client = Client::new(producer);
+            .task("demo.add_counted", add_counted);
+        let mut client = Client::new(producer);
+        if middleware {
+            // What a production deployment switches on: metrics (read by a
+            // Prometheus endpoint) and tracing on both sides (spans recorded
+            // by the OpenTelemetry SDK, not exported).
+            let metrics = jetq_middleware::metrics::PrometheusEndpoint::new()
+                .map_err(|e| fail(format!("cannot set up metrics: {e}")))?;
+            builder = builder
+                .middleware(metrics.metrics())
+                .middleware(jetq_middleware::trace::TraceAttempts::new().prefix(prefix));
+            client = client.middleware(jetq_middleware::trace::TracePublish::new().prefix(prefix));
+        }
+        let worker = builder.spawn().context("cannot start the worker")?;
         // One request through before timing: the worker is consuming and
         // both sides have created or opened the stream and the bucket.
         let value: u64 = client
@@ -146,9 +156,20 @@ async fn with_jq<T>(
     concurrency: usize,
     body: impl AsyncFnOnce(&Jq) -> Result<T>,
 ) -> Result<T> {
+    with_jq_middleware(env, kind, concurrency, false, body).await
+}
+
+/// [`with_jq`], with the middleware of [`Jq::setup`] if `middleware`.
+async fn with_jq_middleware<T>(
+    env: &Env,
+    kind: &str,
+    concurrency: usize,
+    middleware: bool,
+    body: impl AsyncFnOnce(&Jq) -> Result<T>,
+) -> Result<T> {
     let prefix = env.fresh_name(kind);
     let result = async {
-        let jq = Jq::setup(env, &prefix, concurrency).await?;
+        let jq = Jq::setup(env, &prefix, concurrency, middleware).await?;
         let result = body(&jq).await;
         jq.worker.shutdown().await.context("the worker failed")?;
         result
@@ -168,8 +189,14 @@ async fn timed_out<T>(tasks: u64, work: impl std::future::Future<Output = Result
 
 /// Throughput: `tasks` requests published and every result read back by the
 /// producer (`TaskHandle::result`), `env.window` at a time.
-pub(crate) async fn throughput(env: &Env, tasks: u64, concurrency: usize) -> Result<Sample> {
-    with_jq(env, "jt", concurrency, async |jq| {
+pub(crate) async fn throughput(
+    env: &Env,
+    tasks: u64,
+    concurrency: usize,
+    middleware: bool,
+) -> Result<Sample> {
+    let kind = if middleware { "jm" } else { "jt" };
+    with_jq_middleware(env, kind, concurrency, middleware, async |jq| {
         let before = env.probe_before(&jq.connections, &jq.streams).await?;
         let start = Instant::now();
         timed_out(tasks, async {

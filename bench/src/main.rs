@@ -119,6 +119,9 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> ExitCode {
     let opts = Opts::parse();
+    if opts.command.is_none() {
+        install_tracing();
+    }
     let result = match &opts.command {
         Some(Cmd::Worker {
             nats,
@@ -133,6 +136,23 @@ async fn main() -> ExitCode {
             eprintln!("jetq-bench: {}", chain(&*e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Record the tracing middleware's spans with the OpenTelemetry SDK (no
+/// exporter: what is measured is making the spans, not sending them).
+/// Only the runs with middleware make spans; jetq's own per-delivery span
+/// and events below INFO stay off, as without a subscriber.
+fn install_tracing() {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let layer = jetq_middleware::trace::layer(provider.tracer("jetq-bench"))
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let subscriber = tracing_subscriber::registry().with(layer);
+    if tracing::subscriber::set_global_default(subscriber).is_err() {
+        eprintln!("jetq-bench: a tracing subscriber is already set; spans go there");
     }
 }
 
@@ -289,22 +309,31 @@ async fn throughput_round(
                 .context("throughput (raw)")
         },
         async {
-            jq::throughput(env, opts.tasks, opts.concurrency)
+            jq::throughput(env, opts.tasks, opts.concurrency, false)
                 .await
                 .context("throughput (jetq)")
         },
     )
     .await?;
-    let high = jq::throughput(env, opts.tasks, opts.high_concurrency)
+    let high = jq::throughput(env, opts.tasks, opts.high_concurrency, false)
         .await
         .context("throughput (jetq, high concurrency)")?;
+    let with_middleware = jq::throughput(env, opts.tasks, opts.concurrency, true)
+        .await
+        .context("throughput (jetq with metrics and tracing)")?;
     eprintln!(
-        "  throughput: raw {:.0}/s, jetq {:.0}/s (x{:.3}), jetq c={} {:.0}/s",
+        "  throughput: raw {:.0}/s, jetq {:.0}/s (x{:.3}), jetq c={} {:.0}/s, jetq with metrics and tracing {:.0}/s",
         raw.per_s(),
         jetq.per_s(),
         jetq.per_s() / raw.per_s(),
         opts.high_concurrency,
-        high.per_s()
+        high.per_s(),
+        with_middleware.per_s()
+    );
+    figures.push("jetq_middleware_tasks_per_s", Some(with_middleware.per_s()));
+    figures.push(
+        "middleware_ratio",
+        Some(with_middleware.per_s() / raw.per_s()),
     );
     figures.push("raw_tasks_per_s", Some(raw.per_s()));
     figures.push("jetq_tasks_per_s", Some(jetq.per_s()));
@@ -315,6 +344,7 @@ async fn throughput_round(
         ("raw", &raw),
         ("jetq", &jetq),
         ("jetq_high_concurrency", &high),
+        ("jetq_middleware", &with_middleware),
     ] {
         let key = |what: &str| format!("{name}_{what}");
         figures.push(key("cpu_us_per_task"), sample.cpu_us_per_task());
