@@ -227,3 +227,41 @@ async fn a_cancel_signal_seen_before_the_delivery_is_honoured() {
     assert_eq!(rec.status, Status::Cancelled);
     w.shutdown().await.unwrap();
 }
+
+async fn broken_once() -> Result<(), TaskError> {
+    Err(TaskError::permanent("no").with_kind("broken"))
+}
+
+/// An `ignore_result` request runs without reading its record; if the id's
+/// record belongs to another task, its outcome must not overwrite it.
+#[tokio::test]
+async fn an_unread_attempt_never_writes_over_another_tasks_record() {
+    let broker = MemoryBroker::new();
+    // Another task's record under the id, written long ago.
+    let theirs = jetq::Request::new("other");
+    let mut theirs_json: serde_json::Value =
+        serde_json::from_slice(&jetq::Record::pending(&theirs).to_json().unwrap()).unwrap();
+    theirs_json["id"] = "ir-shared".into();
+    let bytes = bytes::Bytes::from(theirs_json.to_string());
+    broker
+        .create_record("ir-shared", bytes.clone())
+        .await
+        .unwrap();
+    let w = Worker::builder(broker.clone())
+        .ack_wait(Duration::from_millis(300))
+        .task("broken", broken_once)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    client
+        .task("broken")
+        .id("ir-shared")
+        .ignore_result()
+        .publish()
+        .await
+        .unwrap();
+    drained(&broker).await;
+    w.shutdown().await.unwrap();
+    let after = broker.get_record("ir-shared").await.unwrap().unwrap();
+    assert_eq!(after.value, bytes, "the other task's record is untouched");
+}

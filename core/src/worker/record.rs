@@ -110,10 +110,15 @@ impl RecordWriter {
     }
 
     /// Whether `stored` is still the record this attempt owns.
+    /// A record for another task or queue under the same id (written
+    /// meanwhile, or never read: an `ignore_result` attempt) is never this
+    /// attempt's.
     pub(super) fn still_owned(state: &WriterState, stored: &Record) -> bool {
         stored.seq == state.base.0
             && stored.attempts == state.base.1
             && !stored.status.is_terminal()
+            && stored.task == state.record.task
+            && stored.queue == state.record.queue
     }
 
     /// Whether `stored` is this attempt's own claim, written by a write
