@@ -27,7 +27,7 @@ mod demo_auth;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use jetq::workflow::Workflow;
+use jetq::workflow::WorkflowContext;
 use jetq::{Args, Context, Meta, TaskError, Worker};
 use jetq_cli::args::{seconds, DAY, MIN_ACK_WAIT};
 use serde::Deserialize;
@@ -128,7 +128,7 @@ async fn fail(ctx: Context, Args(args): Args<FailArgs>) -> Result<u32, TaskError
 }
 
 async fn pipeline(
-    wf: Workflow,
+    wf: WorkflowContext,
     Args(n): Args<i64>,
     Meta(meta): Meta<serde_json::Map<String, serde_json::Value>>,
 ) -> Result<String, TaskError> {
@@ -155,7 +155,7 @@ struct StepsArgs {
     ms: u64,
 }
 
-async fn steps(wf: Workflow, Args(args): Args<StepsArgs>) -> Result<u32, TaskError> {
+async fn steps(wf: WorkflowContext, Args(args): Args<StepsArgs>) -> Result<u32, TaskError> {
     for i in 0..args.count {
         let id = wf.id().to_owned();
         wf.step(&format!("step_{i}"), async move {

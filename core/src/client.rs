@@ -513,7 +513,7 @@ impl Client {
     }
 
     /// Start a request for workflow `name` (a task whose handler takes a
-    /// [`Workflow`](crate::workflow::Workflow)): its `pending` record is
+    /// [`WorkflowContext`](crate::workflow::WorkflowContext)): its `pending` record is
     /// written before it is published, so that [`retrieve_workflow`](Self::retrieve_workflow)
     /// finds it at once. Set its id (`.id(..)`) to start it once: a second
     /// start of the same id returns the existing run.
@@ -562,7 +562,7 @@ impl Client {
     }
 
     /// Event `key` of workflow `id` (set with
-    /// [`Workflow::set_event`](crate::workflow::Workflow::set_event)): at
+    /// [`WorkflowContext::set_event`](crate::workflow::WorkflowContext::set_event)): at
     /// once if it is set, else the first value set within `timeout`
     /// (watched, not polled); `None` if none was set in time.
     pub async fn get_event<T: DeserializeOwned>(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use jetq::broker::Broker;
 use jetq::memory::MemoryBroker;
-use jetq::workflow::{StepRecord, Workflow};
+use jetq::workflow::{StepRecord, WorkflowContext};
 use jetq::{Args, Client, RetryPolicy, State, Status, Task, TaskError, Worker};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -23,7 +23,7 @@ struct Runs {
 
 /// Reserve, then charge; the charge fails (retryably) at its first try.
 async fn checkout(
-    wf: Workflow,
+    wf: WorkflowContext,
     State(runs): State<Runs>,
     Args(order): Args<String>,
 ) -> Result<String, TaskError> {
@@ -153,7 +153,7 @@ async fn a_checkpoint_written_first_wins_and_a_changed_step_is_nondeterministic(
 
 /// A permanent step error is checkpointed: the workflow handles it, and a
 /// later attempt gets the same error back without running the step.
-async fn tolerant(wf: Workflow, State(runs): State<Runs>) -> Result<String, TaskError> {
+async fn tolerant(wf: WorkflowContext, State(runs): State<Runs>) -> Result<String, TaskError> {
     let charged: Result<String, TaskError> = wf
         .step("charge", async {
             runs.charge.fetch_add(1, Ordering::SeqCst);
@@ -195,7 +195,7 @@ async fn a_permanent_step_error_is_checkpointed_and_replayed() {
     w.shutdown().await.unwrap();
 }
 
-async fn eventful(wf: Workflow, Args(go): Args<bool>) -> Result<(), TaskError> {
+async fn eventful(wf: WorkflowContext, Args(go): Args<bool>) -> Result<(), TaskError> {
     wf.set_event("stage", "started").await?;
     if go {
         wf.set_event("stage", "done").await?;

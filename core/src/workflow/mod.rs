@@ -1,14 +1,14 @@
 //! Durable workflow functions (DBOS's style): a task whose handler takes a
-//! [`Workflow`] runs its work as named steps; each step's outcome is
+//! [`WorkflowContext`] runs its work as named steps; each step's outcome is
 //! checkpointed beside the request's record before the workflow moves on,
 //! and an attempt that runs the workflow again (after a crash, a release, a
 //! retry) gets every finished step's checkpoint back without running it.
 //!
 //! ```
 //! use jetq::{Args, TaskError};
-//! use jetq::workflow::Workflow;
+//! use jetq::workflow::WorkflowContext;
 //!
-//! async fn checkout(wf: Workflow, Args(order): Args<String>) -> Result<String, TaskError> {
+//! async fn checkout(wf: WorkflowContext, Args(order): Args<String>) -> Result<String, TaskError> {
 //!     let reservation: String = wf
 //!         .step("reserve", async { Ok::<_, TaskError>(format!("r-{order}")) })
 //!         .await?;
@@ -83,7 +83,7 @@ pub struct StepRecord {
     pub at: OffsetDateTime,
 }
 
-/// The next step position of one attempt, shared by every [`Workflow`]
+/// The next step position of one attempt, shared by every [`WorkflowContext`]
 /// handle of the attempt.
 #[derive(Clone, Default)]
 struct Positions(Arc<AtomicU32>);
@@ -91,21 +91,21 @@ struct Positions(Arc<AtomicU32>);
 /// A workflow run's handle, as a handler parameter: steps, events, its id.
 /// See the [module](self) docs.
 #[derive(Clone)]
-pub struct Workflow {
+pub struct WorkflowContext {
     ctx: Context,
     positions: Positions,
 }
 
-impl std::fmt::Debug for Workflow {
+impl std::fmt::Debug for WorkflowContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Workflow")
+        f.debug_struct("WorkflowContext")
             .field("id", &self.id())
             .field("next_step", &self.positions.0.load(Ordering::Relaxed))
             .finish()
     }
 }
 
-impl FromContext for Workflow {
+impl FromContext for WorkflowContext {
     async fn from_context(ctx: &Context) -> Result<Self, TaskError> {
         let positions = match ctx.extension::<Positions>() {
             Some(p) => p,
@@ -115,14 +115,14 @@ impl FromContext for Workflow {
                 p
             }
         };
-        Ok(Workflow {
+        Ok(WorkflowContext {
             ctx: ctx.clone(),
             positions,
         })
     }
 }
 
-impl Workflow {
+impl WorkflowContext {
     /// The workflow's id: its request id.
     pub fn id(&self) -> &str {
         self.ctx.id()
