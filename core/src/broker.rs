@@ -405,6 +405,76 @@ pub trait Broker: Send + Sync + Debug + 'static {
         let _ = (id, key);
         Box::pin(async { Err(no_workflows()) })
     }
+
+    /// Send `payload` to the mailbox of workflow `id` for `topic` (`None`:
+    /// the mailbox of messages sent without a topic); returns its sequence
+    /// in the mailbox. With `key`, a second send with the same key to the
+    /// same id is dropped (the first one's sequence is returned).
+    fn send_mail(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+        payload: Bytes,
+        key: Option<&str>,
+    ) -> BoxFuture<'_, Result<u64>> {
+        let _ = (id, topic, payload, key);
+        Box::pin(async { Err(no_workflows()) })
+    }
+
+    /// The oldest message in the mailbox of workflow `id` for `topic` whose
+    /// sequence is at least `from`.
+    fn next_mail(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+        from: u64,
+    ) -> BoxFuture<'_, Result<Option<Mail>>> {
+        let _ = (id, topic, from);
+        Box::pin(async { Err(no_workflows()) })
+    }
+
+    /// A stream that yields (at least) once for every message sent to the
+    /// mailbox of workflow `id` for `topic` from now on; a waiting `recv`
+    /// reads the mailbox again when it yields.
+    fn watch_mail(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, ()>>> {
+        let _ = (id, topic);
+        Box::pin(async { Err(no_workflows()) })
+    }
+
+    /// Fire the wake-up message of suspended workflow `id` now, instead of
+    /// at its time (a message it waits for arrived). Returns whether there
+    /// was one to fire.
+    fn wake(&self, id: &str) -> BoxFuture<'_, Result<bool>> {
+        let _ = id;
+        Box::pin(async { Err(no_workflows()) })
+    }
+
+    /// Every event of workflow `id`, by key.
+    fn get_events(&self, id: &str) -> BoxFuture<'_, Result<Vec<(String, Bytes)>>> {
+        let _ = id;
+        Box::pin(async { Err(no_workflows()) })
+    }
+}
+
+/// A message in a workflow's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Mail {
+    /// Its sequence in the mailbox store (increasing with the send order).
+    pub sequence: u64,
+    /// The message, as sent (JSON).
+    pub payload: Bytes,
+}
+
+impl Mail {
+    /// A message at `sequence`.
+    pub fn new(sequence: u64, payload: Bytes) -> Self {
+        Mail { sequence, payload }
+    }
 }
 
 /// The error of a broker that does not implement the workflow store.

@@ -583,6 +583,80 @@ impl Client {
             .map_err(|e| Error::serialization(&format!("event `{key}` of workflow `{id}`"), e))
     }
 
+    /// Every event of workflow `id`, by key (an empty map if it set none).
+    pub async fn get_events(&self, id: &str) -> Result<std::collections::BTreeMap<String, Value>> {
+        names::validate_id(id)?;
+        self.broker
+            .get_events(id)
+            .await?
+            .into_iter()
+            .map(|(key, bytes)| {
+                serde_json::from_slice(&bytes)
+                    .map(|v| (key.clone(), v))
+                    .map_err(|e| {
+                        Error::serialization(&format!("event `{key}` of workflow `{id}`"), e)
+                    })
+            })
+            .collect()
+    }
+
+    /// Send `message` to workflow `id`, for a
+    /// [`recv`](crate::workflow::WorkflowContext::recv) of the run to
+    /// receive: `client.send(id, &msg).topic("payment").key("k").await`.
+    /// Without a topic, it goes to the run's messages without one. The run
+    /// must exist ([`ErrorKind::NotFound`] otherwise); a run suspended in a
+    /// `recv` of that topic is woken at once. With an idempotency
+    /// [`key`](SendBuilder::key), the same key sends once. Returns the
+    /// message's sequence in the mailbox.
+    pub fn send(&self, id: &str, message: impl Serialize) -> SendBuilder<'_> {
+        SendBuilder {
+            client: self,
+            id: id.to_owned(),
+            payload: serde_json::to_vec(&message)
+                .map(Bytes::from)
+                .map_err(|e| Error::serialization("encoding the message", e)),
+            topic: None,
+            key: None,
+        }
+    }
+
+    async fn send_now(
+        &self,
+        id: &str,
+        payload: Bytes,
+        topic: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<u64> {
+        names::validate_id(id)?;
+        names::topic_token(topic)?;
+        if let Some(key) = key {
+            names::validate_key("idempotency key", key)?;
+        }
+        if self.broker.get_record(id).await?.is_none() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no workflow `{id}` to send to"),
+            ));
+        }
+        let seq = self.broker.send_mail(id, topic, payload, key).await?;
+        // Read the record after sending: a run that suspends after this read
+        // looks at its mailbox after writing `suspended`, so one of the two
+        // sees the other.
+        if let Some(entry) = self.broker.get_record(id).await? {
+            let record = Record::decode(id, &entry.value)?;
+            let waits_for = match topic {
+                Some(t) => format!("recv:{t}"),
+                None => "recv".to_owned(),
+            };
+            if record.status == Status::Suspended
+                && record.waiting.as_deref() == Some(waits_for.as_str())
+            {
+                self.broker.wake(id).await?;
+            }
+        }
+        Ok(seq)
+    }
+
     /// Wait until request `id` has a terminal record (watching it, not
     /// polling) and return it, whatever its status.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Record> {
@@ -646,6 +720,62 @@ fn check_bounds(request: &Request) -> Result<()> {
         }
     }
     request.check_due(time::OffsetDateTime::now_utc())
+}
+
+/// A message on its way to a workflow, from [`Client::send`]; await it to
+/// send.
+#[must_use = "a message is sent only when the builder is awaited"]
+pub struct SendBuilder<'a> {
+    client: &'a Client,
+    id: String,
+    payload: Result<Bytes>,
+    topic: Option<String>,
+    key: Option<String>,
+}
+
+impl fmt::Debug for SendBuilder<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendBuilder")
+            .field("id", &self.id)
+            .field("topic", &self.topic)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl<'a> SendBuilder<'a> {
+    /// The topic a `recv` of the run waits on (letters, digits, `-`, `_`).
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+
+    /// An idempotency key: a second send with the same key to the same run
+    /// is dropped (on NATS within the mailbox's duplicate window, a day by
+    /// default).
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+}
+
+impl<'a> std::future::IntoFuture for SendBuilder<'a> {
+    type Output = Result<u64>;
+    type IntoFuture = crate::broker::BoxFuture<'a, Result<u64>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let payload = self.payload?;
+            self.client
+                .send_now(
+                    &self.id,
+                    payload,
+                    self.topic.as_deref(),
+                    self.key.as_deref(),
+                )
+                .await
+        })
+    }
 }
 
 /// The broker's view of `request`, encoded as `payload`.

@@ -44,7 +44,7 @@ pub mod task_error;
 pub mod worker;
 pub mod workflow;
 
-pub use client::{Client, RequestBuilder, TaskHandle};
+pub use client::{Client, RequestBuilder, SendBuilder, TaskHandle};
 pub use context::Context;
 pub use dead::DeadLetter;
 pub use error::{Error, ErrorKind, Result};

@@ -41,7 +41,7 @@ use tokio::sync::{broadcast, Notify};
 
 use crate::broker::{
     BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, Deliveries, Delivery, DeliveryInfo,
-    OutgoingRequest, PublishAck, RecordEntry,
+    Mail, OutgoingRequest, PublishAck, RecordEntry,
 };
 use crate::dead::DeadLetter;
 use crate::error::{Error, ErrorKind, Result};
@@ -59,6 +59,8 @@ struct Inner {
     notify: Notify,
     records: broadcast::Sender<(String, RecordEntry)>,
     cancels: broadcast::Sender<String>,
+    /// (id, topic token) of every message sent to a mailbox.
+    mail: broadcast::Sender<(String, String)>,
     max_payload: Option<usize>,
     record_reads: AtomicU64,
     record_writes: AtomicU64,
@@ -71,6 +73,7 @@ impl Default for Inner {
             notify: Notify::new(),
             records: broadcast::channel(1024).0,
             cancels: broadcast::channel(1024).0,
+            mail: broadcast::channel(1024).0,
             max_payload: None,
             record_reads: AtomicU64::new(0),
             record_writes: AtomicU64::new(0),
@@ -89,6 +92,14 @@ struct State {
     records: HashMap<String, RecordEntry>,
     /// Delayed requests not yet due: id -> sequence.
     delayed: HashMap<String, u64>,
+    /// The same, with their queue and message, for an early wake-up.
+    delayed_msgs: HashMap<String, (String, Msg)>,
+    /// Workflow mailboxes by (id, topic token), oldest first.
+    mailboxes: HashMap<(String, String), Vec<Mail>>,
+    /// Sequence of the last message sent to any mailbox.
+    mail_seq: u64,
+    /// Idempotency keys of sends (`id.key`) and the sequence they got.
+    mail_keys: HashMap<String, u64>,
     dead: Vec<DeadLetter>,
     /// Messages stored and not yet acknowledged or terminated, by sequence.
     stored: HashMap<u64, Bytes>,
@@ -265,14 +276,20 @@ impl Broker for MemoryBroker {
                     match delay {
                         Some(delay) => {
                             st.delayed.insert(request.id.clone(), seq);
+                            st.delayed_msgs
+                                .insert(request.id.clone(), (request.queue.clone(), msg.clone()));
                             let inner = Arc::clone(&self.inner);
                             let (id, queue) = (request.id.clone(), request.queue.clone());
                             tokio::spawn(async move {
                                 tokio::time::sleep(delay).await;
                                 let due = {
                                     let mut st = inner.lock();
-                                    st.delayed.get(&id) == Some(&seq)
-                                        && st.delayed.remove(&id).is_some()
+                                    let due = st.delayed.get(&id) == Some(&seq)
+                                        && st.delayed.remove(&id).is_some();
+                                    if due {
+                                        st.delayed_msgs.remove(&id);
+                                    }
+                                    due
                                 };
                                 if due {
                                     inner.requeue(&queue, msg);
@@ -371,6 +388,7 @@ impl Broker for MemoryBroker {
     fn remove_delayed(&self, id: &str) -> BoxFuture<'_, Result<bool>> {
         let res = names::validate_id(id).map(|()| {
             let mut st = self.inner.lock();
+            st.delayed_msgs.remove(id);
             match st.delayed.remove(id) {
                 Some(seq) => {
                     st.stored.remove(&seq);
@@ -519,6 +537,131 @@ impl Broker for MemoryBroker {
         key: &str,
     ) -> BoxFuture<'_, Result<BoxStream<'static, Result<RecordEntry>>>> {
         let res = event_key(id, key).map(|k| self.watch_key(k));
+        Box::pin(async move { res })
+    }
+
+    fn send_mail(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+        payload: Bytes,
+        key: Option<&str>,
+    ) -> BoxFuture<'_, Result<u64>> {
+        let res = (|| {
+            names::validate_id(id)?;
+            let token = names::topic_token(topic)?.to_owned();
+            if let Some(key) = key {
+                names::validate_key("idempotency key", key)?;
+            }
+            if let Some(max) = self.inner.max_payload {
+                if payload.len() > max {
+                    return Err(Error::new(
+                        ErrorKind::PayloadTooLarge,
+                        format!(
+                            "the message is {} bytes; the broker accepts at most {max}",
+                            payload.len()
+                        ),
+                    ));
+                }
+            }
+            let mut st = self.inner.lock();
+            let dedup = key.map(|k| format!("{id}.{k}"));
+            if let Some(seq) = dedup.as_ref().and_then(|d| st.mail_keys.get(d)) {
+                return Ok(*seq);
+            }
+            st.mail_seq += 1;
+            let seq = st.mail_seq;
+            if let Some(d) = dedup {
+                st.mail_keys.insert(d, seq);
+            }
+            st.mailboxes
+                .entry((id.to_owned(), token.clone()))
+                .or_default()
+                .push(Mail::new(seq, payload));
+            let _ = self.inner.mail.send((id.to_owned(), token));
+            Ok(seq)
+        })();
+        Box::pin(async move { res })
+    }
+
+    fn next_mail(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+        from: u64,
+    ) -> BoxFuture<'_, Result<Option<Mail>>> {
+        let res = names::validate_id(id)
+            .and_then(|()| names::topic_token(topic))
+            .map(|token| {
+                let st = self.inner.lock();
+                st.mailboxes
+                    .get(&(id.to_owned(), token.to_owned()))
+                    .and_then(|mails| mails.iter().find(|m| m.sequence >= from).cloned())
+            });
+        Box::pin(async move { res })
+    }
+
+    fn watch_mail(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, ()>>> {
+        let res = names::validate_id(id)
+            .and_then(|()| names::topic_token(topic))
+            .map(|token| {
+                let rx = self.inner.mail.subscribe();
+                let want = (id.to_owned(), token.to_owned());
+                let stream =
+                    futures_util::stream::unfold((rx, want), |(mut rx, want)| async move {
+                        loop {
+                            match rx.recv().await {
+                                Ok(sent) if sent == want => return Some(((), (rx, want))),
+                                Ok(_) => continue,
+                                // Missed some: read the mailbox again.
+                                Err(broadcast::error::RecvError::Lagged(_)) => {
+                                    return Some(((), (rx, want)))
+                                }
+                                Err(broadcast::error::RecvError::Closed) => return None,
+                            }
+                        }
+                    });
+                Box::pin(stream) as BoxStream<'static, ()>
+            });
+        Box::pin(async move { res })
+    }
+
+    fn wake(&self, id: &str) -> BoxFuture<'_, Result<bool>> {
+        let res = names::validate_id(id).map(|()| {
+            let mut st = self.inner.lock();
+            st.delayed.remove(id);
+            st.delayed_msgs.remove(id)
+        });
+        Box::pin(async move {
+            match res? {
+                Some((queue, msg)) => {
+                    self.inner.requeue(&queue, msg);
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        })
+    }
+
+    fn get_events(&self, id: &str) -> BoxFuture<'_, Result<Vec<(String, Bytes)>>> {
+        let res = names::validate_id(id).map(|()| {
+            let prefix = format!("{id}.event.");
+            let st = self.inner.lock();
+            let mut events: Vec<(String, Bytes)> = st
+                .records
+                .iter()
+                .filter_map(|(k, e)| {
+                    k.strip_prefix(&prefix)
+                        .map(|key| (key.to_owned(), e.value.clone()))
+                })
+                .collect();
+            events.sort_by(|a, b| a.0.cmp(&b.0));
+            events
+        });
         Box::pin(async move { res })
     }
 }

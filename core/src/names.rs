@@ -110,6 +110,23 @@ pub fn validate_key(what: &str, key: &str) -> Result<()> {
     check_token(what, key, MAX_ID_LEN)
 }
 
+/// The subject token of a workflow mailbox's topic: the topic itself
+/// (checked like an id: letters, digits, `-`, `_`), or `_` for messages sent
+/// without a topic (so the topic `_` itself is refused).
+pub fn topic_token(topic: Option<&str>) -> Result<&str> {
+    match topic {
+        None => Ok(NO_TOPIC),
+        Some(NO_TOPIC) => Err(Error::new(
+            ErrorKind::InvalidName,
+            "the topic `_` is reserved for messages sent without a topic",
+        )),
+        Some(t) => check_token("topic", t, MAX_ID_LEN).map(|()| t),
+    }
+}
+
+/// The subject token of the mailbox of messages sent without a topic.
+pub const NO_TOPIC: &str = "_";
+
 /// `text` with control characters escaped (`\n`, `\u{1b}`, ...) and cut to
 /// 200 characters: safe to quote from the wire in a message or log line (a
 /// forged name cannot put terminal escapes on a screen).

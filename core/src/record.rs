@@ -28,6 +28,10 @@ pub enum Status {
     Failed,
     /// Cancelled. Terminal.
     Cancelled,
+    /// A workflow waits (a durable sleep, a `recv`) and holds no worker: a
+    /// wake-up message resumes it at `next_attempt_at`, or earlier when a
+    /// message it waits for is sent. Not an attempt, not a failure.
+    Suspended,
     /// A status this version does not know (written by a newer one); treated
     /// as not terminal. Written back as `unknown` if this version rewrites
     /// the record.
@@ -50,6 +54,7 @@ impl Status {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
+            Status::Suspended => "suspended",
             Status::Unknown => "unknown",
         }
     }
@@ -169,6 +174,14 @@ pub struct Record {
     /// duplicate and is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// What a `suspended` workflow waits for: `sleep`, or `recv` /
+    /// `recv:<topic>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// The token of the wake-up message that may resume a `suspended`
+    /// workflow: only a message carrying it takes the record over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
     /// Fields this version does not know (written by a newer one), kept as
     /// they are when the record is rewritten.
     #[serde(flatten)]
@@ -199,6 +212,8 @@ impl Record {
             cancel_requested_at: None,
             worker: None,
             seq: None,
+            waiting: None,
+            resume: None,
             extra: Map::new(),
         }
     }
@@ -226,6 +241,8 @@ impl Record {
             cancel_requested_at: None,
             worker: None,
             seq: None,
+            waiting: None,
+            resume: None,
             extra: Map::new(),
         };
         record.mark_cancelled(now);
@@ -245,6 +262,8 @@ impl Record {
         self.cancel_requested_at.get_or_insert(now);
         self.finished_at = Some(now);
         self.next_attempt_at = None;
+        self.waiting = None;
+        self.resume = None;
     }
 
     /// Encode as JSON.

@@ -92,6 +92,11 @@ pub struct Request {
     /// (through its context's client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// Set on the wake-up message of a suspended workflow: the token its
+    /// record holds (`resume`). Such a message resumes the run without
+    /// counting an attempt, and only while the record still holds the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -115,6 +120,7 @@ impl Request {
             notify: None,
             ignore_result: false,
             parent: None,
+            resume: None,
         }
     }
 
@@ -161,16 +167,36 @@ impl Request {
 
     /// Whether `key`, a message's deduplication key (`Nats-Msg-Id`), belongs
     /// to this request: the id itself, or the key of a requeue
-    /// (`<id>.requeue.<sequence>`). A message whose key belongs to another
-    /// request could make the broker drop that request as a duplicate.
+    /// (`<id>.requeue.<sequence>`), or, for the wake-up message of a
+    /// suspended workflow, `<id>.resume.<token>` or `<id>.wake.<token>` with
+    /// the envelope's own `resume` token. A message whose key belongs to
+    /// another request could make the broker drop that request as a
+    /// duplicate.
     pub fn owns_dedup_key(&self, key: &str) -> bool {
-        match key.strip_prefix(self.id.as_str()) {
-            Some("") => true,
-            Some(rest) => rest
-                .strip_prefix(".requeue.")
-                .is_some_and(|seq| !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())),
-            None => false,
+        let Some(rest) = key.strip_prefix(self.id.as_str()) else {
+            return false;
+        };
+        if rest.is_empty() {
+            return true;
         }
+        if let Some(seq) = rest.strip_prefix(".requeue.") {
+            return !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit());
+        }
+        let token = rest
+            .strip_prefix(".resume.")
+            .or_else(|| rest.strip_prefix(".wake."));
+        matches!((token, &self.resume), (Some(t), Some(own)) if t == own)
+    }
+
+    /// The key of the wake-up message of a suspended workflow `id` holding
+    /// `token`, as scheduled (`<id>.resume.<token>`).
+    pub fn resume_dedup_key(id: &str, token: &str) -> String {
+        format!("{id}.resume.{token}")
+    }
+
+    /// The key of the same wake-up message fired early (`<id>.wake.<token>`).
+    pub fn wake_dedup_key(id: &str, token: &str) -> String {
+        format!("{id}.wake.{token}")
     }
 
     /// The key of a requeue of request `id` from the dead letter of the

@@ -64,6 +64,22 @@ pub struct TaskError {
     kind: String,
     message: String,
     retry: Retry,
+    /// Set when a workflow suspends: not a failure, the worker parks the run.
+    suspend: Option<Box<Suspension>>,
+}
+
+/// A workflow's wish to stop here and be resumed later, without holding a
+/// worker (see `Status::Suspended`). It travels out of the workflow function
+/// as a [`TaskError`] so that `?` carries it; the worker recognises it.
+#[derive(Debug, Clone)]
+pub(crate) struct Suspension {
+    /// When to resume at the latest.
+    pub(crate) until: time::OffsetDateTime,
+    /// What the run waits for, as the record shows it (`sleep`, `recv:<topic>`).
+    pub(crate) waiting: String,
+    /// For a `recv`: the run's id, the topic, and the mailbox sequence from
+    /// which a message would wake the run early.
+    pub(crate) mail: Option<(String, Option<String>, u64)>,
 }
 
 impl TaskError {
@@ -73,7 +89,30 @@ impl TaskError {
             kind: kinds::ERROR.to_owned(),
             message: message.into(),
             retry: Retry::Default,
+            suspend: None,
         }
+    }
+
+    /// The error that carries a workflow's suspension out of its function.
+    pub(crate) fn suspend(suspension: Suspension) -> Self {
+        let message = format!(
+            "the workflow waits ({}) and is suspended until it is woken",
+            suspension.waiting
+        );
+        let mut e = TaskError::new(message).with_kind("suspended");
+        e.suspend = Some(Box::new(suspension));
+        e
+    }
+
+    /// The suspension this error carries, if it is one.
+    pub(crate) fn suspension(&self) -> Option<&Suspension> {
+        self.suspend.as_deref()
+    }
+
+    /// Whether this error is a workflow's suspension (not a failure): a
+    /// handler that catches errors of a workflow's calls must pass these on.
+    pub fn is_suspension(&self) -> bool {
+        self.suspend.is_some()
     }
 
     /// An error that retrying cannot fix: the request fails at once.

@@ -220,6 +220,7 @@ pub(super) async fn process(
             }),
         };
         debug!(attempt, "running");
+        let kept = ctx.clone();
         let run = run_attempt(&entry.chain, &entry.handler, entry.timeout, ctx);
         // Keep the delivery alive, and look at the record now and then: a
         // cancellation whose signal this worker missed, or another attempt
@@ -286,6 +287,12 @@ pub(super) async fn process(
             return;
         }
         match outcome {
+            // A workflow waits without holding the worker.
+            Some(Err(ref e)) if e.suspension().is_some() => {
+                if let Some(suspension) = e.suspension() {
+                    suspend(&env, &writer, &*delivery, kept.request(), suspension).await;
+                }
+            }
             // Nobody reads its result and nothing of this attempt is stored:
             // the acknowledgement is all there is to write.
             Some(Ok(_)) if ignore_result && writer.untouched().await => {

@@ -60,6 +60,8 @@ impl ClaimStamp {
         record.started_at = Some(self.started_at);
         record.next_attempt_at = None;
         record.worker = Some(self.worker.clone());
+        record.waiting = None;
+        record.resume = None;
     }
 }
 
@@ -386,6 +388,11 @@ pub(super) async fn claim(
     for _ in 0..16 {
         let existing = env.broker.get_record(&request.id).await?;
         let (mut record, revision) = match existing {
+            None if request.resume.is_some() => {
+                return Ok(Claim::Skip(
+                    "a wake-up message for a workflow that has no record",
+                ));
+            }
             // Only the message stored under the id (`Nats-Msg-Id`), or one
             // the broker's schedule fired, may start a record: a requeued
             // message's record was reset before it was published, and a
@@ -423,6 +430,58 @@ pub(super) async fn claim(
             return Ok(Claim::Skip(
                 "the request has already finished or was cancelled",
             ));
+        }
+        if let Some(token) = &request.resume {
+            if record.status != Status::Suspended || record.resume.as_deref() != Some(token) {
+                return Ok(Claim::Skip(
+                    "a stale wake-up message: the workflow was resumed or taken over already",
+                ));
+            }
+            if record.task != request.task || record.queue != request.queue {
+                return Ok(Claim::NotOwner(format!(
+                    "a wake-up message for request `{}` names task `{}` on queue `{}`, but the request is for task `{}` on queue `{}`",
+                    request.id,
+                    request.task,
+                    request.queue,
+                    names::escape(&record.task),
+                    names::escape(&record.queue)
+                )));
+            }
+            // The message with the record's token takes the run over. A
+            // resumption is not an attempt; a redelivered one is (its first
+            // delivery's worker died).
+            let stamp = ClaimStamp {
+                seq,
+                attempts: record
+                    .attempts
+                    .saturating_add(u32::from(info.delivered > 1)),
+                max_retries,
+                started_at: OffsetDateTime::now_utc(),
+                worker: env.name.clone(),
+            };
+            stamp.apply(&mut record);
+            let attempt = record.attempts;
+            match put_record(env, &request.id, &record, revision).await {
+                Ok(rev) => {
+                    let base = (record.seq, record.attempts);
+                    let writer = RecordWriter::new(
+                        Arc::clone(&env.broker),
+                        request,
+                        record,
+                        Some(rev),
+                        true,
+                        base,
+                        stamp,
+                    );
+                    return Ok(if u64::from(attempt) > u64::from(max_retries) + 1 {
+                        Claim::GiveUp(writer, attempt)
+                    } else {
+                        Claim::Run(writer, attempt)
+                    });
+                }
+                Err(e) if e.kind() == ErrorKind::Conflict => continue,
+                Err(e) => return Err(e),
+            }
         }
         if record.seq.is_some_and(|s| s != seq) {
             return Ok(Claim::Skip(
@@ -590,6 +649,7 @@ pub(super) fn lazy_claim(
 /// it and the attempt yields to it.
 pub(super) fn runs_unread(env: &Env, request: &Request, delivery: &dyn Delivery) -> bool {
     request.ignore_result
+        && request.resume.is_none()
         && delivery.info().delivered <= 1
         && request.not_before.is_none()
         && may_start_record(delivery, request)

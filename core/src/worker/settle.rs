@@ -405,3 +405,97 @@ pub(super) async fn abandon(
         warn!(error = %e, "cannot terminate an abandoned request");
     }
 }
+
+/// A workflow suspended (a durable sleep, a `recv`): write its record
+/// `suspended` with a fresh wake-up token, publish the wake-up message (the
+/// request again, carrying the token, delayed until the wait ends), then
+/// acknowledge this message: the run holds no slot and no message until it
+/// is woken. If a message the run waits for arrived meanwhile, the wake-up
+/// is fired at once (a sender that saw the record before it said
+/// `suspended` did not).
+///
+/// If the wake-up cannot be published, this message is released instead: its
+/// redelivery owns the record (same `seq`) and runs the workflow again.
+pub(super) async fn suspend(
+    env: &Env,
+    writer: &RecordWriter,
+    delivery: &dyn Delivery,
+    request: &Request,
+    suspension: &Suspension,
+) {
+    let token = crate::request::new_id();
+    let now = OffsetDateTime::now_utc();
+    let change = |r: &mut Record| {
+        if r.cancel_requested_at.is_some() {
+            r.mark_cancelled(now);
+            return;
+        }
+        r.status = Status::Suspended;
+        r.waiting = Some(suspension.waiting.clone());
+        r.resume = Some(token.clone());
+        r.next_attempt_at = Some(suspension.until);
+    };
+    match writer.apply(&change).await {
+        Ok(Status::Suspended) => {}
+        Ok(_) => {
+            // Cancelled meanwhile: it ends here.
+            if let (Some(address), Some(bytes)) = (&writer.notify, writer.written().await) {
+                if let Err(e) = env.broker.notify(address, bytes).await {
+                    debug!(error = %e, "cannot send the record to the producer's inbox");
+                }
+            }
+            if let Err(e) = delivery.ack().await {
+                warn!(error = %e, "cannot acknowledge a cancelled workflow's message");
+            }
+            return;
+        }
+        Err(e) => return not_written(env, writer, delivery, e).await,
+    }
+    let mut wake = request.clone();
+    wake.resume = Some(token.clone());
+    wake.not_before = None;
+    let published = match wake.to_json() {
+        Ok(payload) => {
+            let mut out = crate::broker::OutgoingRequest::new(
+                request.id.clone(),
+                request.queue.clone(),
+                request.task.clone(),
+                Bytes::from(payload),
+            );
+            out.headers = request
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            out.not_before = Some(suspension.until);
+            out.dedup_key = Some(Request::resume_dedup_key(&request.id, &token));
+            env.broker.publish(out).await.map(|_| ())
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = published {
+        let delay = release_delay(delivery.info().delivered);
+        warn!(error = %e, "cannot schedule the wake-up of a suspended workflow; releasing it for {delay:?}");
+        if let Err(e) = delivery.nak(Some(delay)).await {
+            warn!(error = %e, "cannot release the message of a suspended workflow");
+        }
+        return;
+    }
+    info!(waiting = %suspension.waiting, until = %suspension.until, "workflow suspended");
+    if let Err(e) = delivery.ack().await {
+        // Its redelivery runs the workflow again, which suspends it anew.
+        warn!(error = %e, "cannot acknowledge the message of a suspended workflow");
+    }
+    if let Some((id, topic, from)) = &suspension.mail {
+        match env.broker.next_mail(id, topic.as_deref(), *from).await {
+            Ok(Some(_)) => {
+                debug!("a message arrived while the workflow suspended; waking it");
+                if let Err(e) = env.broker.wake(id).await {
+                    warn!(error = %e, "cannot wake a workflow whose message arrived");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot read the mailbox of a suspended workflow"),
+        }
+    }
+}

@@ -36,9 +36,11 @@
 //! the step again (the request's retry policy is the step's). Replayed
 //! errors are permanent.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -50,8 +52,9 @@ use crate::client::TaskHandle;
 use crate::context::Context;
 use crate::error::ErrorKind;
 use crate::extract::FromContext;
+use crate::names;
 use crate::record::ErrorInfo;
-use crate::task_error::{kinds, TaskError};
+use crate::task_error::{kinds, Suspension, TaskError};
 
 /// The error kind of a run whose code asks for another step than the one
 /// checkpointed at the same position.
@@ -83,10 +86,64 @@ pub struct StepRecord {
     pub at: OffsetDateTime,
 }
 
-/// The next step position of one attempt, shared by every [`WorkflowContext`]
-/// handle of the attempt.
+/// A wait longer than this (a durable sleep, a `recv`) suspends the run:
+/// its worker slot and message are released, and a wake-up message resumes
+/// it. Shorter waits are waited out in the attempt.
+pub const SUSPEND_AFTER: Duration = Duration::from_secs(2);
+
+/// The error kind of a `recv` whose message is not of the type asked for.
+pub const INVALID_MESSAGE: &str = "invalid_message";
+
+/// One attempt's progress through the run, shared by every
+/// [`WorkflowContext`] handle of the attempt: the next step position, and
+/// how far each mailbox was read (the sequence of the last message received,
+/// by topic token), both rebuilt by replay.
 #[derive(Clone, Default)]
-struct Positions(Arc<AtomicU32>);
+struct Positions(Arc<RunState>);
+
+#[derive(Default)]
+struct RunState {
+    next: AtomicU32,
+    cursors: Mutex<HashMap<String, u64>>,
+}
+
+impl Positions {
+    fn take(&self) -> u32 {
+        self.0.next.fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn cursor(&self, token: &str) -> u64 {
+        self.0
+            .cursors
+            .lock()
+            .map(|c| c.get(token).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    fn advance(&self, token: &str, seq: u64) {
+        if let Ok(mut c) = self.0.cursors.lock() {
+            let at = c.entry(token.to_owned()).or_insert(0);
+            *at = (*at).max(seq);
+        }
+    }
+}
+
+/// The checkpoint of a wait's deadline (`sleep`, a `recv`'s timeout).
+#[derive(Serialize, Deserialize)]
+struct Deadline {
+    #[serde(with = "time::serde::rfc3339")]
+    until: OffsetDateTime,
+}
+
+/// The checkpoint of a `recv`: the message received and its mailbox
+/// sequence, or neither (timed out).
+#[derive(Serialize, Deserialize)]
+struct Received {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message: Option<Value>,
+}
 
 /// A workflow run's handle, as a handler parameter: steps, events, its id.
 /// See the [module](self) docs.
@@ -100,7 +157,7 @@ impl std::fmt::Debug for WorkflowContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkflowContext")
             .field("id", &self.id())
-            .field("next_step", &self.positions.0.load(Ordering::Relaxed))
+            .field("next_step", &self.positions.0.next.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -143,6 +200,17 @@ impl WorkflowContext {
         E: Into<TaskError>,
         F: Future<Output = Result<T, E>>,
     {
+        self.check_cancelled(name)?;
+        let position = self.positions.take();
+        if let Some(stored) = self.checkpoint(position).await? {
+            return self.replay(&stored, name, position);
+        }
+        let outcome = work.await.map_err(Into::into);
+        self.record(position, name, outcome).await
+    }
+
+    /// Stop at a step boundary if a client cancelled the run.
+    fn check_cancelled(&self, name: &str) -> Result<(), TaskError> {
         if self.ctx.is_cancelled_by_client() {
             return Err(TaskError::permanent(format!(
                 "workflow `{}` was cancelled before step `{name}`",
@@ -150,23 +218,40 @@ impl WorkflowContext {
             ))
             .with_kind(kinds::CANCELLED));
         }
-        let position = self.positions.0.fetch_add(1, Ordering::SeqCst);
-        let broker = self.ctx.inner.client.broker();
-        if let Some(stored) = broker
+        Ok(())
+    }
+
+    /// The checkpoint at `position`, if written.
+    async fn checkpoint(&self, position: u32) -> Result<Option<Bytes>, TaskError> {
+        self.ctx
+            .inner
+            .client
+            .broker()
             .get_step(self.id(), position)
             .await
-            .map_err(|e| unavailable(self.id(), position, &e))?
-        {
-            return self.replay(&stored, name, position);
-        }
-        let outcome = work.await.map_err(Into::into);
+            .map_err(|e| unavailable(self.id(), position, &e))
+    }
+
+    /// Checkpoint `outcome` as step `position`, named `name`, unless it is a
+    /// retryable error (the next attempt runs the step again) or a
+    /// suspension; if another attempt checkpointed the step first, its
+    /// outcome is the one returned.
+    async fn record<T>(
+        &self,
+        position: u32,
+        name: &str,
+        outcome: Result<T, TaskError>,
+    ) -> Result<T, TaskError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
         let checkpoint = match &outcome {
             Ok(value) => Some(Ok(serde_json::to_value(value).map_err(|e| {
                 TaskError::permanent(format!(
                     "step `{name}` returned a value that cannot be encoded as JSON: {e}"
                 ))
             })?)),
-            Err(e) if !e.is_retryable() => Some(Err(e.info())),
+            Err(e) if !e.is_retryable() && !e.is_suspension() => Some(Err(e.info())),
             // Not checkpointed: the next attempt runs the step again.
             Err(_) => None,
         };
@@ -189,6 +274,7 @@ impl WorkflowContext {
         let bytes = serde_json::to_vec(&record).map_err(|e| {
             TaskError::permanent(format!("step `{name}` cannot be checkpointed: {e}"))
         })?;
+        let broker = self.ctx.inner.client.broker();
         match broker
             .create_step(self.id(), position, Bytes::from(bytes))
             .await
@@ -197,11 +283,7 @@ impl WorkflowContext {
             // Another attempt of this workflow checkpointed the step first:
             // its outcome is the one, so that every attempt goes on alike.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                match broker
-                    .get_step(self.id(), position)
-                    .await
-                    .map_err(|e| unavailable(self.id(), position, &e))?
-                {
+                match self.checkpoint(position).await? {
                     Some(stored) => self.replay(&stored, name, position),
                     None => Err(TaskError::new(format!(
                         "step {position} of workflow `{}` was recorded and then vanished",
@@ -214,6 +296,163 @@ impl WorkflowContext {
             ))
             .with_kind(kinds::TOO_LARGE)),
             Err(e) => Err(unavailable(self.id(), position, &e)),
+        }
+    }
+
+    /// Sleep durably for `duration`: the wake-up time is checkpointed first
+    /// (as step `sleep`), so a run resumed after a crash waits only for the
+    /// time left. A sleep longer than [`SUSPEND_AFTER`] suspends the run: it
+    /// holds no worker slot meanwhile, and any worker resumes it when due.
+    pub async fn sleep(&self, duration: Duration) -> Result<(), TaskError> {
+        let deadline: Deadline = self
+            .step("sleep", async move {
+                Ok::<_, TaskError>(Deadline {
+                    until: after(duration),
+                })
+            })
+            .await?;
+        let until = deadline.until;
+        loop {
+            let Some(left) = left_until(until) else {
+                return Ok(());
+            };
+            if left > SUSPEND_AFTER {
+                return Err(TaskError::suspend(Suspension {
+                    until,
+                    waiting: "sleep".to_owned(),
+                    mail: None,
+                }));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(left) => {}
+                _ = self.ctx.cancelled() => return Err(self.interrupted("sleep")),
+            }
+        }
+    }
+
+    /// Receive the oldest message sent to this run for `topic` (`None`: the
+    /// messages sent without a topic) that no earlier `recv` of the run
+    /// received, waiting up to `timeout` for one; `None` on timeout. The
+    /// outcome, a timeout included, is checkpointed (as steps
+    /// `deadline:recv:<topic>` and `recv:<topic>`), so a message is received
+    /// exactly once across crashes. A wait longer than [`SUSPEND_AFTER`]
+    /// suspends the run; a message sent to it wakes it at once. A message
+    /// that does not decode as `T` fails the run (kind `invalid_message`).
+    pub async fn recv<T: DeserializeOwned>(
+        &self,
+        topic: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Option<T>, TaskError> {
+        let token = names::topic_token(topic)
+            .map_err(|e| TaskError::permanent(e.to_string()).with_kind(kinds::INVALID_ARGS))?;
+        let name = match topic {
+            Some(t) => format!("recv:{t}"),
+            None => "recv".to_owned(),
+        };
+        let deadline: Deadline = self
+            .step(&format!("deadline:{name}"), async move {
+                Ok::<_, TaskError>(Deadline {
+                    until: after(timeout),
+                })
+            })
+            .await?;
+        self.check_cancelled(&name)?;
+        let position = self.positions.take();
+        let received: Received = match self.checkpoint(position).await? {
+            Some(stored) => self.replay(&stored, &name, position)?,
+            None => {
+                self.wait_for_mail(position, &name, topic, token, deadline.until)
+                    .await?
+            }
+        };
+        if let Some(seq) = received.seq {
+            self.positions.advance(token, seq);
+        }
+        match received.message {
+            None => Ok(None),
+            Some(message) => T::deserialize(message).map(Some).map_err(|e| {
+                TaskError::permanent(format!(
+                    "the message workflow `{}` received on {name} is not of the type it expects: {e}",
+                    self.id()
+                ))
+                .with_kind(INVALID_MESSAGE)
+            }),
+        }
+    }
+
+    /// Wait for the next message of the mailbox until `until`, then
+    /// checkpoint what came (or the timeout) at `position`.
+    async fn wait_for_mail(
+        &self,
+        position: u32,
+        name: &str,
+        topic: Option<&str>,
+        token: &str,
+        until: OffsetDateTime,
+    ) -> Result<Received, TaskError> {
+        let broker = self.ctx.inner.client.broker();
+        let id = self.id();
+        let from = self.positions.cursor(token).saturating_add(1);
+        let mail_error = |e: crate::Error| {
+            let message = format!("the mailbox of workflow `{id}` is unavailable: {e}");
+            match e.kind() {
+                ErrorKind::Config | ErrorKind::InvalidName => TaskError::permanent(message),
+                _ => TaskError::new(message),
+            }
+        };
+        loop {
+            // Watch first, then read: a message sent in between is not missed.
+            let mut sent = broker.watch_mail(id, topic).await.map_err(mail_error)?;
+            if let Some(mail) = broker
+                .next_mail(id, topic, from)
+                .await
+                .map_err(mail_error)?
+            {
+                let message: Value = serde_json::from_slice(&mail.payload).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&mail.payload).into_owned())
+                });
+                let received = Received {
+                    seq: Some(mail.sequence),
+                    message: Some(message),
+                };
+                return self.record(position, name, Ok(received)).await;
+            }
+            let Some(left) = left_until(until) else {
+                let timed_out = Received {
+                    seq: None,
+                    message: None,
+                };
+                return self.record(position, name, Ok(timed_out)).await;
+            };
+            if left > SUSPEND_AFTER {
+                return Err(TaskError::suspend(Suspension {
+                    until,
+                    waiting: name.to_owned(),
+                    mail: Some((id.to_owned(), topic.map(str::to_owned), from)),
+                }));
+            }
+            tokio::select! {
+                _ = futures_util::StreamExt::next(&mut sent) => {}
+                _ = tokio::time::sleep(left) => {}
+                _ = self.ctx.cancelled() => return Err(self.interrupted(name)),
+            }
+        }
+    }
+
+    /// The error of a wait cut short by a cancellation or a shutdown.
+    fn interrupted(&self, name: &str) -> TaskError {
+        if self.ctx.is_cancelled_by_client() {
+            TaskError::permanent(format!(
+                "workflow `{}` was cancelled during {name}",
+                self.id()
+            ))
+            .with_kind(kinds::CANCELLED)
+        } else {
+            TaskError::new(format!(
+                "workflow `{}` was interrupted during {name}",
+                self.id()
+            ))
+            .with_kind(kinds::INTERRUPTED)
         }
     }
 
@@ -274,6 +513,22 @@ impl WorkflowContext {
                 _ => TaskError::new(format!("cannot set event `{key}`: {e}")),
             })
     }
+}
+
+/// The time `duration` from now.
+fn after(duration: Duration) -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    time::Duration::try_from(duration)
+        .ok()
+        .and_then(|d| now.checked_add(d))
+        .unwrap_or(now)
+}
+
+/// The time left until `until`, if any.
+fn left_until(until: OffsetDateTime) -> Option<Duration> {
+    Duration::try_from(until - OffsetDateTime::now_utc())
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
 /// The error of a step whose checkpoint cannot be read or written: retryable

@@ -1,0 +1,257 @@
+//! Workflows that wait without holding a worker, on the in-memory broker:
+//! durable sleep, `recv` with topics and timeouts, `send`, early wake-ups,
+//! cancellation of a suspended run, forged wake-up messages.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use jetq::broker::{Broker, OutgoingRequest};
+use jetq::memory::MemoryBroker;
+use jetq::workflow::{WorkflowContext, SUSPEND_AFTER};
+use jetq::{Args, Client, Record, Request, State, Status, TaskError, Worker};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Clone, Default)]
+struct Runs {
+    before: Arc<AtomicU32>,
+    after: Arc<AtomicU32>,
+}
+
+/// A step, a durable sleep of `secs` seconds, a step.
+async fn napper(
+    wf: WorkflowContext,
+    State(runs): State<Runs>,
+    Args(secs): Args<u64>,
+) -> Result<u32, TaskError> {
+    wf.step("before", async {
+        Ok::<_, TaskError>(runs.before.fetch_add(1, Ordering::SeqCst))
+    })
+    .await?;
+    wf.sleep(Duration::from_secs(secs)).await?;
+    wf.step("after", async {
+        Ok::<_, TaskError>(runs.after.fetch_add(1, Ordering::SeqCst))
+    })
+    .await?;
+    Ok(wf.context().attempt())
+}
+
+async fn quick() -> Result<&'static str, TaskError> {
+    Ok("quick")
+}
+
+/// The record of `id` once `done` holds for it (watched, not polled).
+async fn until(broker: &MemoryBroker, id: &str, done: impl Fn(&Record) -> bool) -> Record {
+    let mut watch = broker.watch_record(id).await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        while let Some(entry) = watch.next().await {
+            let record = Record::decode(id, &entry.unwrap().value).unwrap();
+            if done(&record) {
+                return record;
+            }
+        }
+        panic!("the watch of {id} ended");
+    })
+    .await
+    .expect("the record never got there")
+}
+
+#[tokio::test]
+async fn a_long_sleep_suspends_frees_the_slot_and_resumes_without_an_attempt() {
+    let broker = MemoryBroker::new();
+    let runs = Runs::default();
+    let w = Worker::builder(broker.clone())
+        .concurrency(1)
+        .state(runs.clone())
+        .task("napper", napper)
+        .task("quick", quick)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let started = Instant::now();
+    let secs = SUSPEND_AFTER.as_secs() + 2;
+    let nap = client
+        .task("napper")
+        .id("nap-1")
+        .args(&secs)
+        .publish()
+        .await
+        .unwrap();
+    let suspended = until(&broker, "nap-1", |r| r.status == Status::Suspended).await;
+    assert_eq!(suspended.waiting.as_deref(), Some("sleep"));
+    assert!(suspended.resume.is_some(), "{suspended:?}");
+    assert!(suspended.next_attempt_at.is_some(), "{suspended:?}");
+    assert_eq!(suspended.attempts, 1);
+
+    // The only slot is free while it sleeps: another task runs.
+    let q = client.task("quick").publish().await.unwrap();
+    assert_eq!(q.result::<String>(WAIT).await.unwrap(), "quick");
+    assert_eq!(
+        nap.status().await.unwrap(),
+        Status::Suspended,
+        "still asleep"
+    );
+
+    // A wake-up message with another token is dropped; the record keeps its own.
+    let mut forged = Request::new("napper");
+    forged.id = "nap-1".to_owned();
+    forged.args = serde_json::json!(secs);
+    forged.resume = Some("forged".to_owned());
+    let mut out = OutgoingRequest::new(
+        "nap-1",
+        "default",
+        "napper",
+        Bytes::from(forged.to_json().unwrap()),
+    );
+    out.dedup_key = Some(Request::resume_dedup_key("nap-1", "forged"));
+    broker.publish(out).await.unwrap();
+
+    // Resumed when due, by replay: the first step is not run again, and the
+    // resumption is not an attempt.
+    assert_eq!(nap.result::<u32>(WAIT).await.unwrap(), 1, "attempt 1");
+    assert!(started.elapsed() >= Duration::from_secs(secs));
+    assert_eq!(runs.before.load(Ordering::SeqCst), 1);
+    assert_eq!(runs.after.load(Ordering::SeqCst), 1);
+    let record = nap.record().await.unwrap();
+    assert_eq!(record.attempts, 1);
+    assert_eq!(record.resume, None);
+    assert_eq!(record.waiting, None);
+    w.shutdown().await.unwrap();
+    assert_eq!(broker.unsettled(), 0, "every message settled");
+}
+
+/// Two messages on topic `t`, then one without a topic within a second.
+async fn inbox(wf: WorkflowContext) -> Result<Vec<Option<String>>, TaskError> {
+    let a = wf
+        .recv::<String>(Some("t"), Duration::from_secs(60))
+        .await?;
+    wf.set_event("got", &a).await?;
+    let b = wf
+        .recv::<String>(Some("t"), Duration::from_secs(60))
+        .await?;
+    let c = wf.recv::<String>(None, Duration::from_millis(300)).await?;
+    Ok(vec![a, b, c])
+}
+
+#[tokio::test]
+async fn recv_takes_messages_in_order_once_wakes_early_and_times_out() {
+    let broker = MemoryBroker::new();
+    let w = Worker::builder(broker.clone())
+        .task("inbox", inbox)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    // Nothing to send to yet.
+    let err = client.send("box-1", "early").await.unwrap_err();
+    assert_eq!(err.kind(), jetq::ErrorKind::NotFound);
+
+    let started = Instant::now();
+    let run = client.task("inbox").id("box-1").publish().await.unwrap();
+    let first = until(&broker, "box-1", |r| r.status == Status::Suspended).await;
+    assert_eq!(first.waiting.as_deref(), Some("recv:t"));
+    // A message on another topic does not wake it.
+    client.send("box-1", "elsewhere").topic("u").await.unwrap();
+    let seq = client
+        .send("box-1", "one")
+        .topic("t")
+        .key("k1")
+        .await
+        .unwrap();
+    // The same key sends once.
+    let again = client
+        .send("box-1", "one")
+        .topic("t")
+        .key("k1")
+        .await
+        .unwrap();
+    assert_eq!(again, seq);
+    let got: Option<Option<String>> = client.get_event("box-1", "got", WAIT).await.unwrap();
+    assert_eq!(got, Some(Some("one".to_owned())));
+    until(&broker, "box-1", |r| {
+        r.status == Status::Suspended && r.resume != first.resume
+    })
+    .await;
+    client.send("box-1", "two").topic("t").await.unwrap();
+    let value: Vec<Option<String>> = run.result(WAIT).await.unwrap();
+    assert_eq!(
+        value,
+        vec![Some("one".to_owned()), Some("two".to_owned()), None]
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "woken by the messages, not by the 60 s timeouts"
+    );
+    assert_eq!(run.record().await.unwrap().attempts, 1);
+    // The mailbox of `t` holds the two messages sent, once each.
+    let m1 = broker
+        .next_mail("box-1", Some("t"), 0)
+        .await
+        .unwrap()
+        .unwrap();
+    let m2 = broker
+        .next_mail("box-1", Some("t"), m1.sequence + 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(broker
+        .next_mail("box-1", Some("t"), m2.sequence + 1)
+        .await
+        .unwrap()
+        .is_none());
+    // Topics follow the id rule; `_` is reserved.
+    for bad in ["a.b", "_", ""] {
+        let err = client.send("box-1", "x").topic(bad).await.unwrap_err();
+        assert_eq!(err.kind(), jetq::ErrorKind::InvalidName, "{bad:?}");
+    }
+    w.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_recv_that_times_out_while_suspended_gets_none() {
+    async fn patient(wf: WorkflowContext) -> Result<Option<u32>, TaskError> {
+        wf.recv::<u32>(Some("never"), SUSPEND_AFTER + Duration::from_secs(1))
+            .await
+    }
+    let broker = MemoryBroker::new();
+    let w = Worker::builder(broker.clone())
+        .task("patient", patient)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let run = client.task("patient").id("p-1").publish().await.unwrap();
+    let suspended = until(&broker, "p-1", |r| r.status == Status::Suspended).await;
+    assert_eq!(suspended.waiting.as_deref(), Some("recv:never"));
+    assert_eq!(run.result::<Option<u32>>(WAIT).await.unwrap(), None);
+    w.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_suspended_run_is_cancelled_at_once_and_its_wake_up_dropped() {
+    let broker = MemoryBroker::new();
+    let runs = Runs::default();
+    let w = Worker::builder(broker.clone())
+        .state(runs.clone())
+        .task("napper", napper)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let nap = client
+        .task("napper")
+        .id("nap-c")
+        .args(&600u64)
+        .publish()
+        .await
+        .unwrap();
+    until(&broker, "nap-c", |r| r.status == Status::Suspended).await;
+    let record = client.cancel("nap-c").await.unwrap();
+    assert_eq!(record.status, Status::Cancelled);
+    assert_eq!(nap.wait(WAIT).await.unwrap().status, Status::Cancelled);
+    assert_eq!(broker.unsettled(), 0, "the wake-up message is gone");
+    assert_eq!(runs.after.load(Ordering::SeqCst), 0);
+    w.shutdown().await.unwrap();
+}
