@@ -14,6 +14,12 @@
 //! - `demo.steps` (a workflow) `{"count": u32, "ms": u64}` → `count` steps,
 //!   each printing `step <i> of <id>` on stdout and sleeping `ms`; returns
 //!   `count`
+//! - `demo.checkout` (a workflow) `{"order": ID}` → sets event `status` =
+//!   `reserved`; waits up to 60 s for a message on topic `payment`
+//!   (`{"amount": N}`); on timeout sets `status` = `timed_out` and returns
+//!   `{"timed_out": true}`; otherwise runs step `charge` (prints `charging
+//!   ID`), sleeps durably 5 s, sets `status` = `shipped` and returns
+//!   `{"paid": N}`. Its waits hold no worker slot.
 //! - `demo.whoami`, `demo.admin`: who a signed request runs for, and a task
 //!   for the role `admin` (see `demo_auth.rs`; `--auth-key-file`)
 //!
@@ -34,7 +40,7 @@ use serde::Deserialize;
 
 /// Serve the demo tasks `demo.add`, `demo.sleep`, `demo.slow`, `demo.fail`,
 /// `demo.panic`, `demo.whoami`, `demo.admin`, and the demo workflows
-/// `demo.pipeline` and `demo.steps`.
+/// `demo.pipeline`, `demo.steps` and `demo.checkout`.
 #[derive(Debug, clap::Parser)]
 #[command(name = "jetq-demo-worker", version, about)]
 struct Opts {
@@ -168,6 +174,41 @@ async fn steps(wf: WorkflowContext, Args(args): Args<StepsArgs>) -> Result<u32, 
     Ok(args.count)
 }
 
+#[derive(Deserialize)]
+struct CheckoutArgs {
+    order: String,
+}
+
+#[derive(Deserialize)]
+struct Payment {
+    amount: u64,
+}
+
+/// A DBOS-style checkout: reserve, wait for the payment, charge, ship.
+async fn checkout(
+    wf: WorkflowContext,
+    Args(args): Args<CheckoutArgs>,
+) -> Result<serde_json::Value, TaskError> {
+    wf.set_event("status", "reserved").await?;
+    let payment = wf
+        .recv::<Payment>(Some("payment"), Duration::from_secs(60))
+        .await?;
+    let Some(payment) = payment else {
+        wf.set_event("status", "timed_out").await?;
+        return Ok(serde_json::json!({ "timed_out": true }));
+    };
+    let order = args.order;
+    let amount = wf
+        .step("charge", async move {
+            println!("charging {order}");
+            Ok::<_, TaskError>(payment.amount)
+        })
+        .await?;
+    wf.sleep(Duration::from_secs(5)).await?;
+    wf.set_event("status", "shipped").await?;
+    Ok(serde_json::json!({ "paid": amount }))
+}
+
 async fn panic() -> Result<(), TaskError> {
     panic!("demo.panic panics on purpose")
 }
@@ -258,7 +299,8 @@ async fn run(opts: Opts) -> jetq::Result<()> {
         .task("demo.fail", fail)
         .task("demo.panic", panic)
         .task("demo.pipeline", pipeline)
-        .task("demo.steps", steps);
+        .task("demo.steps", steps)
+        .task("demo.checkout", checkout);
     if let Some(name) = opts.name {
         builder = builder.name(name);
     }

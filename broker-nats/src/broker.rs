@@ -23,7 +23,7 @@ use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, Su
 use bytes::Bytes;
 use futures_util::StreamExt;
 use jetq::broker::{
-    BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, Notification, Notifications,
+    BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, Mail, Notification, Notifications,
     OutgoingRequest, PublishAck, RecordEntry,
 };
 use jetq::names::{validate_id, validate_queue, validate_task};
@@ -92,6 +92,10 @@ struct Inner {
     /// created): set once they were found to exist.
     read_bucket: OnceCell<kv::Store>,
     read_dead: OnceCell<stream::Stream>,
+    /// The stream of workflow mailboxes, created on the first send, and
+    /// opened for reading only.
+    mail: OnceCell<stream::Stream>,
+    read_mail: OnceCell<stream::Stream>,
     queues: Mutex<HashSet<String>>,
     /// Counts (re)connections when the broker made the connection itself.
     reconnects: Option<watch::Receiver<u64>>,
@@ -350,6 +354,8 @@ impl NatsBroker {
                 dead: OnceCell::new(),
                 read_bucket: OnceCell::new(),
                 read_dead: OnceCell::new(),
+                mail: OnceCell::new(),
+                read_mail: OnceCell::new(),
                 queues: Mutex::new(HashSet::new()),
                 reconnects,
                 inbox_prefix,
@@ -447,6 +453,35 @@ impl NatsBroker {
         }
     }
 
+    fn mail_stream_config(&self) -> stream::Config {
+        let c = &self.inner.config;
+        let max_age = c.record_ttl.unwrap_or_default();
+        let mut duplicate_window = c.mail_duplicate_window;
+        if !max_age.is_zero() {
+            duplicate_window = duplicate_window.min(max_age);
+        }
+        stream::Config {
+            name: c.mail_stream_name(),
+            description: Some("jetq workflow mailboxes".to_owned()),
+            subjects: vec![format!("{}.mail.>", c.prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            storage: self.storage(),
+            num_replicas: c.replicas,
+            duplicate_window,
+            max_age,
+            allow_direct: true,
+            ..Default::default()
+        }
+    }
+
+    /// Subject of the mailbox of workflow `id` for `topic`
+    /// (`{prefix}.mail.{id}.{topic}`, `_` for messages without a topic).
+    pub fn mail_subject(&self, id: &str, topic: Option<&str>) -> Result<String> {
+        validate_id(id)?;
+        let token = jetq::names::topic_token(topic)?;
+        Ok(format!("{}.mail.{id}.{token}", self.inner.config.prefix))
+    }
+
     /// Subject of request `id`'s dead letters (`{prefix}.dead.{id}`).
     pub fn dead_letter_subject(&self, id: &str) -> Result<String> {
         validate_id(id)?;
@@ -541,6 +576,40 @@ impl NatsBroker {
                 self.create_or_update_stream(self.dead_stream_config(), "dead-letter stream")
             })
             .await
+    }
+
+    async fn mail_stream(&self) -> Result<&stream::Stream> {
+        self.inner
+            .mail
+            .get_or_try_init(|| {
+                self.create_or_update_stream(self.mail_stream_config(), "mailbox stream")
+            })
+            .await
+    }
+
+    /// The mailbox stream for reading, as [`existing_bucket`](Self::existing_bucket).
+    async fn existing_mail_stream(&self) -> Result<Option<&stream::Stream>> {
+        if let Some(stream) = self.inner.mail.get() {
+            return Ok(Some(stream));
+        }
+        if let Some(stream) = self.inner.read_mail.get() {
+            return Ok(Some(stream));
+        }
+        let name = self.inner.config.mail_stream_name();
+        match self.inner.js.get_stream(name.as_str()).await {
+            Ok(stream) => {
+                let _ = self.inner.read_mail.set(stream);
+                Ok(self.inner.read_mail.get())
+            }
+            Err(err) => match lookup_failure(&err) {
+                Lookup::Missing => Ok(None),
+                Lookup::NoJetStream => Err(no_jetstream(&self.inner.config, err)),
+                Lookup::Other => Err(record(
+                    format!("cannot open the mailbox stream {name}"),
+                    err,
+                )),
+            },
+        }
     }
 
     /// Create the stream `config` describes, or bring one that exists with
@@ -1007,6 +1076,186 @@ impl NatsBroker {
             .await
             .map_err(|e| record(format!("cannot remove the dead letters of {id}"), e))?;
         Ok(purged.purged)
+    }
+
+    async fn send_mail_impl(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+        payload: Bytes,
+        key: Option<&str>,
+    ) -> Result<u64> {
+        let subject = self.mail_subject(id, topic)?;
+        let mut headers = HeaderMap::new();
+        if let Some(key) = key {
+            jetq::names::validate_key("idempotency key", key)?;
+            let dedup = HeaderValue::from_str(&format!("{id}.{key}"))
+                .map_err(|e| wrap(ErrorKind::InvalidName, "invalid idempotency key", e))?;
+            headers.insert(NATS_MESSAGE_ID, dedup);
+        }
+        let message = PublishMessage::build().payload(payload).headers(headers);
+        let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
+        Self::provision_retrying("mailbox stream", deadline, || self.mail_stream()).await?;
+        let ack = self
+            .publish_retrying(
+                subject,
+                message,
+                &format!("a message to workflow {id}"),
+                &self.inner.config.mail_stream_name(),
+                deadline,
+            )
+            .await?;
+        Ok(ack.sequence)
+    }
+
+    async fn next_mail_impl(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+        from: u64,
+    ) -> Result<Option<Mail>> {
+        let subject = self.mail_subject(id, topic)?;
+        let Some(stream) = self.existing_mail_stream().await? else {
+            return Ok(None);
+        };
+        match stream
+            .direct_get_next_for_subject(subject, Some(from.max(1)))
+            .await
+        {
+            Ok(message) => Ok(Some(Mail::new(message.sequence, message.payload))),
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(err) => Err(record(
+                format!("cannot read the mailbox of workflow {id}"),
+                err,
+            )),
+        }
+    }
+
+    async fn watch_mail_impl(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+    ) -> Result<BoxStream<'static, ()>> {
+        let subject = self.mail_subject(id, topic)?;
+        let sub = self
+            .inner
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| {
+                wrap(
+                    ErrorKind::Broker,
+                    format!("cannot subscribe to {subject}"),
+                    e,
+                )
+            })?;
+        Ok(Box::pin(sub.map(|_| ())))
+    }
+
+    /// Fire the wake-up message of suspended workflow `id` now: the message
+    /// schedule waiting on its delayed subject is published to its target
+    /// (under the key `<id>.wake.<token>`), and removed.
+    async fn wake_impl(&self, id: &str) -> Result<bool> {
+        let subject = self.delayed_subject(id)?;
+        let stream = self.ensure_stream().await?;
+        let message = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message,
+            Err(err) => {
+                return match err.kind() {
+                    LastRawMessageErrorKind::NoMessageFound => Ok(false),
+                    LastRawMessageErrorKind::JetStream(e)
+                        if e.error_code() == ErrorCode::NO_MESSAGE_FOUND =>
+                    {
+                        Ok(false)
+                    }
+                    _ => Err(record(
+                        format!("cannot read the wake-up message of {id}"),
+                        err,
+                    )),
+                };
+            }
+        };
+        let resume_prefix = format!("{id}.resume.");
+        let token = message
+            .headers
+            .get(NATS_MESSAGE_ID)
+            .and_then(|k| k.as_str().strip_prefix(resume_prefix.as_str()))
+            .map(str::to_owned);
+        let target = message
+            .headers
+            .get(NATS_SCHEDULE_TARGET)
+            .map(|t| t.as_str().to_owned());
+        let (Some(token), Some(target)) = (token, target) else {
+            // A delayed request, not a wake-up: it keeps its time.
+            return Ok(false);
+        };
+        let mut headers = HeaderMap::new();
+        for (name, values) in message.headers.iter() {
+            let name_str: &str = name.as_ref();
+            if name_str.starts_with("Nats-") {
+                continue;
+            }
+            for value in values {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        let dedup = HeaderValue::from_str(&jetq::Request::wake_dedup_key(id, &token))
+            .map_err(|e| wrap(ErrorKind::InvalidName, "invalid wake-up key", e))?;
+        headers.insert(NATS_MESSAGE_ID, dedup);
+        let out = PublishMessage::build()
+            .payload(message.payload.clone())
+            .headers(headers);
+        let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
+        self.publish_retrying(
+            target,
+            out,
+            &format!("the wake-up of workflow {id}"),
+            &self.stream_name(),
+            deadline,
+        )
+        .await?;
+        // Only this schedule: a newer one (the run suspended again) stays.
+        if let Err(e) = stream
+            .purge()
+            .filter(subject)
+            .sequence(message.sequence.saturating_add(1))
+            .await
+        {
+            tracing::debug!(id, error = %e, "cannot remove a fired wake-up schedule; it will be dropped when it fires");
+        }
+        Ok(true)
+    }
+
+    async fn get_events_impl(&self, id: &str) -> Result<Vec<(String, Bytes)>> {
+        validate_id(id)?;
+        let Some(kv) = self.existing_bucket().await? else {
+            return Ok(Vec::new());
+        };
+        let filter = format!("{}{id}.event.*", kv.prefix);
+        let mut subjects = kv
+            .stream
+            .info_with_subjects(&filter)
+            .await
+            .map_err(|e| record(format!("cannot list the events of {id}"), e))?;
+        let mut keys = Vec::new();
+        while let Some(subject) = subjects.next().await {
+            let (subject, _) =
+                subject.map_err(|e| record(format!("cannot list the events of {id}"), e))?;
+            if let Some(key) = subject.strip_prefix(kv.prefix.as_str()) {
+                keys.push(key.to_owned());
+            }
+        }
+        keys.sort();
+        let mut events = Vec::with_capacity(keys.len());
+        let event_prefix = format!("{id}.event.");
+        for key in keys {
+            if let Some(entry) = self.get_entry(&key).await? {
+                if let Some(name) = key.strip_prefix(event_prefix.as_str()) {
+                    events.push((name.to_owned(), entry.value));
+                }
+            }
+        }
+        Ok(events)
     }
 
     async fn remove_delayed_impl(&self, id: &str) -> Result<bool> {
@@ -1598,6 +1847,52 @@ impl Broker for NatsBroker {
             let subject = format!("{}.records.{key}", self.inner.config.prefix);
             self.watch_entry(key, subject).await
         })
+    }
+    fn send_mail(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+        payload: Bytes,
+        key: Option<&str>,
+    ) -> BoxFuture<'_, Result<u64>> {
+        let (id, topic, key) = (
+            id.to_owned(),
+            topic.map(str::to_owned),
+            key.map(str::to_owned),
+        );
+        Box::pin(async move {
+            self.send_mail_impl(&id, topic.as_deref(), payload, key.as_deref())
+                .await
+        })
+    }
+
+    fn next_mail(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+        from: u64,
+    ) -> BoxFuture<'_, Result<Option<Mail>>> {
+        let (id, topic) = (id.to_owned(), topic.map(str::to_owned));
+        Box::pin(async move { self.next_mail_impl(&id, topic.as_deref(), from).await })
+    }
+
+    fn watch_mail(
+        &self,
+        id: &str,
+        topic: Option<&str>,
+    ) -> BoxFuture<'_, Result<BoxStream<'static, ()>>> {
+        let (id, topic) = (id.to_owned(), topic.map(str::to_owned));
+        Box::pin(async move { self.watch_mail_impl(&id, topic.as_deref()).await })
+    }
+
+    fn wake(&self, id: &str) -> BoxFuture<'_, Result<bool>> {
+        let id = id.to_owned();
+        Box::pin(async move { self.wake_impl(&id).await })
+    }
+
+    fn get_events(&self, id: &str) -> BoxFuture<'_, Result<Vec<(String, Bytes)>>> {
+        let id = id.to_owned();
+        Box::pin(async move { self.get_events_impl(&id).await })
     }
 }
 

@@ -68,6 +68,7 @@ pub struct NatsConfig {
     pub(crate) record_ttl: Option<Duration>,
     pub(crate) dead_letter_ttl: Option<Duration>,
     pub(crate) duplicate_window: Duration,
+    pub(crate) mail_duplicate_window: Duration,
     pub(crate) max_ack_pending: i64,
     pub(crate) storage: Storage,
     pub(crate) request_timeout: Duration,
@@ -95,6 +96,7 @@ impl Default for NatsConfig {
             record_ttl: None,
             dead_letter_ttl: None,
             duplicate_window: Duration::from_secs(120),
+            mail_duplicate_window: Duration::from_secs(24 * 3600),
             max_ack_pending: 10_000,
             storage: Storage::File,
             request_timeout: Duration::from_secs(5),
@@ -209,6 +211,13 @@ impl NatsConfig {
         self
     }
 
+    /// Window in which a second message sent to a workflow with the same
+    /// idempotency key is dropped (default 24 h; at most the record TTL).
+    pub fn mail_duplicate_window(mut self, window: Duration) -> Self {
+        self.mail_duplicate_window = window;
+        self
+    }
+
     /// Most deliveries of one queue that may be unacknowledged at once, across
     /// all workers (default 10 000).
     pub fn max_ack_pending(mut self, max: i64) -> Self {
@@ -280,6 +289,11 @@ impl NatsConfig {
     /// Name of the dead-letter stream: `{PREFIX}_DEAD`.
     pub fn dead_stream_name(&self) -> String {
         format!("{}_DEAD", self.prefix.to_uppercase())
+    }
+
+    /// Name of the stream of workflow mailboxes: `{PREFIX}_MAIL`.
+    pub fn mail_stream_name(&self) -> String {
+        format!("{}_MAIL", self.prefix.to_uppercase())
     }
 
     /// Name of the record bucket: `{PREFIX}_RESULTS`.

@@ -82,10 +82,18 @@ async fn a_finished_step_never_runs_again_and_a_failed_one_does() {
         serde_json::from_slice(&broker.get_step("wf-1", 0).await.unwrap().unwrap()).unwrap();
     assert_eq!((first.name.as_str(), first.attempt), ("reserve", 1));
     assert_eq!(first.value, Some(serde_json::json!("r-o1")));
-    let second: StepRecord =
+    // Setting an event is a step too: replayed, not set again.
+    let event: StepRecord =
         serde_json::from_slice(&broker.get_step("wf-1", 1).await.unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (event.name.as_str(), event.attempt),
+        ("set_event:status", 1)
+    );
+    let second: StepRecord =
+        serde_json::from_slice(&broker.get_step("wf-1", 2).await.unwrap().unwrap()).unwrap();
     assert_eq!((second.name.as_str(), second.attempt), ("charge", 2));
-    assert!(broker.get_step("wf-1", 2).await.unwrap().is_none());
+    assert!(broker.get_step("wf-1", 3).await.unwrap().is_some());
+    assert!(broker.get_step("wf-1", 4).await.unwrap().is_none());
     let status: Option<String> = client.get_event("wf-1", "status", WAIT).await.unwrap();
     assert_eq!(status.as_deref(), Some("paid"));
     w.shutdown().await.unwrap();

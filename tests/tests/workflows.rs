@@ -122,3 +122,138 @@ async fn a_workflow_whose_worker_is_killed_mid_step_resumes_without_rerunning_fi
     assert_eq!(runs(1), 2, "the step cut short runs again:\n{both}");
     assert_eq!((runs(2), runs(3)), (1, 1), "{both}");
 }
+
+/// The record of `id` once `done` holds for it (watched, not polled).
+async fn until(
+    broker: &jetq_nats::NatsBroker,
+    id: &str,
+    done: impl Fn(&jetq::Record) -> bool,
+) -> jetq::Record {
+    use futures_util::StreamExt;
+    let mut watch = broker.watch_record(id).await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        while let Some(entry) = watch.next().await {
+            let record = jetq::Record::decode(id, &entry.unwrap().value).unwrap();
+            if done(&record) {
+                return record;
+            }
+        }
+        panic!("the watch of {id} ended");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("record {id} never got there"))
+}
+
+fn count_lines(logs: &[&Path], line: &str) -> usize {
+    logs.iter()
+        .map(|log| {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| *l == line)
+                .count()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_checkout_killed_in_its_durable_sleep_is_resumed_by_another_worker_and_charges_once() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log1, log2) = (dir.path().join("first.log"), dir.path().join("second.log"));
+    let broker = connect(&server).await;
+    let client = Client::new(broker.clone());
+    let mut first = worker_logging_to(&server, "co-1", &log1);
+    let handle = client
+        .start_workflow("demo.checkout", &json!({"order": "o1"}))
+        .await
+        .unwrap();
+    let id = handle.workflow_id().to_owned();
+    let status: Option<String> = client.get_event(&id, "status", WAIT).await.unwrap();
+    assert_eq!(status.as_deref(), Some("reserved"));
+    // Waiting for the payment holds no worker: the run is suspended.
+    let waiting = until(&broker, &id, |r| r.status == Status::Suspended).await;
+    assert_eq!(waiting.waiting.as_deref(), Some("recv:payment"));
+    client
+        .send(&id, json!({"amount": 42}))
+        .topic("payment")
+        .await
+        .unwrap();
+    // Charged, then asleep for 5 s (suspended): kill the worker now.
+    let asleep = until(&broker, &id, |r| {
+        r.status == Status::Suspended && r.waiting.as_deref() == Some("sleep")
+    })
+    .await;
+    assert_eq!(count_lines(&[&log1], "charging o1"), 1);
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let _second = worker_logging_to(&server, "co-2", &log2);
+    let rec = handle.task_handle().wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Succeeded, "{rec:?}");
+    assert_eq!(rec.value, Some(json!({"paid": 42})));
+    assert_eq!(rec.worker.as_deref(), Some("co-2"), "{rec:?}");
+    assert_eq!(rec.attempts, 1, "suspensions are not attempts: {rec:?}");
+    let wake = asleep.next_attempt_at.unwrap();
+    assert!(
+        rec.finished_at.unwrap() >= wake,
+        "the sleep was not cut short: {rec:?}"
+    );
+    let status: Option<String> = client.get_event(&id, "status", WAIT).await.unwrap();
+    assert_eq!(status.as_deref(), Some("shipped"));
+    assert_eq!(
+        count_lines(&[&log1, &log2], "charging o1"),
+        1,
+        "the charge ran once across both workers"
+    );
+    let events = client.get_events(&id).await.unwrap();
+    assert_eq!(events.get("status"), Some(&json!("shipped")), "{events:?}");
+}
+
+#[tokio::test]
+async fn a_checkout_whose_payment_arrives_while_no_worker_runs_is_paid_once() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log1, log2) = (dir.path().join("first.log"), dir.path().join("second.log"));
+    let broker = connect(&server).await;
+    let client = Client::new(broker.clone());
+    let mut first = worker_logging_to(&server, "co-r1", &log1);
+    let handle = client
+        .workflow("demo.checkout")
+        .id("co-recv")
+        .args(&json!({"order": "o2"}))
+        .publish()
+        .await
+        .unwrap();
+    until(&broker, "co-recv", |r| r.status == Status::Suspended).await;
+    // Killed in its recv; the payment is sent (twice, with one key) while
+    // no worker runs: it waits in the mailbox, and the wake-up fires.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    for _ in 0..2 {
+        client
+            .send("co-recv", json!({"amount": 7}))
+            .topic("payment")
+            .key("pay-1")
+            .await
+            .unwrap();
+    }
+    let _second = worker_logging_to(&server, "co-r2", &log2);
+    let rec = handle.wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Succeeded, "{rec:?}");
+    assert_eq!(rec.value, Some(json!({"paid": 7})));
+    assert_eq!(count_lines(&[&log1, &log2], "charging o2"), 1);
+    // One message in the mailbox: the key sent it once.
+    let first_mail = broker
+        .next_mail("co-recv", Some("payment"), 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(broker
+        .next_mail("co-recv", Some("payment"), first_mail.sequence + 1)
+        .await
+        .unwrap()
+        .is_none());
+    // Sending to a run that does not exist is an error.
+    let err = client.send("co-none", json!({})).await.unwrap_err();
+    assert_eq!(err.kind(), jetq::ErrorKind::NotFound);
+}

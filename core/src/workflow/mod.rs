@@ -494,24 +494,27 @@ impl WorkflowContext {
 
     /// Set event `key` of this workflow to `value` (an upsert): readable
     /// from outside at once with [`Client::get_event`](crate::Client::get_event).
-    /// `key` follows the id rule (letters, digits, `-`, `_`).
+    /// `key` follows the id rule (letters, digits, `-`, `_`). Setting an
+    /// event is a step (named `set_event:<key>`): a replay does not set it
+    /// again, so an observer never sees an event go back to an older value.
     pub async fn set_event(&self, key: &str, value: impl Serialize) -> Result<(), TaskError> {
         let bytes = serde_json::to_vec(&value).map_err(|e| {
             TaskError::permanent(format!("event `{key}` cannot be encoded as JSON: {e}"))
         })?;
-        self.ctx
-            .inner
-            .client
-            .broker()
-            .put_event(self.id(), key, Bytes::from(bytes))
-            .await
-            .map(|_| ())
-            .map_err(|e| match e.kind() {
-                ErrorKind::InvalidName | ErrorKind::PayloadTooLarge | ErrorKind::Config => {
-                    TaskError::permanent(e.to_string())
-                }
-                _ => TaskError::new(format!("cannot set event `{key}`: {e}")),
-            })
+        let broker = self.ctx.inner.client.broker();
+        self.step(&format!("set_event:{key}"), async {
+            broker
+                .put_event(self.id(), key, Bytes::from(bytes))
+                .await
+                .map(|_| ())
+                .map_err(|e| match e.kind() {
+                    ErrorKind::InvalidName | ErrorKind::PayloadTooLarge | ErrorKind::Config => {
+                        TaskError::permanent(e.to_string())
+                    }
+                    _ => TaskError::new(format!("cannot set event `{key}`: {e}")),
+                })
+        })
+        .await
     }
 }
 
