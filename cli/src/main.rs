@@ -88,6 +88,81 @@ enum Command {
         #[command(subcommand)]
         command: DeadCommand,
     },
+    /// Durable workflows: start one, read its step log.
+    Workflow {
+        #[command(subcommand)]
+        command: WorkflowCommand,
+    },
+    /// Send a message to a workflow, for a `recv` of it (a run waiting for
+    /// it is woken at once); prints the message's sequence in the mailbox.
+    Send {
+        /// Workflow id.
+        id: String,
+        /// The message as JSON.
+        #[arg(long)]
+        message: String,
+        /// Topic (default: none).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Idempotency key: the same key sends once.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Workflow events.
+    Event {
+        #[command(subcommand)]
+        command: EventCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkflowCommand {
+    /// Start a workflow; prints its id, or with --wait its final record as
+    /// JSON. With --id it starts once: a second start returns the same run.
+    Start {
+        /// Workflow name, e.g. `demo.checkout`.
+        name: String,
+        /// Input as JSON.
+        #[arg(long, default_value = "null")]
+        input: String,
+        /// Workflow id; default: a new UUID.
+        #[arg(long)]
+        id: Option<String>,
+        /// Metadata as a JSON object.
+        #[arg(long)]
+        metadata: Option<String>,
+        /// Queue.
+        #[arg(long, default_value = jetq::request::DEFAULT_QUEUE)]
+        queue: String,
+        /// Wait up to this many seconds (at most 365 days) for the final
+        /// record and print it; the exit code is 0 only if it succeeded.
+        #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, value_parser = args::seconds(Duration::ZERO, MAX_WAIT))]
+        wait: Option<Duration>,
+    },
+    /// Print the step log of a workflow: position, name, outcome, time.
+    Steps {
+        /// Workflow id.
+        id: String,
+        /// One JSON object per line (the checkpoints as stored) instead of a
+        /// table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventCommand {
+    /// Print the value of an event as JSON; exit code 1 if it is not set
+    /// within the timeout.
+    Get {
+        /// Workflow id.
+        id: String,
+        /// Event key.
+        key: String,
+        /// Wait up to this many seconds (at most 365 days) for it to be set.
+        #[arg(long, value_name = "SECONDS", allow_hyphen_values = true, default_value = "0", value_parser = args::seconds(Duration::ZERO, MAX_WAIT))]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +202,16 @@ async fn main() -> ExitCode {
     }
 }
 
+/// `println!` that fails (instead of panicking) when stdout is closed, as
+/// when the output is piped into `head`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+            .map_err(|e| format!("cannot write to stdout: {e}"))
+    }};
+}
+
 fn parse_json(what: &str, text: &str) -> Result<Value, String> {
     serde_json::from_str(text).map_err(|e| format!("--{what} is not valid JSON ({e}): {text}"))
 }
@@ -134,7 +219,7 @@ fn parse_json(what: &str, text: &str) -> Result<Value, String> {
 fn print_record(record: &Record) -> Result<(), String> {
     let text =
         serde_json::to_string(record).map_err(|e| format!("cannot encode the record: {e}"))?;
-    println!("{}", json_safe(&text));
+    out!("{}", json_safe(&text))?;
     Ok(())
 }
 
@@ -142,7 +227,7 @@ fn print_record(record: &Record) -> Result<(), String> {
 async fn finish(handle: jetq::TaskHandle, wait: Option<Duration>) -> Result<ExitCode, String> {
     match wait {
         None => {
-            println!("{}", handle.id());
+            out!("{}", handle.id())?;
             Ok(ExitCode::SUCCESS)
         }
         Some(timeout) => {
@@ -293,13 +378,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             auth,
         } => {
             let args = parse_json("args", &args)?;
-            let metadata: Map<String, Value> = match metadata {
-                None => Map::new(),
-                Some(text) => match parse_json("metadata", &text)? {
-                    Value::Object(map) => map,
-                    _ => return Err(format!("--metadata must be a JSON object: {text}")),
-                },
-            };
+            let metadata = parse_metadata(metadata)?;
             // Check names before connecting, so a bad id is refused even with no server.
             if let Some(id) = &id {
                 jetq::names::validate_id(id).map_err(|e| e.to_string())?;
@@ -362,7 +441,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                     .map_err(|e| e.to_string())?;
                 if json {
                     for letter in &letters {
-                        println!("{}", dead_letter_json(letter)?);
+                        out!("{}", dead_letter_json(letter)?)?;
                     }
                 } else {
                     // Every cell comes from the wire: escaped, so a forged
@@ -386,12 +465,14 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                             .max(min)
                     };
                     let (width, task_width) = (width_of(0, 2), width_of(1, 4));
-                    println!(
+                    out!(
                         "{:width$}  {:task_width$}  {:30}  REASON",
-                        "ID", "TASK", "TIME"
-                    );
+                        "ID",
+                        "TASK",
+                        "TIME"
+                    )?;
                     for [id, task, time, reason] in &rows {
-                        println!("{id:width$}  {task:task_width$}  {time:30}  {reason}");
+                        out!("{id:width$}  {task:task_width$}  {time:30}  {reason}")?;
                     }
                 }
                 Ok(ExitCode::SUCCESS)
@@ -402,6 +483,144 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                 let handle = client.requeue(&id).await.map_err(|e| e.to_string())?;
                 finish(handle, wait).await
             }
+        },
+        Command::Workflow { command } => match command {
+            WorkflowCommand::Start {
+                name,
+                input,
+                id,
+                metadata,
+                queue,
+                wait,
+            } => {
+                let input = parse_json("input", &input)?;
+                let metadata = parse_metadata(metadata)?;
+                if let Some(id) = &id {
+                    jetq::names::validate_id(id).map_err(|e| e.to_string())?;
+                }
+                jetq::names::validate_task(&name).map_err(|e| e.to_string())?;
+                jetq::names::validate_queue(&queue).map_err(|e| e.to_string())?;
+                let client = connect(&cli.nats).await?;
+                let mut request = client
+                    .workflow(name)
+                    .args_json(input)
+                    .metadata_map(metadata)
+                    .queue(queue);
+                if let Some(id) = id {
+                    request = request.id(id);
+                }
+                let handle = request.publish().await.map_err(|e| e.to_string())?;
+                finish(handle, wait).await
+            }
+            WorkflowCommand::Steps { id, json } => {
+                jetq::names::validate_id(&id).map_err(|e| e.to_string())?;
+                let client = connect(&cli.nats).await?;
+                // The run must exist: a typo is an error, not an empty log.
+                client.record(&id).await.map_err(|e| e.to_string())?;
+                let steps = client.steps(&id).await.map_err(|e| e.to_string())?;
+                if json {
+                    for step in &steps {
+                        let text = serde_json::to_string(step)
+                            .map_err(|e| format!("cannot encode a step: {e}"))?;
+                        out!("{}", json_safe(&text))?;
+                    }
+                } else {
+                    let rows: Vec<[String; 4]> = steps
+                        .iter()
+                        .map(|s| {
+                            let outcome = match (&s.error, &s.value) {
+                                (Some(e), _) => format!("error {}: {}", e.kind, e.message),
+                                (None, v) => format!(
+                                    "value {}",
+                                    serde_json::to_string(v.as_ref().unwrap_or(&Value::Null))
+                                        .unwrap_or_default()
+                                ),
+                            };
+                            [
+                                s.position.to_string(),
+                                cell(&s.name, 200),
+                                cell(&outcome, 120),
+                                time_text(s.at),
+                            ]
+                        })
+                        .collect();
+                    let width_of = |i: usize, min: usize| {
+                        rows.iter()
+                            .map(|r| r[i].chars().count())
+                            .max()
+                            .unwrap_or(min)
+                            .max(min)
+                    };
+                    let (name_width, outcome_width) = (width_of(1, 4), width_of(2, 7));
+                    out!(
+                        "{:>3}  {:name_width$}  {:outcome_width$}  TIME",
+                        "POS",
+                        "NAME",
+                        "OUTCOME"
+                    )?;
+                    for [pos, name, outcome, time] in &rows {
+                        out!("{pos:>3}  {name:name_width$}  {outcome:outcome_width$}  {time}")?;
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Command::Send {
+            id,
+            message,
+            topic,
+            key,
+        } => {
+            let message = parse_json("message", &message)?;
+            jetq::names::validate_id(&id).map_err(|e| e.to_string())?;
+            jetq::names::topic_token(topic.as_deref()).map_err(|e| e.to_string())?;
+            if let Some(key) = &key {
+                jetq::names::validate_key("idempotency key", key).map_err(|e| e.to_string())?;
+            }
+            let client = connect(&cli.nats).await?;
+            let mut send = client.send(&id, &message);
+            if let Some(topic) = topic {
+                send = send.topic(topic);
+            }
+            if let Some(key) = key {
+                send = send.key(key);
+            }
+            let seq = send.await.map_err(|e| e.to_string())?;
+            out!("{seq}")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Event { command } => match command {
+            EventCommand::Get { id, key, timeout } => {
+                jetq::names::validate_id(&id).map_err(|e| e.to_string())?;
+                jetq::names::validate_key("event key", &key).map_err(|e| e.to_string())?;
+                let client = connect(&cli.nats).await?;
+                let value: Option<Value> = client
+                    .get_event(&id, &key, timeout)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match value {
+                    Some(value) => {
+                        let text = serde_json::to_string(&value)
+                            .map_err(|e| format!("cannot encode the event: {e}"))?;
+                        out!("{}", json_safe(&text))?;
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    None => {
+                        eprintln!("jetq: event `{key}` of `{id}` is not set");
+                        Ok(ExitCode::from(1))
+                    }
+                }
+            }
+        },
+    }
+}
+
+fn parse_metadata(metadata: Option<String>) -> Result<Map<String, Value>, String> {
+    match metadata {
+        None => Ok(Map::new()),
+        Some(text) => match parse_json("metadata", &text)? {
+            Value::Object(map) => Ok(map),
+            _ => Err(format!("--metadata must be a JSON object: {text}")),
         },
     }
 }

@@ -573,6 +573,17 @@ impl Client {
     ) -> Result<Option<T>> {
         names::validate_id(id)?;
         names::validate_key("event key", key)?;
+        let decode = |bytes: &[u8]| {
+            serde_json::from_slice(bytes)
+                .map(Some)
+                .map_err(|e| Error::serialization(&format!("event `{key}` of workflow `{id}`"), e))
+        };
+        if let Some(entry) = self.broker.get_event(id, key).await? {
+            return decode(&entry.value);
+        }
+        if timeout.is_zero() {
+            return Ok(None);
+        }
         let mut watch = self.broker.watch_event(id, key).await?;
         let entry = match tokio::time::timeout(timeout, watch.next()).await {
             Ok(Some(entry)) => entry?,
@@ -581,6 +592,25 @@ impl Client {
         serde_json::from_slice(&entry.value)
             .map(Some)
             .map_err(|e| Error::serialization(&format!("event `{key}` of workflow `{id}`"), e))
+    }
+
+    /// The step log of workflow `id`: its checkpoints in order of position
+    /// (empty if no step finished, or no such run).
+    pub async fn steps(&self, id: &str) -> Result<Vec<crate::workflow::StepRecord>> {
+        names::validate_id(id)?;
+        let mut steps = Vec::new();
+        for position in 0.. {
+            let Some(bytes) = self.broker.get_step(id, position).await? else {
+                break;
+            };
+            steps.push(serde_json::from_slice(&bytes).map_err(|e| {
+                Error::serialization(
+                    &format!("step {position} of workflow `{id}` is not a checkpoint"),
+                    e,
+                )
+            })?);
+        }
+        Ok(steps)
     }
 
     /// Every event of workflow `id`, by key (an empty map if it set none).

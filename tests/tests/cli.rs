@@ -822,3 +822,111 @@ fn worker_output(mut worker: jetq_tests::ChildProcess) -> Output {
         }
     }
 }
+
+/// The workflow commands, as the issue's checkout walks them.
+#[test]
+fn workflow_start_send_event_get_and_steps_run_a_checkout() {
+    let server = NatsServer::start();
+    let _worker = demo_worker(&server);
+    let out = jetq(
+        &server,
+        &[
+            "workflow",
+            "start",
+            "demo.checkout",
+            "--input",
+            r#"{"order":"o9"}"#,
+            "--id",
+            "co-cli",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "co-cli");
+    let reserved = json(&jetq(
+        &server,
+        &["event", "get", "co-cli", "status", "--timeout", "20"],
+    ));
+    assert_eq!(reserved, "reserved");
+    // Not set: exit 1 once the timeout passes.
+    let out = jetq(
+        &server,
+        &["event", "get", "co-cli", "nothing", "--timeout", "0.2"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    // Sending to a run that does not exist: one line, exit 2.
+    let out = jetq(&server, &["send", "co-none", "--message", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no workflow `co-none`"));
+    let out = jetq(
+        &server,
+        &[
+            "send",
+            "co-cli",
+            "--message",
+            r#"{"amount":42}"#,
+            "--topic",
+            "payment",
+            "--key",
+            "pay-1",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seq: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    // A second start of the same id is the same run: wait for its end.
+    let record = ok_json(&jetq(
+        &server,
+        &[
+            "workflow",
+            "start",
+            "demo.checkout",
+            "--id",
+            "co-cli",
+            "--wait",
+            "30",
+        ],
+    ));
+    assert_eq!(record["status"], "succeeded", "{record}");
+    assert_eq!(record["value"], serde_json::json!({"paid": 42}));
+    let shipped = json(&jetq(&server, &["event", "get", "co-cli", "status"]));
+    assert_eq!(shipped, "shipped");
+    // The step log, as a table and as JSON.
+    let out = jetq(&server, &["workflow", "steps", "co-cli"]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let names: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "set_event:status",
+            "deadline:recv:payment",
+            "recv:payment",
+            "charge",
+            "sleep",
+            "set_event:status"
+        ],
+        "{table}"
+    );
+    let out = jetq(&server, &["workflow", "steps", "co-cli", "--json"]);
+    let steps: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps[2]["value"]["seq"], seq);
+    assert_eq!(steps[2]["value"]["message"]["amount"], 42);
+    assert_eq!(steps[3]["value"], 42);
+    let out = jetq(&server, &["workflow", "steps", "co-none"]);
+    assert_eq!(out.status.code(), Some(2));
+}
