@@ -77,9 +77,23 @@ pub(crate) struct Suspension {
     pub(crate) until: time::OffsetDateTime,
     /// What the run waits for, as the record shows it (`sleep`, `recv:<topic>`).
     pub(crate) waiting: String,
-    /// For a `recv`: the run's id, the topic, and the mailbox sequence from
-    /// which a message would wake the run early.
-    pub(crate) mail: Option<(String, Option<String>, u64)>,
+    /// What to look at once the record says `suspended`, in case what the
+    /// run waits for came in meanwhile (its sender saw no `suspended` record
+    /// and woke nobody).
+    pub(crate) check: Option<WakeCheck>,
+}
+
+/// What a suspended run waits for, to look at after suspending.
+#[derive(Debug, Clone)]
+pub(crate) enum WakeCheck {
+    /// A message in the mailbox of run `id` for `topic`, from sequence `from`.
+    Mail {
+        id: String,
+        topic: Option<String>,
+        from: u64,
+    },
+    /// The end of child request `child`.
+    Child { child: String },
 }
 
 impl TaskError {

@@ -255,3 +255,80 @@ async fn a_suspended_run_is_cancelled_at_once_and_its_wake_up_dropped() {
     assert_eq!(runs.after.load(Ordering::SeqCst), 0);
     w.shutdown().await.unwrap();
 }
+
+#[derive(Clone, Default)]
+struct ChildRuns(Arc<AtomicU32>);
+
+/// A child that takes longer than SUSPEND_AFTER, then doubles its input.
+async fn slow_double(State(runs): State<ChildRuns>, Args(n): Args<i64>) -> Result<i64, TaskError> {
+    runs.0.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(SUSPEND_AFTER + Duration::from_secs(1)).await;
+    if n < 0 {
+        return Err(TaskError::permanent("negative").with_kind("negative"));
+    }
+    Ok(n * 2)
+}
+
+/// Start a child, wait for it, and report its value (or its error kind).
+async fn parent(wf: WorkflowContext, Args(n): Args<i64>) -> Result<String, TaskError> {
+    let child = wf.start_child("slow_double", n).await?;
+    match wf.join::<i64>(&child, Duration::from_secs(60)).await {
+        Ok(v) => Ok(format!("{} gave {v}", child.id())),
+        Err(e) if e.is_suspension() => Err(e),
+        Err(e) => Ok(format!("{} failed: {}", child.id(), e.kind())),
+    }
+}
+
+#[tokio::test]
+async fn a_parent_waits_for_its_child_suspended_and_is_woken_by_its_end() {
+    let broker = MemoryBroker::new();
+    let runs = ChildRuns::default();
+    let w = Worker::builder(broker.clone())
+        .state(runs.clone())
+        .task("parent", parent)
+        .task("slow_double", slow_double)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let started = Instant::now();
+    let run = client
+        .task("parent")
+        .id("par-1")
+        .args(&21)
+        .metadata("tenant", "acme")
+        .publish()
+        .await
+        .unwrap();
+    let waiting = until(&broker, "par-1", |r| r.status == Status::Suspended).await;
+    assert_eq!(waiting.waiting.as_deref(), Some("join:par-1-c0"));
+    assert_eq!(
+        run.result::<String>(WAIT).await.unwrap(),
+        "par-1-c0 gave 42"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "woken by the child's end, not the 60 s timeout"
+    );
+    // Replayed after the wake-up, `start_child` did not start another.
+    assert_eq!(runs.0.load(Ordering::SeqCst), 1);
+    let child = client.record("par-1-c0").await.unwrap();
+    assert_eq!(
+        child.metadata.get("tenant"),
+        Some(&serde_json::json!("acme"))
+    );
+    assert_eq!(run.record().await.unwrap().attempts, 1);
+
+    // A child that fails: the parent sees its error kind.
+    let run = client
+        .task("parent")
+        .id("par-2")
+        .args(&-1)
+        .publish()
+        .await
+        .unwrap();
+    assert_eq!(
+        run.result::<String>(WAIT).await.unwrap(),
+        "par-2-c0 failed: negative"
+    );
+    w.shutdown().await.unwrap();
+}

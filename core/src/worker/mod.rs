@@ -40,7 +40,7 @@ use crate::names;
 use crate::record::{ErrorInfo, Record, Status};
 use crate::request::{Request, DEFAULT_QUEUE, MAX_DELAY, MAX_RETRIES_LIMIT};
 use crate::retry::RetryPolicy;
-use crate::task_error::{kinds, Retry, Suspension, TaskError};
+use crate::task_error::{kinds, Retry, Suspension, TaskError, WakeCheck};
 
 mod attempt;
 mod builder;

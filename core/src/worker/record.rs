@@ -20,6 +20,9 @@ pub(super) struct RecordWriter {
     pub(super) state: Mutex<WriterState>,
     /// Where the request asked its ended record to be sent.
     pub(super) notify: Option<String>,
+    /// The request whose task published this one: woken when this one ends,
+    /// if it is a workflow waiting for it.
+    pub(super) parent: Option<String>,
 }
 
 pub(super) struct WriterState {
@@ -82,6 +85,7 @@ impl RecordWriter {
             broker,
             id: request.id.clone(),
             notify: request.notify.clone(),
+            parent: request.parent.clone(),
             state: Mutex::new(WriterState {
                 record,
                 revision,

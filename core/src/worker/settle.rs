@@ -82,6 +82,11 @@ pub(super) async fn conclude(
             }
         }
     }
+    if let (Ok(status), Some(parent)) = (&written, &writer.parent) {
+        if status.is_terminal() {
+            wake_parent(env, parent, &writer.id).await;
+        }
+    }
     // `Term` means the dead letter is already stored (finish_failed, or the
     // too-large path above); only a failure is written with it.
     let result = match written {
@@ -486,16 +491,44 @@ pub(super) async fn suspend(
         // Its redelivery runs the workflow again, which suspends it anew.
         warn!(error = %e, "cannot acknowledge the message of a suspended workflow");
     }
-    if let Some((id, topic, from)) = &suspension.mail {
-        match env.broker.next_mail(id, topic.as_deref(), *from).await {
-            Ok(Some(_)) => {
-                debug!("a message arrived while the workflow suspended; waking it");
-                if let Err(e) = env.broker.wake(id).await {
-                    warn!(error = %e, "cannot wake a workflow whose message arrived");
-                }
+    let arrived = match &suspension.check {
+        None => Ok(false),
+        Some(WakeCheck::Mail { id, topic, from }) => env
+            .broker
+            .next_mail(id, topic.as_deref(), *from)
+            .await
+            .map(|m| m.is_some()),
+        Some(WakeCheck::Child { child }) => match env.broker.get_record(child).await {
+            Ok(Some(entry)) => Ok(Record::decode(child, &entry.value)
+                .map(|r| r.status.is_terminal())
+                .unwrap_or(false)),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        },
+    };
+    match arrived {
+        Ok(true) => {
+            debug!("what the workflow waits for came while it suspended; waking it");
+            if let Err(e) = env.broker.wake(&request.id).await {
+                warn!(error = %e, "cannot wake a workflow whose wait is over");
             }
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "cannot read the mailbox of a suspended workflow"),
+        }
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "cannot look at what a suspended workflow waits for"),
+    }
+}
+
+/// A child request ended: wake its parent if the parent is a workflow
+/// suspended waiting for it (a `join`).
+pub(super) async fn wake_parent(env: &Env, parent: &str, child: &str) {
+    let Some(record) = stored_record(env, parent).await else {
+        return;
+    };
+    let joining = format!("join:{child}");
+    if record.status == Status::Suspended && record.waiting.as_deref() == Some(joining.as_str()) {
+        debug!(parent, "waking the workflow that waits for this child");
+        if let Err(e) = env.broker.wake(parent).await {
+            warn!(parent, error = %e, "cannot wake the workflow that waits for this child");
         }
     }
 }

@@ -54,7 +54,7 @@ use crate::error::ErrorKind;
 use crate::extract::FromContext;
 use crate::names;
 use crate::record::ErrorInfo;
-use crate::task_error::{kinds, Suspension, TaskError};
+use crate::task_error::{kinds, Suspension, TaskError, WakeCheck};
 
 /// The error kind of a run whose code asks for another step than the one
 /// checkpointed at the same position.
@@ -133,6 +133,33 @@ impl Positions {
 struct Deadline {
     #[serde(with = "time::serde::rfc3339")]
     until: OffsetDateTime,
+}
+
+/// A child request started by a workflow ([`WorkflowContext::start_child`]):
+/// its id derives from the parent's id and the step's position, so a replay
+/// never starts it twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Child {
+    id: String,
+}
+
+impl Child {
+    /// The child's request id (`<parent id>-c<position>`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// The checkpoint of a `join`: the child's final status and its value or
+/// error (`status` absent: the join timed out).
+#[derive(Serialize, Deserialize)]
+struct Joined {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status: Option<crate::record::Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorInfo>,
 }
 
 /// The checkpoint of a `recv`: the message received and its mailbox
@@ -320,7 +347,7 @@ impl WorkflowContext {
                 return Err(TaskError::suspend(Suspension {
                     until,
                     waiting: "sleep".to_owned(),
-                    mail: None,
+                    check: None,
                 }));
             }
             tokio::select! {
@@ -428,12 +455,181 @@ impl WorkflowContext {
                 return Err(TaskError::suspend(Suspension {
                     until,
                     waiting: name.to_owned(),
-                    mail: Some((id.to_owned(), topic.map(str::to_owned), from)),
+                    check: Some(WakeCheck::Mail {
+                        id: id.to_owned(),
+                        topic: topic.map(str::to_owned),
+                        from,
+                    }),
                 }));
             }
             tokio::select! {
                 _ = futures_util::StreamExt::next(&mut sent) => {}
                 _ = tokio::time::sleep(left) => {}
+                _ = self.ctx.cancelled() => return Err(self.interrupted(name)),
+            }
+        }
+    }
+
+    /// Start child request `task` with `args` as a step (named
+    /// `start:<task>`): its id is `<this run's id>-c<position>`, so a replay
+    /// returns the same child instead of starting another; it inherits this
+    /// run's metadata and (through the producer middleware) its trace and
+    /// auth context, and names this run as its `parent`. A child may be a
+    /// task or a workflow. Await it with [`join`](Self::join).
+    pub async fn start_child(&self, task: &str, args: impl Serialize) -> Result<Child, TaskError> {
+        let name = format!("start:{task}");
+        self.check_cancelled(&name)?;
+        let position = self.positions.take();
+        if let Some(stored) = self.checkpoint(position).await? {
+            return self.replay(&stored, &name, position);
+        }
+        let id = format!("{}-c{position}", self.id());
+        let started = async {
+            names::validate_id(&id).map_err(|e| {
+                TaskError::permanent(format!(
+                    "cannot derive a child id from `{}`: {e}",
+                    self.id()
+                ))
+            })?;
+            self.ctx
+                .client()
+                .task(task)
+                .id(&id)
+                .args(&args)
+                .metadata_map(self.ctx.metadata().clone())
+                .pending_record()
+                .publish()
+                .await
+                .map_err(|e| match e.kind() {
+                    ErrorKind::InvalidName
+                    | ErrorKind::PayloadTooLarge
+                    | ErrorKind::Config
+                    | ErrorKind::Serialization => {
+                        TaskError::permanent(format!("cannot start child `{task}`: {e}"))
+                    }
+                    _ => TaskError::new(format!("cannot start child `{task}`: {e}")),
+                })?;
+            Ok::<_, TaskError>(Child { id: id.clone() })
+        };
+        let outcome = started.await;
+        self.record(position, &name, outcome).await
+    }
+
+    /// Wait for `child` to end, up to `timeout`, and return its value: a
+    /// child that failed or was cancelled gives a permanent error with the
+    /// child's error kind; no end in time gives a permanent error of kind
+    /// `timeout`. The deadline and the outcome are checkpointed (steps
+    /// `deadline:join:<child id>` and `join:<child id>`). A wait longer than
+    /// [`SUSPEND_AFTER`] suspends this run; the child's end wakes it.
+    pub async fn join<T: DeserializeOwned>(
+        &self,
+        child: &Child,
+        timeout: Duration,
+    ) -> Result<T, TaskError> {
+        let name = format!("join:{}", child.id);
+        let deadline: Deadline = self
+            .step(&format!("deadline:{name}"), async move {
+                Ok::<_, TaskError>(Deadline {
+                    until: after(timeout),
+                })
+            })
+            .await?;
+        self.check_cancelled(&name)?;
+        let position = self.positions.take();
+        let joined: Joined = match self.checkpoint(position).await? {
+            Some(stored) => self.replay(&stored, &name, position)?,
+            None => {
+                self.wait_for_child(position, &name, &child.id, deadline.until)
+                    .await?
+            }
+        };
+        match (joined.status, joined.error) {
+            (Some(crate::record::Status::Succeeded), _) => {
+                T::deserialize(joined.value.unwrap_or(Value::Null)).map_err(|e| {
+                    TaskError::permanent(format!(
+                        "child `{}` returned a value of another type than expected: {e}",
+                        child.id
+                    ))
+                    .with_kind(kinds::INVALID_ARGS)
+                })
+            }
+            (None, _) => Err(TaskError::permanent(format!(
+                "child `{}` did not end within the time given",
+                child.id
+            ))
+            .with_kind(kinds::TIMEOUT)),
+            (Some(status), error) => {
+                let (kind, message) = match error {
+                    Some(e) => (e.kind, e.message),
+                    None => (kinds::ERROR.to_owned(), String::new()),
+                };
+                Err(
+                    TaskError::permanent(format!("child `{}` ended {status}: {message}", child.id))
+                        .with_kind(kind),
+                )
+            }
+        }
+    }
+
+    /// Wait for child `child` to end until `until`, then checkpoint its
+    /// outcome (or the timeout) at `position`.
+    async fn wait_for_child(
+        &self,
+        position: u32,
+        name: &str,
+        child: &str,
+        until: OffsetDateTime,
+    ) -> Result<Joined, TaskError> {
+        let broker = self.ctx.inner.client.broker();
+        let failure = |e: crate::Error| TaskError::new(format!("cannot read child `{child}`: {e}"));
+        let ended = |bytes: &[u8]| -> Result<Option<Joined>, TaskError> {
+            let record = crate::Record::decode(child, bytes).map_err(failure)?;
+            Ok(record.status.is_terminal().then_some(Joined {
+                status: Some(record.status),
+                value: record.value,
+                error: record.error,
+            }))
+        };
+        if let Some(entry) = broker.get_record(child).await.map_err(failure)? {
+            if let Some(joined) = ended(&entry.value)? {
+                return self.record(position, name, Ok(joined)).await;
+            }
+        }
+        let timed_out = || Joined {
+            status: None,
+            value: None,
+            error: None,
+        };
+        let Some(left) = left_until(until) else {
+            return self.record(position, name, Ok(timed_out())).await;
+        };
+        if left > SUSPEND_AFTER {
+            return Err(TaskError::suspend(Suspension {
+                until,
+                waiting: name.to_owned(),
+                check: Some(WakeCheck::Child {
+                    child: child.to_owned(),
+                }),
+            }));
+        }
+        // A short wait: follow the child's record (its current value, then
+        // every change) until it ends or the time is up.
+        let mut watch = broker.watch_record(child).await.map_err(failure)?;
+        let deadline = tokio::time::Instant::now() + left;
+        loop {
+            tokio::select! {
+                item = futures_util::StreamExt::next(&mut watch) => match item {
+                    Some(Ok(entry)) => {
+                        if let Some(joined) = ended(&entry.value)? {
+                            return self.record(position, name, Ok(joined)).await;
+                        }
+                    }
+                    Some(Err(e)) => return Err(failure(e)),
+                    None => return Err(TaskError::new(format!("the watch of child `{child}` ended"))),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return self.record(position, name, Ok(timed_out())).await;
+                }
                 _ = self.ctx.cancelled() => return Err(self.interrupted(name)),
             }
         }
