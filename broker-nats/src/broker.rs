@@ -1323,6 +1323,8 @@ impl NatsBroker {
         // A worker needs it for its first failure: find out now whether it
         // can exist (another stream may capture its subjects).
         self.dead_stream().await?;
+        // Foreign clients send to workflows before any jetq client did.
+        self.mail_stream().await?;
         // The worker's settings apply when it creates the queue's consumer.
         // Every worker of the queue shares that consumer, so one started with
         // another ack wait does not change it under the others (whose
@@ -1649,6 +1651,7 @@ impl Broker for NatsBroker {
             // Workers need it for their first failure: find out now whether
             // it can exist (another stream may capture its subjects).
             self.dead_stream().await?;
+            self.mail_stream().await?;
             self.ensure_consumer(&queue).await?;
             self.mark_queue(&queue);
             Ok(())

@@ -52,6 +52,17 @@ Checks (the section of docs/wire-format.md each one proves in brackets):
      traceparent, and the Rust test checks that the worker (run with
      `--otlp`) exported the attempt's span in that trace, as a child of that
      span (docs/middleware.md (Tracing)).
+  m. a workflow driven from Python [1 "Workflow entries", "The mailbox
+     stream", 6 "Suspended workflows"]: `demo.checkout` published like any
+     request sets event `status` = `reserved` (read at
+     `<id>.event.status`), suspends in its `recv` (record `suspended`,
+     `waiting` = `recv:payment`); a message published to
+     `jetq.mail.<id>.payment` (with an idempotency key, twice) and the
+     wake-up fired as documented (the schedule on `jetq.delayed.<id>`
+     published to its target with `Nats-Msg-Id: <id>.wake.<token>`) resume
+     it at once; it suspends again in its 5 s sleep, the server's schedule
+     resumes it, and it ends `succeeded` with `{"paid": 5}`, event `status`
+     = `shipped`, one attempt, and the step log at `<id>.step.<n>`.
 
 With --before-worker it checks one thing only, on a server where no jetq
 worker or client has run yet: a JetStream publish to jetq.tasks.default.demo.add
@@ -577,6 +588,81 @@ async def check_l(nc, js, kv):
     ok(f"l. demo.add with a hand-set header: succeeded, traceparent={traceparent} id={env['id']}")
 
 
+async def check_m(nc, js, kv):
+    """Workflows: start, events, send, wake-up, steps, from the document alone."""
+    env = envelope(new_id("checkout"), "demo.checkout", {"order": "py1"})
+    wf = env["id"]
+    follower = await Follower(nc, kv, wf).subscribe()
+    try:
+        await publish(js, env)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        # Event `status`: follow its republished subject, then read the key.
+        events = await nc.subscribe(f"jetq.records.{wf}.event.status")
+        try:
+            status = None
+            try:
+                status = json.loads((await kv.get(f"{wf}.event.status")).value)
+            except KeyNotFoundError:
+                msg = await events.next_msg(timeout=WAIT)
+                status = json.loads(msg.data)
+            check(status == "reserved", f"event status of {wf} is {status!r}, expected 'reserved'")
+        finally:
+            await events.unsubscribe()
+        # Suspended in its recv: the record says so.
+        record = None
+        try:
+            record = json.loads((await kv.get(wf)).value)
+        except KeyNotFoundError:
+            pass
+        while record is None or record.get("status") != "suspended":
+            _, record = await follower.next_republished(deadline)
+        check(record.get("waiting") == "recv:payment" and record.get("resume"),
+              f"a suspended checkout names its wait and token: {record}")
+        check(record["attempts"] == 1, f"attempts {record['attempts']} while suspended")
+        # Send the payment (twice: the key sends once), then wake it.
+        for _ in range(2):
+            ack = await js.publish(f"jetq.mail.{wf}.payment", b'{"amount": 5}',
+                                   headers={"Nats-Msg-Id": f"{wf}.pay-1"}, timeout=WAIT)
+        check(ack.duplicate, f"the second send with the same key is a duplicate: {ack}")
+        current = json.loads((await kv.get(wf)).value)
+        check(current["status"] == "suspended" and current["waiting"] == "recv:payment",
+              f"still suspended in recv:payment: {current}")
+        schedule = await js.get_last_msg("JETQ_TASKS", f"jetq.delayed.{wf}")
+        token = current["resume"]
+        check(schedule.headers.get("Nats-Msg-Id") == f"{wf}.resume.{token}",
+              f"the wake-up schedule carries the record's token: {schedule.headers}")
+        target = schedule.headers["Nats-Schedule-Target"]
+        check(target == "jetq.tasks.default.demo.checkout", f"the wake-up targets {target}")
+        headers = {k: v for k, v in schedule.headers.items() if not k.startswith("Nats-")}
+        headers["Nats-Msg-Id"] = f"{wf}.wake.{token}"
+        await js.publish(target, schedule.data, headers=headers, timeout=WAIT)
+        await js.purge_stream("JETQ_TASKS", subject=f"jetq.delayed.{wf}", seq=schedule.seq + 1)
+        woken = loop.time()
+        record = await follower.wait_terminal()
+        check(loop.time() - woken < WAIT,
+              "woken at once, not at the recv's 60 s timeout")
+        check(record["status"] == "succeeded" and record["value"] == {"paid": 5},
+              f"checkout ended {record}")
+        check(record["attempts"] == 1, f"suspensions are not attempts: {record}")
+        status = json.loads((await kv.get(f"{wf}.event.status")).value)
+        check(status == "shipped", f"event status {status!r}, expected 'shipped'")
+        names = []
+        for n in range(16):
+            try:
+                step = json.loads((await kv.get(f"{wf}.step.{n}")).value)
+            except KeyNotFoundError:
+                break
+            check(step["position"] == n, f"step {n} names position {step['position']}")
+            names.append(step["name"])
+        expected = ["set_event:status", "deadline:recv:payment", "recv:payment", "charge",
+                    "sleep", "set_event:status"]
+        check(names == expected, f"step log {names}, expected {expected}")
+        ok(f"m. demo.checkout from Python: reserved, suspended, sent, woken, shipped; steps {names}")
+    finally:
+        await follower.close()
+
+
 async def before_worker(nc):
     """Section 1: publishing before any worker ran fails with NoStreamResponseError."""
     js = nc.jetstream(timeout=WAIT)
@@ -616,6 +702,7 @@ async def main(url, mode, auth_files=None):
         if auth_files is not None:
             await check_k(nc, js, kv, *auth_files)
         await check_l(nc, js, kv)
+        await check_m(nc, js, kv)
     finally:
         await nc.close()
 
