@@ -53,6 +53,11 @@ use crate::extract::FromContext;
 use crate::record::ErrorInfo;
 use crate::task_error::{kinds, TaskError};
 
+mod chain;
+pub use chain::{
+    IntoNext, Next, StepHandler, Workflow, DEFAULT_MAX_STEPS, TOO_MANY_STEPS, UNKNOWN_STEP,
+};
+
 /// The error kind of a run whose code asks for another step than the one
 /// checkpointed at the same position.
 pub const NONDETERMINISTIC: &str = "nondeterministic";
