@@ -53,8 +53,9 @@ pub(crate) struct ContextInner {
     pub(crate) timeout: Option<Duration>,
     /// The client the task publishes children with (without a parent).
     pub(crate) client: Client,
-    /// Values middleware gave this attempt, by type.
-    pub(crate) extensions: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+    /// Values middleware gave this attempt, by type (shared with the
+    /// contexts derived from it).
+    pub(crate) extensions: Arc<Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>>,
 }
 
 /// The context of one attempt of a task, given to extractors and, as an
@@ -245,6 +246,31 @@ impl Context {
         map.get(&TypeId::of::<T>())
             .and_then(|b| b.downcast_ref::<T>())
             .cloned()
+    }
+
+    /// A context of the same attempt whose request arguments are `args`: the
+    /// same cancellation tokens, record, client, shared state and
+    /// extensions. A chained workflow runs each step with one, so that
+    /// `Args<T>` extracts the step's input.
+    pub(crate) fn with_args(&self, args: Value) -> Context {
+        let inner = &self.inner;
+        let mut request = inner.request.clone();
+        request.args = args;
+        Context {
+            inner: Arc::new(ContextInner {
+                request,
+                attempt: inner.attempt,
+                max_retries: inner.max_retries,
+                worker: inner.worker.clone(),
+                cancel: inner.cancel.clone(),
+                by_client: inner.by_client.clone(),
+                shared: Arc::clone(&inner.shared),
+                sink: Arc::clone(&inner.sink),
+                timeout: inner.timeout,
+                client: inner.client.clone(),
+                extensions: Arc::clone(&inner.extensions),
+            }),
+        }
     }
 
     /// Shared state of type `T`, if the worker was given one.

@@ -41,6 +41,10 @@ pub mod kinds {
     /// The stored record of the request is not a jetq record (not JSON); the
     /// request was failed with a fresh record instead of looping on it.
     pub const CORRUPT_RECORD: &str = "corrupt_record";
+    /// A step of a chained workflow aborted the run
+    /// ([`Next::Abort`](crate::workflow::Next::Abort)): permanent, so the
+    /// request fails at once and is dead-lettered.
+    pub const ABORTED: &str = "aborted";
 }
 
 /// Whether and when a failed attempt should be retried.

@@ -216,7 +216,7 @@ pub(super) async fn process(
                 sink: Arc::clone(&writer) as Arc<dyn RecordSink>,
                 timeout: entry.timeout,
                 client: env.client.clone(),
-                extensions: StdMutex::default(),
+                extensions: Arc::default(),
             }),
         };
         debug!(attempt, "running");

@@ -50,7 +50,11 @@ impl Task {
         Self::from_parts(name.into(), erased, requirements)
     }
 
-    fn from_parts(name: String, handler: ErasedHandler, requirements: Requirements) -> Self {
+    pub(crate) fn from_parts(
+        name: String,
+        handler: ErasedHandler,
+        requirements: Requirements,
+    ) -> Self {
         Task {
             name,
             queues: Vec::new(),
@@ -117,6 +121,9 @@ pub struct WorkerBuilder {
     pub(super) running_after: Duration,
     pub(super) middleware: Vec<Arc<dyn Middleware>>,
     pub(super) client: Option<Client>,
+    /// Registrations refused before `build` (an invalid workflow): `build`
+    /// returns the first.
+    pub(super) refused: Vec<Error>,
 }
 
 impl fmt::Debug for WorkerBuilder {
@@ -159,6 +166,19 @@ impl WorkerBuilder {
         P: 'static,
     {
         self.register(Task::blocking(name, handler))
+    }
+
+    /// Register a chained-steps [`Workflow`](crate::workflow::Workflow) as a
+    /// task named by the workflow's name. A workflow that is not valid (no
+    /// steps, two steps of one name) makes [`build`](Self::build) fail.
+    pub fn workflow(mut self, workflow: crate::workflow::Workflow) -> Self {
+        match Task::try_from(workflow) {
+            Ok(task) => self.register(task),
+            Err(e) => {
+                self.refused.push(e);
+                self
+            }
+        }
     }
 
     /// Register a task with its options.
@@ -257,6 +277,9 @@ impl WorkerBuilder {
     /// handler asks for given.
     pub fn build(self) -> Result<Worker> {
         names::validate_queue(&self.default_queue)?;
+        if let Some(e) = self.refused.into_iter().next() {
+            return Err(e);
+        }
         if self.tasks.is_empty() {
             return Err(Error::new(
                 ErrorKind::Config,

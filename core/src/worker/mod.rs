@@ -274,6 +274,7 @@ impl Worker {
             running_after: DEFAULT_RUNNING_AFTER,
             middleware: Vec::new(),
             client: None,
+            refused: Vec::new(),
         }
     }
 

@@ -56,6 +56,11 @@ use crate::names;
 use crate::record::ErrorInfo;
 use crate::task_error::{kinds, Suspension, TaskError, WakeCheck};
 
+mod chain;
+pub use chain::{
+    IntoNext, Next, StepHandler, Workflow, DEFAULT_MAX_STEPS, TOO_MANY_STEPS, UNKNOWN_STEP,
+};
+
 /// The error kind of a run whose code asks for another step than the one
 /// checkpointed at the same position.
 pub const NONDETERMINISTIC: &str = "nondeterministic";
