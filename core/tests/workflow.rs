@@ -305,3 +305,32 @@ async fn start_retrieve_and_the_same_id_starts_once() {
     assert_eq!(started.result::<String>(WAIT).await.unwrap(), "paid r-o10");
     w.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_step_retries_by_its_own_policy_within_one_attempt() {
+    async fn flaky_step(wf: WorkflowContext, State(runs): State<Runs>) -> Result<u32, TaskError> {
+        let policy = RetryPolicy::new(3).base(Duration::from_millis(1));
+        wf.step_retrying("flaky", &policy, || async {
+            let n = runs.charge.fetch_add(1, Ordering::SeqCst) + 1;
+            if n < 3 {
+                Err(TaskError::new(format!("try {n} failed")))
+            } else {
+                Ok(n)
+            }
+        })
+        .await
+    }
+    let broker = MemoryBroker::new();
+    let runs = Runs::default();
+    let w = Worker::builder(broker.clone())
+        .state(runs.clone())
+        .task("flaky", flaky_step)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let handle = client.task("flaky").id("fl-1").publish().await.unwrap();
+    assert_eq!(handle.result::<u32>(WAIT).await.unwrap(), 3);
+    assert_eq!(handle.record().await.unwrap().attempts, 1, "one attempt");
+    assert_eq!(runs.charge.load(Ordering::SeqCst), 3);
+    w.shutdown().await.unwrap();
+}

@@ -241,6 +241,48 @@ impl WorkflowContext {
         self.record(position, name, outcome).await
     }
 
+    /// Run a step that retries by its own policy, inside this attempt: `work`
+    /// makes the step's future, and a retryable error runs it again after
+    /// the policy's delay, up to `policy.max_retries` times (a shutdown or a
+    /// cancellation stops the retrying). The outcome is checkpointed as
+    /// with [`step`](Self::step); the last error, if still retryable, fails
+    /// the attempt and the workflow's own retry policy takes over.
+    pub async fn step_retrying<T, E, F, Fut>(
+        &self,
+        name: &str,
+        policy: &crate::RetryPolicy,
+        mut work: F,
+    ) -> Result<T, TaskError>
+    where
+        T: Serialize + DeserializeOwned,
+        E: Into<TaskError>,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let ctx = &self.ctx;
+        self.step(name, async move {
+            let mut retry = 0u32;
+            loop {
+                match work().await.map_err(Into::into) {
+                    Err(e) if e.is_retryable() && !e.is_suspension() && retry < policy.max_retries => {
+                        retry += 1;
+                        let delay = match e.retry() {
+                            crate::Retry::After(d) => d,
+                            _ => policy.delay(retry),
+                        };
+                        tracing::debug!(step = name, retry, error = %e, "step failed; retrying in {delay:?}");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = ctx.cancelled() => return Err(e),
+                        }
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+    }
+
     /// Stop at a step boundary if a client cancelled the run.
     fn check_cancelled(&self, name: &str) -> Result<(), TaskError> {
         if self.ctx.is_cancelled_by_client() {
