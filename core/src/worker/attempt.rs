@@ -33,13 +33,27 @@ pub(super) async fn process(
         Ok(r) => r,
         Err(e) => {
             let reason = format!("invalid request envelope: {e}");
-            return poison(&env, &queue, &*delivery, kinds::INVALID_REQUEST, reason).await;
+            return Box::pin(poison(
+                &env,
+                &queue,
+                &*delivery,
+                kinds::INVALID_REQUEST,
+                reason,
+            ))
+            .await;
         }
     };
     // A message must not speak for another request, task or queue: refuse
     // it without touching any record.
     if let Err(reason) = check_routing(&request, &queue, &*delivery) {
-        return poison(&env, &queue, &*delivery, kinds::INVALID_REQUEST, reason).await;
+        return Box::pin(poison(
+            &env,
+            &queue,
+            &*delivery,
+            kinds::INVALID_REQUEST,
+            reason,
+        ))
+        .await;
     }
     let span = info_span!("jetq.task", task = %request.task, id = %request.id, queue = %queue, seq = info.sequence);
     async move {
@@ -56,7 +70,7 @@ pub(super) async fn process(
         // The backstop: whatever keeps this message coming back, it ends here.
         let budget = delivery_budget(max_retries);
         if info.delivered > budget {
-            return abandon(&env, &queue, &*delivery, &request, budget).await;
+            return Box::pin(abandon(&env, &queue, &*delivery, &request, budget)).await;
         }
         let now = OffsetDateTime::now_utc();
         // A due time no broker can hold: fail it (below, once claimed).
@@ -70,7 +84,7 @@ pub(super) async fn process(
                 // schedule, or clocks apart): put it back until then, no
                 // attempt counted; unless it was cancelled meanwhile.
                 if early > EARLY_TOLERANCE {
-                    if ended_before_due(&env, &request.id).await {
+                    if Box::pin(ended_before_due(&env, &request.id)).await {
                         debug!("cancelled or finished before it was due; dropping it");
                         if let Err(e) = delivery.ack().await {
                             warn!(error = %e, "cannot acknowledge a dropped delivery");
@@ -88,7 +102,7 @@ pub(super) async fn process(
         let claimed = if runs_unread(&env, &request, &*delivery) {
             Ok(unread_claim(&env, &request, &*delivery, max_retries))
         } else {
-            claim(&env, &request, &*delivery, max_retries).await
+            Box::pin(claim(&env, &request, &*delivery, max_retries)).await
         };
         let claim = match claimed {
             Ok(c) => c,
@@ -108,10 +122,10 @@ pub(super) async fn process(
                 return;
             }
             Claim::NotOwner(reason) => {
-                return poison(&env, &queue, &*delivery, kinds::ID_CONFLICT, reason).await;
+                return Box::pin(poison(&env, &queue, &*delivery, kinds::ID_CONFLICT, reason)).await;
             }
             Claim::Bury(record) => {
-                bury(&env, &*delivery, &record).await;
+                Box::pin(bury(&env, &*delivery, &record)).await;
                 return;
             }
             Claim::Terminate => {
@@ -121,7 +135,7 @@ pub(super) async fn process(
                 return;
             }
             Claim::Fail(writer, err) => {
-                finish_failed(&env, &writer, &*delivery, &err).await;
+                Box::pin(finish_failed(&env, &writer, &*delivery, &err)).await;
                 return;
             }
             Claim::GiveUp(writer, attempt) => {
@@ -135,13 +149,13 @@ pub(super) async fn process(
                     attempt.saturating_sub(1)
                 ))
                 .with_kind(kinds::ABANDONED);
-                finish_failed(&env, &writer, &*delivery, &err).await;
+                Box::pin(finish_failed(&env, &writer, &*delivery, &err)).await;
                 return;
             }
             Claim::Run(writer, attempt) => (writer, attempt),
         };
         if let Some(err) = refuse {
-            finish_failed(&env, &writer, &*delivery, &err).await;
+            Box::pin(finish_failed(&env, &writer, &*delivery, &err)).await;
             return;
         }
         let Some(entry) = entry else {
@@ -160,7 +174,7 @@ pub(super) async fn process(
                     .join(", ")
             ))
             .with_kind(kinds::UNKNOWN_TASK);
-            finish_failed(&env, &writer, &*delivery, &err).await;
+            Box::pin(finish_failed(&env, &writer, &*delivery, &err)).await;
             return;
         };
 
@@ -200,7 +214,7 @@ pub(super) async fn process(
             // Cancelled while it waited for a slot: it does not start.
             let now = OffsetDateTime::now_utc();
             let change = |r: &mut Record| r.mark_cancelled(now);
-            conclude(&env, &writer, &*delivery, &change, Settle::Ack).await;
+            Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Ack)).await;
             return;
         }
         let ignore_result = request.ignore_result;
@@ -236,7 +250,7 @@ pub(super) async fn process(
                 if cancel.is_cancelled() {
                     continue;
                 }
-                match writer.check(&env.broker).await {
+                match Box::pin(writer.check(&env.broker)).await {
                     Ok(Watch::Fine) => {}
                     Ok(Watch::CancelRequested) => {
                         info!("cancelled by a client (seen in the record)");
@@ -254,11 +268,11 @@ pub(super) async fn process(
         // A slow attempt says `running` (its claim, written on its own).
         let mark_running = async {
             tokio::time::sleep(env.running_after).await;
-            match writer.ensure_claimed().await {
+            match Box::pin(writer.ensure_claimed()).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Conflict => {
                     warn!(error = %e, "another attempt took this request over, or it was cancelled; stopping this one");
-                    if let Ok(Watch::CancelRequested) = writer.check(&env.broker).await {
+                    if let Ok(Watch::CancelRequested) = Box::pin(writer.check(&env.broker)).await {
                         by_client.cancel();
                     }
                     cancel.cancel();
@@ -283,14 +297,14 @@ pub(super) async fn process(
             info!(attempt, "attempt ended after a cancellation");
             let now = OffsetDateTime::now_utc();
             let change = |r: &mut Record| r.mark_cancelled(now);
-            conclude(&env, &writer, &*delivery, &change, Settle::Ack).await;
+            Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Ack)).await;
             return;
         }
         match outcome {
             // A workflow waits without holding the worker.
             Some(Err(ref e)) if e.suspension().is_some() => {
                 if let Some(suspension) = e.suspension() {
-                    suspend(&env, &writer, &*delivery, kept.request(), suspension).await;
+                    Box::pin(suspend(&env, &writer, &*delivery, kept.request(), suspension)).await;
                 }
             }
             // Nobody reads its result and nothing of this attempt is stored:
@@ -309,15 +323,15 @@ pub(super) async fn process(
                     r.finished_at = Some(now);
                     r.next_attempt_at = None;
                 };
-                conclude(&env, &writer, &*delivery, &change, Settle::Ack).await;
+                Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Ack)).await;
             }
             // Shutting down: a task that stopped early (or could not finish in
             // time) goes back for immediate redelivery instead of counting as a
             // failure. A permanent error still fails it: another worker could not do better.
             Some(Err(ref e)) if cancel.is_cancelled() && e.is_retryable() => {
-                release(&env, &writer, &*delivery).await
+                Box::pin(release(&env, &writer, &*delivery)).await
             }
-            None => release(&env, &writer, &*delivery).await,
+            None => Box::pin(release(&env, &writer, &*delivery)).await,
             Some(Err(err)) => {
                 let retry_no = attempt; // retries done after this attempt
                 if err.is_retryable() && retry_no <= max_retries {
@@ -338,9 +352,9 @@ pub(super) async fn process(
                         r.error = Some(info.clone());
                         r.next_attempt_at = Some(due);
                     };
-                    conclude(&env, &writer, &*delivery, &change, Settle::Nak(delay)).await;
+                    Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Nak(delay))).await;
                 } else {
-                    finish_failed(&env, &writer, &*delivery, &err).await;
+                    Box::pin(finish_failed(&env, &writer, &*delivery, &err)).await;
                 }
             }
         }

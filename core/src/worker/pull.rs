@@ -99,7 +99,7 @@ pub(super) async fn pull_loop(
                     let stop = stop.clone();
                     let hard_stop = hard_stop.clone();
                     let ack_wait = Arc::clone(&ack_wait);
-                    tracker.spawn(process(
+                    let attempt = process(
                         env,
                         queue,
                         delivery,
@@ -110,7 +110,11 @@ pub(super) async fn pull_loop(
                         ack_wait,
                         stop,
                         hard_stop,
-                    ));
+                    );
+                    // Boxed: the attempt's state machine is several
+                    // kilobytes, and tokio would copy it by value into the
+                    // task (twice) and again when it completes.
+                    tracker.spawn(Box::pin(attempt));
                 }
                 Some(Err(e)) => {
                     debug!(queue = %queue, error = %e, "pull ended with an error");
