@@ -179,12 +179,17 @@ pub(super) async fn process(
         };
 
         let writer = Arc::new(writer);
-        // `cancel` is the task's token: it fires on shutdown (a child of
-        // `stop`), on a client's cancellation and when the attempt lost its
-        // record; `by_client` tells the first two apart.
-        let cancel = stop.child_token();
+        // `cancel` is the task's token: it fires on shutdown (the worker
+        // fires every registered attempt's token after `stop`), on a
+        // client's cancellation and when the attempt lost its record;
+        // `by_client` tells the first two apart.
+        let cancel = CancellationToken::new();
         let by_client = CancellationToken::new();
         let _registration = env.register(&request.id, &cancel, &by_client);
+        if stop.is_cancelled() {
+            // Registered after the shutdown fired the running ones.
+            cancel.cancel();
+        }
         let id = request.id.clone();
         // A place to run: at once, unless the worker read ahead while every
         // slot was busy; the delivery is kept alive meanwhile.

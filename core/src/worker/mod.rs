@@ -189,6 +189,18 @@ impl Env {
         }
     }
 
+    /// The worker is shutting down: fire every running attempt's token. (An
+    /// attempt's token is not a child of the worker's stop token: a child
+    /// token per attempt took a lock on the parent shared by all attempts,
+    /// contended between the runtime's threads.)
+    fn cancel_all_running(&self) {
+        if let Ok(running) = self.running.lock() {
+            for (_, cancel, _) in running.values().flatten() {
+                cancel.cancel();
+            }
+        }
+    }
+
     /// A client cancelled request `id`: fire the tokens of its attempts
     /// here, and remember it for a delivery still to come.
     fn cancel_running(&self, id: &str) {
@@ -337,6 +349,7 @@ impl Worker {
         signal.await;
         info!(worker = %self.env.name, "shutting down: no new tasks; waiting for running ones");
         stop.cancel();
+        self.env.cancel_all_running();
         for l in loops {
             let _ = l.await;
         }
