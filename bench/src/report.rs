@@ -113,6 +113,16 @@ pub(crate) fn lines(opts: &Opts, figures: &Figures, ran: &dyn Fn(Bench) -> bool)
             format!("jetq c={hc} / raw"),
             Unit::Ratio,
         );
+        b.same(
+            "jetq_middleware_tasks_per_s",
+            format!("jetq, c={c}, metrics + tracing middleware, tasks/s"),
+            Unit::Rate,
+        );
+        b.same(
+            "middleware_ratio",
+            "jetq with middleware / raw",
+            Unit::Ratio,
+        );
         for (name, who) in [
             ("raw", "raw".to_owned()),
             ("jetq", format!("jetq c={c}")),
