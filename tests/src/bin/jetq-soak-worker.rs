@@ -1,5 +1,6 @@
-//! `jetq-soak-worker`: the demo tasks plus a flaky one, for the soak test
-//! (`tests/tests/soak.rs`, `scripts/soak`).
+//! `jetq-soak-worker`: the demo tasks plus a flaky one and a workflow, for
+//! the soak tests (`tests/tests/soak.rs`, `tests/tests/workflow_soak.rs`,
+//! `scripts/soak`).
 //!
 //! It serves the demo worker's tasks with the same behaviour:
 //!
@@ -14,6 +15,20 @@
 //! `p_panic`, fails (retryably) with probability `p_fail`, and otherwise
 //! succeeds with `{"attempt", "worker", "exec"}`.
 //!
+//! And a workflow, `soak.wf` (for `tests/tests/workflow_soak.rs`), with input
+//! `{"steps": N, "p_fail": f64, "step_ms": u64, "base": u64, "sleep_ms": u64
+//! | null, "sleep_at": i, "recv": bool, "recv_at": j, "recv_timeout_ms": u64}`
+//! (all but `steps` optional): steps `step_0` .. `step_<N-1>`, each one
+//! audited execution that takes a random time up to `step_ms`, then fails
+//! (retryably) with probability `p_fail` and otherwise returns
+//! `{"i": i, "exec": <its exec>, "out": base + i}`; a
+//! durable `sleep` of `sleep_ms` before step `sleep_at` (default 1), and a
+//! `recv` of a number on topic `go` (timeout `recv_timeout_ms`, default
+//! 60 s) before step `recv_at` (default N - 1; the sleep comes first when
+//! both are before the same step). It returns `{"sum": S, "received": R}`:
+//! `R` the number received (`null` on timeout), `S` the sum of the steps'
+//! `out`s plus `R`. A step's audit entries name it (`"step": "step_<i>"`).
+//!
 //! Every execution of a handler leaves evidence outside jetq: it publishes an
 //! audit entry to JetStream (subject `<audit-subject>.<phase>`, a stream the
 //! soak test creates) when it starts and when it ends (`success`, `fail` or
@@ -22,7 +37,8 @@
 //! retried publish is deduplicated while two executions never are. A handler
 //! does not return until its entry is stored (it retries through a server
 //! restart), so a succeeded record without a `success` entry, or two
-//! executions of the same attempt, would be jetq's doing.
+//! executions of the same attempt (of a `soak.wf` step: of a step already
+//! checkpointed), would be jetq's doing.
 //!
 //! Unlike the demo worker, it keeps trying to start for up to a minute while
 //! the server is unreachable (the soak test starts replacement workers while
@@ -36,11 +52,12 @@ use std::time::Duration;
 use async_nats::header::{HeaderMap, NATS_MESSAGE_ID};
 use async_nats::jetstream;
 use clap::Parser;
+use jetq::workflow::WorkflowContext;
 use jetq::{Args, CancellationToken, Context, RetryPolicy, State, Task, TaskError, Worker};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-/// Serve the demo tasks and `soak.flaky`, auditing every execution.
+/// Serve the demo tasks, `soak.flaky` and `soak.wf`, auditing every execution.
 #[derive(Debug, Parser)]
 #[command(name = "jetq-soak-worker", version, about)]
 struct Opts {
@@ -85,14 +102,17 @@ struct Audit {
 const AUDIT_PATIENCE: Duration = Duration::from_secs(120);
 
 impl Audit {
+    /// Publish the entry of `phase` of execution `exec` (of workflow step
+    /// `step`, if it is one).
     async fn publish(
         &self,
         ctx: &Context,
+        step: Option<&str>,
         exec: &str,
         phase: &str,
         detail: Value,
     ) -> Result<(), TaskError> {
-        let entry = json!({
+        let mut entry = json!({
             "id": ctx.id(),
             "task": ctx.task(),
             "attempt": ctx.attempt(),
@@ -102,6 +122,9 @@ impl Audit {
             "at_ms": jetq::time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000,
             "detail": detail,
         });
+        if let Some(step) = step {
+            entry["step"] = json!(step);
+        }
         let payload = bytes_of(&entry);
         let subject = format!("{}.{phase}", self.subject);
         let msg_id = format!("{exec}-{phase}");
@@ -154,22 +177,41 @@ where
     F: FnOnce(String) -> Fut,
     Fut: Future<Output = Outcome<T>>,
 {
+    audited_as(audit, ctx, None, body).await
+}
+
+/// [`audited`], the entries naming workflow step `step` if given.
+async fn audited_as<T, F, Fut>(
+    audit: &Audit,
+    ctx: &Context,
+    step: Option<&str>,
+    body: F,
+) -> Result<T, TaskError>
+where
+    T: serde::Serialize,
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = Outcome<T>>,
+{
     let exec = uuid::Uuid::new_v4().to_string();
-    audit.publish(ctx, &exec, "start", Value::Null).await?;
+    audit
+        .publish(ctx, step, &exec, "start", Value::Null)
+        .await?;
     match body(exec.clone()).await {
         Outcome::Success(value) => {
             let shown = serde_json::to_value(&value).unwrap_or(Value::Null);
-            audit.publish(ctx, &exec, "success", shown).await?;
+            audit.publish(ctx, step, &exec, "success", shown).await?;
             Ok(value)
         }
         Outcome::Fail(err) => {
             audit
-                .publish(ctx, &exec, "fail", json!(err.to_string()))
+                .publish(ctx, step, &exec, "fail", json!(err.to_string()))
                 .await?;
             Err(err)
         }
         Outcome::Panic(message) => {
-            audit.publish(ctx, &exec, "panic", json!(message)).await?;
+            audit
+                .publish(ctx, step, &exec, "panic", json!(message))
+                .await?;
             panic!("{message}")
         }
     }
@@ -279,6 +321,75 @@ async fn flaky(
     .await
 }
 
+#[derive(Deserialize)]
+struct WfArgs {
+    steps: u32,
+    #[serde(default)]
+    p_fail: f64,
+    #[serde(default)]
+    step_ms: u64,
+    #[serde(default)]
+    base: u64,
+    #[serde(default)]
+    sleep_ms: Option<u64>,
+    #[serde(default)]
+    sleep_at: Option<u32>,
+    #[serde(default)]
+    recv: bool,
+    #[serde(default)]
+    recv_at: Option<u32>,
+    #[serde(default)]
+    recv_timeout_ms: Option<u64>,
+}
+
+/// The value of a step of `soak.wf`.
+#[derive(serde::Serialize, Deserialize)]
+struct StepOut {
+    i: u32,
+    exec: String,
+    out: u64,
+}
+
+/// `soak.wf`: see the module docs.
+async fn workflow(
+    wf: WorkflowContext,
+    State(audit): State<Audit>,
+    Args(args): Args<WfArgs>,
+) -> Result<Value, TaskError> {
+    let ctx = wf.context().clone();
+    let sleep_at = args.sleep_at.unwrap_or(1);
+    let recv_at = args.recv_at.unwrap_or(args.steps.saturating_sub(1));
+    let mut sum: u64 = 0;
+    let mut received: Option<u64> = None;
+    for i in 0..args.steps {
+        if let (Some(ms), true) = (args.sleep_ms, i == sleep_at) {
+            wf.sleep(Duration::from_millis(ms)).await?;
+        }
+        if args.recv && i == recv_at {
+            let timeout = Duration::from_millis(args.recv_timeout_ms.unwrap_or(60_000));
+            received = wf.recv::<u64>(Some("go"), timeout).await?;
+        }
+        let name = format!("step_{i}");
+        let (p_fail, out) = (args.p_fail, args.base.wrapping_add(u64::from(i)));
+        let (attempt, step_ms) = (ctx.attempt(), args.step_ms);
+        let step = audited_as(&audit, &ctx, Some(&name), |exec| async move {
+            let ms = fastrand::u64(0..=step_ms);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if fastrand::f64() < p_fail {
+                Outcome::Fail(TaskError::new(format!(
+                    "step_{i} fails on purpose (attempt {attempt})"
+                )))
+            } else {
+                Outcome::Success(StepOut { i, exec, out })
+            }
+        });
+        let done: StepOut = wf.step(&name, step).await?;
+        sum = sum.wrapping_add(done.out);
+    }
+    sum = sum.wrapping_add(received.unwrap_or(0));
+    Ok(json!({"sum": sum, "received": received}))
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -381,7 +492,8 @@ async fn start_and_run(opts: &Opts, stop: CancellationToken) -> jetq::Result<()>
         .register(Task::new("demo.sleep", sleep).retry_policy(policy))
         .register(Task::new("demo.fail", fail).retry_policy(policy))
         .register(Task::new("demo.panic", panic).retry_policy(policy))
-        .register(Task::new("soak.flaky", flaky).retry_policy(policy));
+        .register(Task::new("soak.flaky", flaky).retry_policy(policy))
+        .register(Task::new("soak.wf", workflow).retry_policy(policy));
     if let Some(name) = &opts.name {
         builder = builder.name(name.clone());
     }
