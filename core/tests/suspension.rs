@@ -332,3 +332,49 @@ async fn a_parent_waits_for_its_child_suspended_and_is_woken_by_its_end() {
     );
     w.shutdown().await.unwrap();
 }
+
+/// A durable sleep, then a step that fails (retryably) at its first try.
+async fn wake_then_fail(wf: WorkflowContext, State(runs): State<Runs>) -> Result<u32, TaskError> {
+    wf.sleep(SUSPEND_AFTER + Duration::from_secs(1)).await?;
+    wf.step("after", async {
+        if runs.after.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(TaskError::new("not yet"));
+        }
+        Ok::<_, TaskError>(7)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_woken_run_that_fails_is_retried_on_its_wake_up_message() {
+    let broker = MemoryBroker::new();
+    let runs = Runs::default();
+    let w = Worker::builder(broker.clone())
+        .state(runs.clone())
+        .register(
+            jetq::Task::new("wake_then_fail", wake_then_fail).retry_policy(
+                jetq::RetryPolicy::new(3)
+                    .base(Duration::from_millis(5))
+                    .max(Duration::from_millis(10)),
+            ),
+        )
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let run = client
+        .task("wake_then_fail")
+        .id("wtf-1")
+        .publish()
+        .await
+        .unwrap();
+    // Before the fix, the retried wake-up was dropped as stale and the run
+    // stayed `retrying` for good.
+    assert_eq!(run.result::<u32>(WAIT).await.unwrap(), 7);
+    let record = run.record().await.unwrap();
+    assert_eq!(
+        record.attempts, 2,
+        "the failed try and its retry: {record:?}"
+    );
+    assert_eq!(runs.after.load(Ordering::SeqCst), 2);
+    w.shutdown().await.unwrap();
+}

@@ -435,7 +435,11 @@ pub(super) async fn claim(
                 "the request has already finished or was cancelled",
             ));
         }
-        if let Some(token) = &request.resume {
+        // A wake-up message that already owns the record (its attempt failed
+        // and it was put back, was released, or its worker died, possibly
+        // in the middle of suspending again) is that request's message like
+        // any other: the path below counts and claims it.
+        if let Some(token) = request.resume.as_ref().filter(|_| record.seq != Some(seq)) {
             if record.status != Status::Suspended || record.resume.as_deref() != Some(token) {
                 return Ok(Claim::Skip(
                     "a stale wake-up message: the workflow was resumed or taken over already",
