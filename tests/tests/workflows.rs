@@ -257,3 +257,99 @@ async fn a_checkout_whose_payment_arrives_while_no_worker_runs_is_paid_once() {
     let err = client.send("co-none", json!({})).await.unwrap_err();
     assert_eq!(err.kind(), jetq::ErrorKind::NotFound);
 }
+
+/// A child that doubles its input.
+async fn double(jetq::Args(n): jetq::Args<i64>) -> Result<i64, jetq::TaskError> {
+    Ok(n * 2)
+}
+
+/// Starts a child, sleeps long enough to suspend, then joins the child.
+async fn parent(
+    wf: jetq::workflow::WorkflowContext,
+    jetq::Args(n): jetq::Args<i64>,
+) -> Result<String, jetq::TaskError> {
+    let child = wf.start_child("wf.double", n).await?;
+    wf.sleep(jetq::workflow::SUSPEND_AFTER + Duration::from_millis(500))
+        .await?;
+    let v: i64 = wf.join(&child, Duration::from_secs(60)).await?;
+    Ok(format!("{} gave {v}", child.id()))
+}
+
+/// Waits in a recv for a long time (to be cancelled).
+async fn patient(wf: jetq::workflow::WorkflowContext) -> Result<Option<u32>, jetq::TaskError> {
+    wf.recv::<u32>(Some("never"), Duration::from_secs(600))
+        .await
+}
+
+#[tokio::test]
+async fn children_retrieval_and_cancellation_of_a_suspended_run_on_nats() {
+    let server = NatsServer::start();
+    let broker = connect(&server).await;
+    let client = Client::new(broker.clone());
+    // Unknown id: NotFound at once; the waiting variant returns once started.
+    let err = client.retrieve_workflow("wf-par").await.unwrap_err();
+    assert_eq!(err.kind(), jetq::ErrorKind::NotFound);
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move { client.retrieve_workflow_created("wf-par", WAIT).await })
+    };
+    let worker = jetq::Worker::builder(broker.clone())
+        .task("wf.double", double)
+        .task("wf.parent", parent)
+        .task("wf.patient", patient)
+        .spawn()
+        .unwrap();
+    let run = client
+        .workflow("wf.parent")
+        .id("wf-par")
+        .args(&21)
+        .metadata("tenant", "acme")
+        .publish()
+        .await
+        .unwrap();
+    let found = waiting.await.unwrap().unwrap();
+    assert_eq!(found.workflow_id(), "wf-par");
+    assert_eq!(
+        found.result::<String>(WAIT).await.unwrap(),
+        "wf-par-c0 gave 42"
+    );
+    assert_eq!(run.record().await.unwrap().attempts, 1);
+    // The child: its derived id, the parent's metadata, run once.
+    let child = client.record("wf-par-c0").await.unwrap();
+    assert_eq!(child.status, Status::Succeeded);
+    assert_eq!(child.metadata.get("tenant"), Some(&json!("acme")));
+    assert_eq!(child.attempts, 1);
+    let names: Vec<String> = client
+        .steps("wf-par")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "start:wf.double",
+            "sleep",
+            "deadline:join:wf-par-c0",
+            "join:wf-par-c0"
+        ]
+    );
+
+    // A suspended run is cancelled at once; its wake-up never runs it.
+    let patient = client
+        .workflow("wf.patient")
+        .id("wf-pat")
+        .publish()
+        .await
+        .unwrap();
+    until(&broker, "wf-pat", |r| r.status == Status::Suspended).await;
+    let cancelled = client.cancel("wf-pat").await.unwrap();
+    assert_eq!(cancelled.status, Status::Cancelled);
+    assert_eq!(patient.wait(WAIT).await.unwrap().status, Status::Cancelled);
+    assert!(
+        !broker.wake("wf-pat").await.unwrap(),
+        "the wake-up schedule was removed"
+    );
+    worker.shutdown().await.unwrap();
+}
