@@ -163,7 +163,7 @@ struct StepsArgs {
 
 async fn steps(wf: WorkflowContext, Args(args): Args<StepsArgs>) -> Result<u32, TaskError> {
     for i in 0..args.count {
-        let id = wf.id().to_owned();
+        let id = wf.workflow_id().to_owned();
         wf.step(&format!("step_{i}"), async move {
             println!("step {i} of {id}");
             tokio::time::sleep(Duration::from_millis(args.ms)).await;

@@ -217,6 +217,11 @@ impl WorkflowContext {
         self.ctx.id()
     }
 
+    /// The workflow's id (DBOS's name for [`id`](Self::id)).
+    pub fn workflow_id(&self) -> &str {
+        self.ctx.id()
+    }
+
     /// The attempt's context.
     pub fn context(&self) -> &Context {
         &self.ctx
