@@ -141,15 +141,19 @@ async fn main() -> ExitCode {
 
 /// Record the tracing middleware's spans with the OpenTelemetry SDK (no
 /// exporter: what is measured is making the spans, not sending them).
-/// Only the runs with middleware make spans; jetq's own per-delivery span
-/// and events below INFO stay off, as without a subscriber.
+/// Only the tracing middleware's spans are enabled (its target): jetq's own
+/// per-delivery span (`jetq.task`, INFO) and every other span and event stay
+/// off, as without a subscriber, so that the runs without middleware
+/// measure what they measured before this subscriber existed.
 fn install_tracing() {
     use opentelemetry::trace::TracerProvider as _;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::Layer;
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let only_middleware = tracing_subscriber::filter::Targets::new()
+        .with_target(jetq_middleware::trace::TARGET, tracing::Level::INFO);
     let layer = jetq_middleware::trace::layer(provider.tracer("jetq-bench"))
-        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+        .with_filter(only_middleware);
     let subscriber = tracing_subscriber::registry().with(layer);
     if tracing::subscriber::set_global_default(subscriber).is_err() {
         eprintln!("jetq-bench: a tracing subscriber is already set; spans go there");
