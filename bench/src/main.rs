@@ -152,8 +152,8 @@ fn install_tracing() {
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
     let only_middleware = tracing_subscriber::filter::Targets::new()
         .with_target(jetq_middleware::trace::TARGET, tracing::Level::INFO);
-    let layer = jetq_middleware::trace::layer(provider.tracer("jetq-bench"))
-        .with_filter(only_middleware);
+    let layer =
+        jetq_middleware::trace::layer(provider.tracer("jetq-bench")).with_filter(only_middleware);
     let subscriber = tracing_subscriber::registry().with(layer);
     if tracing::subscriber::set_global_default(subscriber).is_err() {
         eprintln!("jetq-bench: a tracing subscriber is already set; spans go there");

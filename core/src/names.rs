@@ -21,8 +21,17 @@ pub const MAX_QUEUE_LEN: usize = 64;
 /// Longest task name accepted.
 pub const MAX_TASK_LEN: usize = 128;
 
-fn token_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+fn token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// The first character of `value` that may not be in a token, if any.
+/// Checked byte by byte (names are checked several times per request): a
+/// byte that is not an allowed ASCII one starts the offending character,
+/// since every byte before it is ASCII.
+fn first_bad_char(value: &str) -> Option<char> {
+    let at = value.bytes().position(|b| !token_byte(b))?;
+    value.get(at..).and_then(|rest| rest.chars().next())
 }
 
 fn describe(c: char) -> String {
@@ -46,7 +55,7 @@ fn check_token(what: &str, value: &str, max: usize) -> Result<()> {
             format!("{what} is {} bytes long; the limit is {max}", value.len()),
         ));
     }
-    if let Some(c) = value.chars().find(|c| !token_char(*c)) {
+    if let Some(c) = first_bad_char(value) {
         return Err(Error::new(
             ErrorKind::InvalidName,
             format!(
@@ -92,7 +101,7 @@ pub fn validate_task(task: &str) -> Result<()> {
                 format!("task name {task:?} has an empty token; use tokens like `images.resize`"),
             ));
         }
-        if let Some(c) = token.chars().find(|c| !token_char(*c)) {
+        if let Some(c) = first_bad_char(token) {
             return Err(Error::new(
                 ErrorKind::InvalidName,
                 format!(
@@ -185,6 +194,17 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_offending_character_is_named_whole() {
+        // A multi-byte character after ASCII ones is named as it is.
+        let msg = validate_id("abcä").unwrap_err().to_string();
+        assert!(msg.contains("`\\u{e4}`"), "{msg}");
+        let msg = validate_task("ok.täsk").unwrap_err().to_string();
+        assert!(msg.contains("\\u{e4}"), "{msg}");
+        let msg = validate_id("a b").unwrap_err().to_string();
+        assert!(msg.contains("whitespace"), "{msg}");
     }
 
     #[test]

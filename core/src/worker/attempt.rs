@@ -287,7 +287,11 @@ pub(super) async fn process(
             std::future::pending::<()>().await
         };
         let started = tokio::time::Instant::now();
+        // `biased`: the task first, so that one that finishes at its first
+        // poll (most quick tasks) never registers the timers and the stop
+        // waiter of the other branches, and no random branch order is drawn.
         let outcome = tokio::select! {
+            biased;
             r = run => Some(r),
             _ = keepalive => None,
             _ = mark_running => None,
