@@ -53,6 +53,8 @@ pub(crate) struct ContextInner {
     pub(crate) timeout: Option<Duration>,
     /// The client the task publishes children with (without a parent).
     pub(crate) client: Client,
+    /// A workflow wait longer than this suspends the run.
+    pub(crate) suspend_after: Duration,
     /// Values middleware gave this attempt, by type (shared with the
     /// contexts derived from it).
     pub(crate) extensions: Arc<Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>>,
@@ -268,6 +270,7 @@ impl Context {
                 sink: Arc::clone(&inner.sink),
                 timeout: inner.timeout,
                 client: inner.client.clone(),
+                suspend_after: inner.suspend_after,
                 extensions: Arc::clone(&inner.extensions),
             }),
         }

@@ -378,3 +378,24 @@ async fn a_woken_run_that_fails_is_retried_on_its_wake_up_message() {
     assert_eq!(runs.after.load(Ordering::SeqCst), 2);
     w.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_worker_can_suspend_every_wait() {
+    async fn short_nap(wf: WorkflowContext) -> Result<u32, TaskError> {
+        wf.sleep(Duration::from_millis(300)).await?;
+        Ok(wf.context().attempt())
+    }
+    let broker = MemoryBroker::new();
+    let w = Worker::builder(broker.clone())
+        .suspend_after(Duration::ZERO)
+        .task("short_nap", short_nap)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let run = client.task("short_nap").id("sn-1").publish().await.unwrap();
+    // 300 ms is below the default threshold; this worker suspends anyway.
+    let suspended = until(&broker, "sn-1", |r| r.status == Status::Suspended).await;
+    assert_eq!(suspended.waiting.as_deref(), Some("sleep"));
+    assert_eq!(run.result::<u32>(WAIT).await.unwrap(), 1);
+    w.shutdown().await.unwrap();
+}

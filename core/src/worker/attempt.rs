@@ -235,6 +235,7 @@ pub(super) async fn process(
                 sink: Arc::clone(&writer) as Arc<dyn RecordSink>,
                 timeout: entry.timeout,
                 client: env.client.clone(),
+                suspend_after: env.suspend_after,
                 extensions: Arc::default(),
             }),
         };

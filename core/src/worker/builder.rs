@@ -119,6 +119,7 @@ pub struct WorkerBuilder {
     pub(super) ack_wait: Duration,
     pub(super) shutdown_timeout: Duration,
     pub(super) running_after: Duration,
+    pub(super) suspend_after: Duration,
     pub(super) middleware: Vec<Arc<dyn Middleware>>,
     pub(super) client: Option<Client>,
     /// Registrations refused before `build` (an invalid workflow): `build`
@@ -249,6 +250,17 @@ impl WorkerBuilder {
         self
     }
 
+    /// How long a workflow may wait (a `sleep`, a `recv`, a `join`) inside
+    /// its attempt, holding its slot, before it is suspended instead
+    /// (default [`SUSPEND_AFTER`](crate::workflow::SUSPEND_AFTER), 2 s).
+    /// `Duration::ZERO` suspends at every wait; a long one keeps short
+    /// waits in the attempt, as a timer instead of two record writes and a
+    /// scheduled message.
+    pub fn suspend_after(mut self, after: Duration) -> Self {
+        self.suspend_after = after;
+        self
+    }
+
     /// Add a middleware around every attempt of every task of this worker
     /// (see [`middleware`](crate::middleware)). The first added is the
     /// outermost; a task's own middleware run inside the worker's.
@@ -358,6 +370,7 @@ impl WorkerBuilder {
                 shared: Arc::new(self.shared),
                 ack_wait: self.ack_wait,
                 running_after: self.running_after,
+                suspend_after: self.suspend_after,
                 concluding: Arc::new(Semaphore::new(self.concurrency * PIPELINE_DEPTH)),
                 slots: Arc::new(Semaphore::new(self.concurrency)),
                 task_micros: AtomicU64::new(u64::MAX),

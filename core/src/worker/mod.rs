@@ -100,6 +100,7 @@ struct Env {
     shared: Arc<Shared>,
     ack_wait: Duration,
     running_after: Duration,
+    suspend_after: Duration,
     /// Attempts whose task has returned and whose outcome is being written
     /// and settled, at most [`PIPELINE_DEPTH`] per task slot.
     concluding: Arc<Semaphore>,
@@ -284,6 +285,7 @@ impl Worker {
             ack_wait: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             running_after: DEFAULT_RUNNING_AFTER,
+            suspend_after: crate::workflow::SUSPEND_AFTER,
             middleware: Vec::new(),
             client: None,
             refused: Vec::new(),

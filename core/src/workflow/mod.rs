@@ -91,9 +91,11 @@ pub struct StepRecord {
     pub at: OffsetDateTime,
 }
 
-/// A wait longer than this (a durable sleep, a `recv`) suspends the run:
-/// its worker slot and message are released, and a wake-up message resumes
-/// it. Shorter waits are waited out in the attempt.
+/// By default, a wait longer than this (a durable sleep, a `recv`, a
+/// `join`) suspends the run: its worker slot and message are released, and
+/// a wake-up message resumes it. Shorter waits are waited out in the
+/// attempt. A worker sets its own with
+/// [`WorkerBuilder::suspend_after`](crate::WorkerBuilder::suspend_after).
 pub const SUSPEND_AFTER: Duration = Duration::from_secs(2);
 
 /// The error kind of a `recv` whose message is not of the type asked for.
@@ -380,7 +382,8 @@ impl WorkflowContext {
 
     /// Sleep durably for `duration`: the wake-up time is checkpointed first
     /// (as step `sleep`), so a run resumed after a crash waits only for the
-    /// time left. A sleep longer than [`SUSPEND_AFTER`] suspends the run: it
+    /// time left. A sleep longer than the worker's `suspend_after` (default
+    /// [`SUSPEND_AFTER`]) suspends the run: it
     /// holds no worker slot meanwhile, and any worker resumes it when due.
     pub async fn sleep(&self, duration: Duration) -> Result<(), TaskError> {
         let deadline: Deadline = self
@@ -395,7 +398,7 @@ impl WorkflowContext {
             let Some(left) = left_until(until) else {
                 return Ok(());
             };
-            if left > SUSPEND_AFTER {
+            if left > self.ctx.inner.suspend_after {
                 return Err(TaskError::suspend(Suspension {
                     until,
                     waiting: "sleep".to_owned(),
@@ -414,7 +417,7 @@ impl WorkflowContext {
     /// received, waiting up to `timeout` for one; `None` on timeout. The
     /// outcome, a timeout included, is checkpointed (as steps
     /// `deadline:recv:<topic>` and `recv:<topic>`), so a message is received
-    /// exactly once across crashes. A wait longer than [`SUSPEND_AFTER`]
+    /// exactly once across crashes. A wait longer than the worker's `suspend_after`
     /// suspends the run; a message sent to it wakes it at once. A message
     /// that does not decode as `T` fails the run (kind `invalid_message`).
     pub async fn recv<T: DeserializeOwned>(
@@ -503,7 +506,7 @@ impl WorkflowContext {
                 };
                 return self.record(position, name, Ok(timed_out)).await;
             };
-            if left > SUSPEND_AFTER {
+            if left > self.ctx.inner.suspend_after {
                 return Err(TaskError::suspend(Suspension {
                     until,
                     waiting: name.to_owned(),
@@ -572,7 +575,7 @@ impl WorkflowContext {
     /// child's error kind; no end in time gives a permanent error of kind
     /// `timeout`. The deadline and the outcome are checkpointed (steps
     /// `deadline:join:<child id>` and `join:<child id>`). A wait longer than
-    /// [`SUSPEND_AFTER`] suspends this run; the child's end wakes it.
+    /// the worker's `suspend_after` suspends this run; the child's end wakes it.
     pub async fn join<T: DeserializeOwned>(
         &self,
         child: &Child,
@@ -655,7 +658,7 @@ impl WorkflowContext {
         let Some(left) = left_until(until) else {
             return self.record(position, name, Ok(timed_out())).await;
         };
-        if left > SUSPEND_AFTER {
+        if left > self.ctx.inner.suspend_after {
             return Err(TaskError::suspend(Suspension {
                 until,
                 waiting: name.to_owned(),
