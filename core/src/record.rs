@@ -182,6 +182,10 @@ pub struct Record {
     /// workflow: only a message carrying it takes the record over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<String>,
+    /// The request whose task published this one (the envelope's `parent`),
+    /// woken when this one ends if it is a workflow waiting for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     /// Fields this version does not know (written by a newer one), kept as
     /// they are when the record is rewritten.
     #[serde(flatten)]
@@ -214,6 +218,7 @@ impl Record {
             seq: None,
             waiting: None,
             resume: None,
+            parent: req.parent.clone(),
             extra: Map::new(),
         }
     }
@@ -243,6 +248,7 @@ impl Record {
             seq: None,
             waiting: None,
             resume: None,
+            parent: None,
             extra: Map::new(),
         };
         record.mark_cancelled(now);

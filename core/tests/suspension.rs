@@ -399,3 +399,44 @@ async fn a_worker_can_suspend_every_wait() {
     assert_eq!(run.result::<u32>(WAIT).await.unwrap(), 1);
     w.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn cancelling_a_queued_child_wakes_its_waiting_parent() {
+    /// Starts a child on a queue no worker serves, and waits for it.
+    async fn waits_for_nobody(wf: WorkflowContext) -> Result<String, TaskError> {
+        let child = wf.start_child_on("unserved", "kid", 1).await?;
+        match wf.join::<i64>(&child, Duration::from_secs(600)).await {
+            Ok(v) => Ok(format!("got {v}")),
+            Err(e) if e.is_suspension() => Err(e),
+            Err(e) => Ok(format!("{} ended: {}", child.id(), e.kind())),
+        }
+    }
+    let broker = MemoryBroker::new();
+    let w = Worker::builder(broker.clone())
+        .task("waits_for_nobody", waits_for_nobody)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    let run = client
+        .task("waits_for_nobody")
+        .id("wfn-1")
+        .publish()
+        .await
+        .unwrap();
+    let waiting = until(&broker, "wfn-1", |r| r.status == Status::Suspended).await;
+    assert_eq!(waiting.waiting.as_deref(), Some("join:wfn-1-c0"));
+    let child = client.record("wfn-1-c0").await.unwrap();
+    assert_eq!(child.status, Status::Pending);
+    assert_eq!(child.parent.as_deref(), Some("wfn-1"));
+    // The child never ran: the client marks it cancelled, and wakes the
+    // parent (else it would wait for the join's 600 s timeout).
+    assert_eq!(
+        client.cancel("wfn-1-c0").await.unwrap().status,
+        Status::Cancelled
+    );
+    assert_eq!(
+        run.result::<String>(WAIT).await.unwrap(),
+        "wfn-1-c0 ended: cancelled"
+    );
+    w.shutdown().await.unwrap();
+}

@@ -532,6 +532,25 @@ impl WorkflowContext {
     /// auth context, and names this run as its `parent`. A child may be a
     /// task or a workflow. Await it with [`join`](Self::join).
     pub async fn start_child(&self, task: &str, args: impl Serialize) -> Result<Child, TaskError> {
+        self.start_child_inner(None, task, args).await
+    }
+
+    /// [`start_child`](Self::start_child) on queue `queue`.
+    pub async fn start_child_on(
+        &self,
+        queue: &str,
+        task: &str,
+        args: impl Serialize,
+    ) -> Result<Child, TaskError> {
+        self.start_child_inner(Some(queue), task, args).await
+    }
+
+    async fn start_child_inner(
+        &self,
+        queue: Option<&str>,
+        task: &str,
+        args: impl Serialize,
+    ) -> Result<Child, TaskError> {
         let name = format!("start:{task}");
         self.check_cancelled(&name)?;
         let position = self.positions.take();
@@ -546,9 +565,11 @@ impl WorkflowContext {
                     self.id()
                 ))
             })?;
-            self.ctx
-                .client()
-                .task(task)
+            let mut request = self.ctx.client().task(task);
+            if let Some(queue) = queue {
+                request = request.queue(queue);
+            }
+            request
                 .id(&id)
                 .args(&args)
                 .metadata_map(self.ctx.metadata().clone())
