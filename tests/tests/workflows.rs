@@ -144,6 +144,28 @@ async fn until(
     .unwrap_or_else(|_| panic!("record {id} never got there"))
 }
 
+/// Wait until the queue `default` has no delivery waiting for its
+/// acknowledgement (the consumer's state, read until it holds).
+async fn no_ack_pending(server: &NatsServer) {
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stream = js.get_stream("JETQ_TASKS").await.unwrap();
+        let consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer("jetq-default").await.unwrap();
+        let info = consumer.cached_info().clone();
+        if info.num_ack_pending == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "deliveries still unacknowledged: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn count_lines(logs: &[&Path], line: &str) -> usize {
     logs.iter()
         .map(|log| {
@@ -185,6 +207,11 @@ async fn a_checkout_killed_in_its_durable_sleep_is_resumed_by_another_worker_and
     })
     .await;
     assert_eq!(count_lines(&[&log1], "charging o1"), 1);
+    // The record says `suspended` before the wake-up is scheduled and the
+    // message acknowledged: kill once the suspension is complete, so that
+    // the kill falls in the sleep itself (a kill inside the suspension is
+    // an attempt cut short, and counted).
+    no_ack_pending(&server).await;
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     let _second = worker_logging_to(&server, "co-2", &log2);
@@ -194,9 +221,13 @@ async fn a_checkout_killed_in_its_durable_sleep_is_resumed_by_another_worker_and
     assert_eq!(rec.worker.as_deref(), Some("co-2"), "{rec:?}");
     assert_eq!(rec.attempts, 1, "suspensions are not attempts: {rec:?}");
     let wake = asleep.next_attempt_at.unwrap();
+    let finished = rec.finished_at.unwrap();
+    assert!(finished >= wake, "the sleep was not cut short: {rec:?}");
+    // Only the time left was waited after the kill: the run ended at its
+    // first wake-up time, not after another 5 s sleep.
     assert!(
-        rec.finished_at.unwrap() >= wake,
-        "the sleep was not cut short: {rec:?}"
+        finished < wake + jetq::time::Duration::seconds(4),
+        "the sleep was not started over: woke {wake}, finished {finished}"
     );
     let status: Option<String> = client.get_event(&id, "status", WAIT).await.unwrap();
     assert_eq!(status.as_deref(), Some("shipped"));
