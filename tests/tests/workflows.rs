@@ -384,3 +384,70 @@ async fn children_retrieval_and_cancellation_of_a_suspended_run_on_nats() {
     );
     worker.shutdown().await.unwrap();
 }
+
+/// Sleeps long enough to suspend, then returns how many attempts it took.
+async fn napper(wf: jetq::workflow::WorkflowContext) -> Result<u32, jetq::TaskError> {
+    wf.sleep(Duration::from_secs(4)).await?;
+    Ok(wf.context().attempt())
+}
+
+/// Waits for one message on topic `go`.
+async fn listener(wf: jetq::workflow::WorkflowContext) -> Result<Option<u32>, jetq::TaskError> {
+    wf.recv::<u32>(Some("go"), Duration::from_secs(120)).await
+}
+
+#[tokio::test]
+async fn suspended_workflows_survive_a_server_restart() {
+    let mut server = NatsServer::start();
+    let broker = connect(&server).await;
+    let client = Client::new(broker.clone());
+    let worker = jetq::Worker::builder(broker.clone())
+        .task("wf.napper", napper)
+        .task("wf.listener", listener)
+        .spawn()
+        .unwrap();
+    let nap = client
+        .workflow("wf.napper")
+        .id("wf-nap")
+        .publish()
+        .await
+        .unwrap();
+    let listen = client
+        .workflow("wf.listener")
+        .id("wf-listen")
+        .publish()
+        .await
+        .unwrap();
+    until(&broker, "wf-nap", |r| r.status == Status::Suspended).await;
+    until(&broker, "wf-listen", |r| r.status == Status::Suspended).await;
+    // Both wait on the server alone (a schedule, a record): restart it.
+    server = tokio::task::spawn_blocking(move || {
+        server.restart();
+        server
+    })
+    .await
+    .unwrap();
+    // The client may still be reconnecting: a transient error is retried,
+    // as a caller would.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match client.send("wf-listen", 7).topic("go").await {
+            Ok(_) => break,
+            Err(e)
+                if matches!(e.kind(), jetq::ErrorKind::Broker | jetq::ErrorKind::Timeout)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("sending after the restart: {e}"),
+        }
+    }
+    assert_eq!(listen.result::<Option<u32>>(WAIT).await.unwrap(), Some(7));
+    assert_eq!(
+        nap.result::<u32>(WAIT).await.unwrap(),
+        1,
+        "woken by its schedule after the restart, without another attempt"
+    );
+    worker.shutdown().await.unwrap();
+    drop(server);
+}
