@@ -589,27 +589,14 @@ impl NatsBroker {
 
     /// The mailbox stream for reading, as [`existing_bucket`](Self::existing_bucket).
     async fn existing_mail_stream(&self) -> Result<Option<&stream::Stream>> {
-        if let Some(stream) = self.inner.mail.get() {
-            return Ok(Some(stream));
-        }
-        if let Some(stream) = self.inner.read_mail.get() {
-            return Ok(Some(stream));
-        }
         let name = self.inner.config.mail_stream_name();
-        match self.inner.js.get_stream(name.as_str()).await {
-            Ok(stream) => {
-                let _ = self.inner.read_mail.set(stream);
-                Ok(self.inner.read_mail.get())
-            }
-            Err(err) => match lookup_failure(&err) {
-                Lookup::Missing => Ok(None),
-                Lookup::NoJetStream => Err(no_jetstream(&self.inner.config, err)),
-                Lookup::Other => Err(record(
-                    format!("cannot open the mailbox stream {name}"),
-                    err,
-                )),
-            },
-        }
+        self.existing_stream(
+            &self.inner.mail,
+            &self.inner.read_mail,
+            name,
+            "mailbox stream",
+        )
+        .await
     }
 
     /// Create the stream `config` describes, or bring one that exists with
@@ -710,25 +697,38 @@ impl NatsBroker {
 
     /// The dead-letter stream for reading, as [`existing_bucket`](Self::existing_bucket).
     async fn existing_dead_stream(&self) -> Result<Option<&stream::Stream>> {
-        if let Some(stream) = self.inner.dead.get() {
-            return Ok(Some(stream));
-        }
-        if let Some(stream) = self.inner.read_dead.get() {
-            return Ok(Some(stream));
-        }
         let name = self.inner.config.dead_stream_name();
+        self.existing_stream(
+            &self.inner.dead,
+            &self.inner.read_dead,
+            name,
+            "dead-letter stream",
+        )
+        .await
+    }
+
+    /// A stream for reading: the one this broker created (`created`), else
+    /// the existing one named `name`, opened without creating it and kept in
+    /// `opened`; `None` if there is none yet. `what` names it in errors.
+    async fn existing_stream<'a>(
+        &self,
+        created: &'a OnceCell<stream::Stream>,
+        opened: &'a OnceCell<stream::Stream>,
+        name: String,
+        what: &str,
+    ) -> Result<Option<&'a stream::Stream>> {
+        if let Some(stream) = created.get().or_else(|| opened.get()) {
+            return Ok(Some(stream));
+        }
         match self.inner.js.get_stream(name.as_str()).await {
             Ok(stream) => {
-                let _ = self.inner.read_dead.set(stream);
-                Ok(self.inner.read_dead.get())
+                let _ = opened.set(stream);
+                Ok(opened.get())
             }
             Err(err) => match lookup_failure(&err) {
                 Lookup::Missing => Ok(None),
                 Lookup::NoJetStream => Err(no_jetstream(&self.inner.config, err)),
-                Lookup::Other => Err(record(
-                    format!("cannot open the dead-letter stream {name}"),
-                    err,
-                )),
+                Lookup::Other => Err(record(format!("cannot open the {what} {name}"), err)),
             },
         }
     }

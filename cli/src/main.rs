@@ -457,14 +457,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                             ]
                         })
                         .collect();
-                    let width_of = |i: usize, min: usize| {
-                        rows.iter()
-                            .map(|r| r[i].chars().count())
-                            .max()
-                            .unwrap_or(min)
-                            .max(min)
-                    };
-                    let (width, task_width) = (width_of(0, 2), width_of(1, 4));
+                    let (width, task_width) =
+                        (column_width(&rows, 0, 2), column_width(&rows, 1, 4));
                     out!(
                         "{:width$}  {:task_width$}  {:30}  REASON",
                         "ID",
@@ -544,14 +538,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
                             ]
                         })
                         .collect();
-                    let width_of = |i: usize, min: usize| {
-                        rows.iter()
-                            .map(|r| r[i].chars().count())
-                            .max()
-                            .unwrap_or(min)
-                            .max(min)
-                    };
-                    let (name_width, outcome_width) = (width_of(1, 4), width_of(2, 7));
+                    let (name_width, outcome_width) =
+                        (column_width(&rows, 1, 4), column_width(&rows, 2, 7));
                     out!(
                         "{:>3}  {:name_width$}  {:outcome_width$}  TIME",
                         "POS",
@@ -613,6 +601,16 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             }
         },
     }
+}
+
+/// The width of column `i` of a table: its widest cell, at least `min`
+/// (the header's width).
+fn column_width<const N: usize>(rows: &[[String; N]], i: usize, min: usize) -> usize {
+    rows.iter()
+        .map(|r| r[i].chars().count())
+        .max()
+        .unwrap_or(min)
+        .max(min)
 }
 
 fn parse_metadata(metadata: Option<String>) -> Result<Map<String, Value>, String> {

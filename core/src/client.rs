@@ -370,7 +370,7 @@ impl Client {
                     } else {
                         self.after_cancel(id).await?;
                         if let Some(parent) = &record.parent {
-                            self.wake_parent(parent, id).await;
+                            crate::workflow::wake_parent(&*self.broker, parent, id).await;
                         }
                     }
                     return Ok(record);
@@ -383,24 +383,6 @@ impl Client {
             ErrorKind::Conflict,
             format!("record `{id}` keeps changing; cannot cancel it"),
         ))
-    }
-
-    /// Child `child` ended here (cancelled): wake its parent if that is a
-    /// workflow suspended in a `join` of it. Best effort: the parent wakes at
-    /// its join's timeout otherwise.
-    async fn wake_parent(&self, parent: &str, child: &str) {
-        let waits = match self.broker.get_record(parent).await {
-            Ok(Some(entry)) => Record::decode(parent, &entry.value).is_ok_and(|r| {
-                r.status == Status::Suspended
-                    && r.waiting.as_deref() == Some(format!("join:{child}").as_str())
-            }),
-            _ => false,
-        };
-        if waits {
-            if let Err(e) = self.broker.wake(parent).await {
-                tracing::debug!(parent, error = %e, "cannot wake the parent of a cancelled child");
-            }
-        }
     }
 
     /// A request not known to be running was marked `cancelled`: drop its

@@ -84,7 +84,7 @@ pub(super) async fn conclude(
     }
     if let (Ok(status), Some(parent)) = (&written, &writer.parent) {
         if status.is_terminal() {
-            wake_parent(env, parent, &writer.id).await;
+            crate::workflow::wake_parent(&*env.broker, parent, &writer.id).await;
         }
     }
     // `Term` means the dead letter is already stored (finish_failed, or the
@@ -515,20 +515,5 @@ pub(super) async fn suspend(
         }
         Ok(false) => {}
         Err(e) => warn!(error = %e, "cannot look at what a suspended workflow waits for"),
-    }
-}
-
-/// A child request ended: wake its parent if the parent is a workflow
-/// suspended waiting for it (a `join`).
-pub(super) async fn wake_parent(env: &Env, parent: &str, child: &str) {
-    let Some(record) = stored_record(env, parent).await else {
-        return;
-    };
-    let joining = format!("join:{child}");
-    if record.status == Status::Suspended && record.waiting.as_deref() == Some(joining.as_str()) {
-        debug!(parent, "waking the workflow that waits for this child");
-        if let Err(e) = env.broker.wake(parent).await {
-            warn!(parent, error = %e, "cannot wake the workflow that waits for this child");
-        }
     }
 }

@@ -476,11 +476,10 @@ impl WorkflowContext {
         let id = self.id();
         let from = self.positions.cursor(token).saturating_add(1);
         let mail_error = |e: crate::Error| {
-            let message = format!("the mailbox of workflow `{id}` is unavailable: {e}");
-            match e.kind() {
-                ErrorKind::Config | ErrorKind::InvalidName => TaskError::permanent(message),
-                _ => TaskError::new(message),
-            }
+            broker_failure(
+                format!("the mailbox of workflow `{id}` is unavailable: {e}"),
+                &e,
+            )
         };
         loop {
             // Watch first, then read: a message sent in between is not missed.
@@ -576,15 +575,7 @@ impl WorkflowContext {
                 .pending_record()
                 .publish()
                 .await
-                .map_err(|e| match e.kind() {
-                    ErrorKind::InvalidName
-                    | ErrorKind::PayloadTooLarge
-                    | ErrorKind::Config
-                    | ErrorKind::Serialization => {
-                        TaskError::permanent(format!("cannot start child `{task}`: {e}"))
-                    }
-                    _ => TaskError::new(format!("cannot start child `{task}`: {e}")),
-                })?;
+                .map_err(|e| broker_failure(format!("cannot start child `{task}`: {e}"), &e))?;
             Ok::<_, TaskError>(Child { id: id.clone() })
         };
         let outcome = started.await;
@@ -779,14 +770,37 @@ impl WorkflowContext {
                 .put_event(self.id(), key, Bytes::from(bytes))
                 .await
                 .map(|_| ())
-                .map_err(|e| match e.kind() {
-                    ErrorKind::InvalidName | ErrorKind::PayloadTooLarge | ErrorKind::Config => {
-                        TaskError::permanent(e.to_string())
-                    }
-                    _ => TaskError::new(format!("cannot set event `{key}`: {e}")),
-                })
+                .map_err(|e| broker_failure(format!("cannot set event `{key}`: {e}"), &e))
         })
         .await
+    }
+}
+
+/// Child request `child` ended: wake `parent` if it is a workflow suspended
+/// in a `join` of it (its worker, or a client that cancelled a child that
+/// never ran). Best effort: the parent wakes at its join's timeout otherwise.
+/// Only a child that `start_child` started (id `<parent>-c<n>`) can be
+/// joined, so other children of a task cost no record read.
+pub(crate) async fn wake_parent(broker: &dyn crate::broker::Broker, parent: &str, child: &str) {
+    let derived = child
+        .strip_prefix(parent)
+        .and_then(|rest| rest.strip_prefix("-c"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if !derived {
+        return;
+    }
+    let joining = match broker.get_record(parent).await {
+        Ok(Some(entry)) => crate::Record::decode(parent, &entry.value).is_ok_and(|r| {
+            r.status == crate::Status::Suspended
+                && r.waiting.as_deref() == Some(format!("join:{child}").as_str())
+        }),
+        _ => false,
+    };
+    if joining {
+        tracing::debug!(parent, "waking the workflow that waits for this child");
+        if let Err(e) = broker.wake(parent).await {
+            tracing::warn!(parent, error = %e, "cannot wake the workflow that waits for this child");
+        }
     }
 }
 
@@ -809,9 +823,21 @@ fn left_until(until: OffsetDateTime) -> Option<Duration> {
 /// The error of a step whose checkpoint cannot be read or written: retryable
 /// (an outage), unless the broker cannot hold workflows at all.
 fn unavailable(id: &str, position: u32, e: &crate::Error) -> TaskError {
-    let message = format!("the step log of workflow `{id}` (step {position}) is unavailable: {e}");
+    broker_failure(
+        format!("the step log of workflow `{id}` (step {position}) is unavailable: {e}"),
+        e,
+    )
+}
+
+/// The task error of a broker call that failed with `e`, saying `message`:
+/// permanent when no later attempt can do better (the broker cannot hold
+/// workflows, a name or a value it refuses), else retryable (an outage).
+fn broker_failure(message: String, e: &crate::Error) -> TaskError {
     match e.kind() {
-        ErrorKind::Config | ErrorKind::InvalidName => TaskError::permanent(message),
+        ErrorKind::Config
+        | ErrorKind::InvalidName
+        | ErrorKind::PayloadTooLarge
+        | ErrorKind::Serialization => TaskError::permanent(message),
         _ => TaskError::new(message),
     }
 }
