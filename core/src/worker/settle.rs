@@ -73,19 +73,8 @@ pub(super) async fn conclude(
         }
         other => other,
     };
-    if let (Ok(status), Some(address)) = (&written, &writer.notify) {
-        if status.is_terminal() {
-            if let Some(bytes) = writer.written().await {
-                if let Err(e) = env.broker.notify(address, bytes).await {
-                    debug!(error = %e, "cannot send the record to the producer's inbox");
-                }
-            }
-        }
-    }
-    if let (Ok(status), Some(parent)) = (&written, &writer.parent) {
-        if status.is_terminal() {
-            crate::workflow::wake_parent(&*env.broker, parent, &writer.id).await;
-        }
+    if matches!(&written, Ok(status) if status.is_terminal()) {
+        ended(env, writer).await;
     }
     // `Term` means the dead letter is already stored (finish_failed, or the
     // too-large path above); only a failure is written with it.
@@ -108,6 +97,20 @@ pub(super) async fn conclude(
     };
     if let Err(e) = result {
         warn!(error = %e, "acknowledgement failed; the request may run again");
+    }
+}
+
+/// The attempt wrote its request's final record: send it to the producer's
+/// inbox if the request named one, and wake the workflow waiting for it if
+/// it is a workflow's child.
+async fn ended(env: &Env, writer: &RecordWriter) {
+    if let (Some(address), Some(bytes)) = (&writer.notify, writer.written().await) {
+        if let Err(e) = env.broker.notify(address, bytes).await {
+            debug!(error = %e, "cannot send the record to the producer's inbox");
+        }
+    }
+    if let Some(parent) = &writer.parent {
+        crate::workflow::wake_parent(&*env.broker, parent, &writer.id).await;
     }
 }
 
@@ -444,11 +447,7 @@ pub(super) async fn suspend(
         Ok(Status::Suspended) => {}
         Ok(_) => {
             // Cancelled meanwhile: it ends here.
-            if let (Some(address), Some(bytes)) = (&writer.notify, writer.written().await) {
-                if let Err(e) = env.broker.notify(address, bytes).await {
-                    debug!(error = %e, "cannot send the record to the producer's inbox");
-                }
-            }
+            ended(env, writer).await;
             if let Err(e) = delivery.ack().await {
                 warn!(error = %e, "cannot acknowledge a cancelled workflow's message");
             }
