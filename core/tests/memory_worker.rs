@@ -803,3 +803,50 @@ async fn a_request_cancelled_while_it_waits_for_a_slot_never_starts() {
     assert_eq!(h.victim_ran.load(Ordering::SeqCst), 0, "the victim ran");
     assert_eq!(broker.queued("default"), 0);
 }
+
+/// Attempts start inside their queue's driver task; one whose handler keeps
+/// computing between awaits moves to a task of its own. Two such handlers
+/// then compute at the same time on a two-thread runtime (inside a single
+/// driver they would take turns: never both at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_computing_between_awaits_run_in_parallel() {
+    static INSIDE: AtomicUsize = AtomicUsize::new(0);
+    static MOST: AtomicUsize = AtomicUsize::new(0);
+    async fn compute() -> Result<(), TaskError> {
+        for _ in 0..400 {
+            let now = INSIDE.fetch_add(1, Ordering::SeqCst) + 1;
+            MOST.fetch_max(now, Ordering::SeqCst);
+            // Busy for 2 ms without awaiting, as a computation would be.
+            let until = std::time::Instant::now() + Duration::from_millis(2);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            INSIDE.fetch_sub(1, Ordering::SeqCst);
+            if MOST.load(Ordering::SeqCst) >= 2 {
+                return Ok(());
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(())
+    }
+    let broker = MemoryBroker::new();
+    let w = start(
+        Worker::builder(broker.clone())
+            .concurrency(2)
+            .task("demo.compute", compute),
+    );
+    let client = Client::new(broker);
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        handles.push(client.task("demo.compute").publish().await.unwrap());
+    }
+    for handle in handles {
+        handle.result::<()>(WAIT).await.unwrap();
+    }
+    assert_eq!(
+        MOST.load(Ordering::SeqCst),
+        2,
+        "the two handlers never computed at the same time"
+    );
+    w.shutdown().await.unwrap();
+}

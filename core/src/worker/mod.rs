@@ -5,7 +5,7 @@
 //! - this module: the running [`Worker`], its shared environment (`Env`),
 //!   cancellation signals and shutdown;
 //! - `pull`: one loop per queue taking deliveries against the worker's
-//!   allowances and spawning one attempt each;
+//!   allowances and running one attempt each in the queue's driver task;
 //! - `attempt`: one delivery's life (checks, claim, the task, its outcome);
 //! - `record`: the record protocol (claim, revision-checked writes);
 //! - `settle`: writing the outcome and settling the message (ack, nak,

@@ -1,4 +1,5 @@
-//! Pulling deliveries from a queue's consumer and handing each to its own attempt.
+//! Pulling deliveries from a queue's consumer and running an attempt for
+//! each, in the queue's driver task.
 
 use super::*;
 
@@ -13,6 +14,8 @@ pub(super) async fn pull_loop(
     stop: CancellationToken,
     hard_stop: CancellationToken,
 ) {
+    let (attempts, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tracker.spawn(drive(receiver));
     let mut backoff = Duration::from_millis(100);
     let mut refreshed = tokio::time::Instant::now();
     loop {
@@ -112,14 +115,110 @@ pub(super) async fn pull_loop(
                         hard_stop,
                     );
                     // Boxed: the attempt's state machine is several
-                    // kilobytes, and tokio would copy it by value into the
-                    // task (twice) and again when it completes.
-                    tracker.spawn(Box::pin(attempt));
+                    // kilobytes, and it may move to a task of its own.
+                    let _ = attempts.send(Inline::new(Box::pin(attempt), tracker.clone()));
                 }
                 Some(Err(e)) => {
                     debug!(queue = %queue, error = %e, "pull ended with an error");
                     break;
                 }
+            }
+        }
+    }
+}
+
+/// How much time an attempt may spend being polled (running its own code
+/// and its handler's, not waiting) inside its pull loop's driver before it
+/// moves to a tokio task of its own.
+const INLINE_BUSY: Duration = Duration::from_millis(1);
+
+/// Run the attempts handed over by a pull loop, all in this one task, until
+/// the loop is gone and every attempt has ended.
+///
+/// One task for the attempts of a queue, rather than one tokio task each:
+/// the broker operations of all the attempts woken together (acks, record
+/// reads and writes, notifications) then reach the connection in one go and
+/// leave in one socket write, and waking an attempt costs no scheduling. An
+/// attempt that keeps the driver busy (a handler computing between its
+/// awaits) moves to a task of its own, so that it runs beside the others
+/// on another thread. A handler that blocks its thread without awaiting
+/// holds up every attempt of its driver until it returns: blocking work
+/// belongs in [`Task::blocking`](crate::Task::blocking).
+async fn drive(mut receiver: tokio::sync::mpsc::UnboundedReceiver<Inline>) {
+    use futures_util::stream::FuturesUnordered;
+    use std::task::Poll;
+    let mut running: FuturesUnordered<Inline> = FuturesUnordered::new();
+    let mut open = true;
+    std::future::poll_fn(|cx| {
+        while open {
+            match receiver.poll_recv(cx) {
+                Poll::Ready(Some(attempt)) => running.push(attempt),
+                Poll::Ready(None) => open = false,
+                Poll::Pending => break,
+            }
+        }
+        while let Poll::Ready(Some(())) = running.poll_next_unpin(cx) {}
+        if !open && running.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// One attempt run inside a driver; it moves to a task of its own (the
+/// tracker's, which shutdown waits for) once it has kept the driver busy
+/// for [`INLINE_BUSY`] in all.
+pub(super) struct Inline {
+    attempt: Option<BoxFuture<'static, ()>>,
+    busy: Duration,
+    tracker: TaskTracker,
+}
+
+impl Inline {
+    pub(super) fn new(attempt: BoxFuture<'static, ()>, tracker: TaskTracker) -> Inline {
+        Inline {
+            attempt: Some(attempt),
+            busy: Duration::ZERO,
+            tracker,
+        }
+    }
+}
+
+impl Future for Inline {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let Some(attempt) = this.attempt.as_mut() else {
+            return Poll::Ready(());
+        };
+        let started = std::time::Instant::now();
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attempt.as_mut().poll(cx)));
+        match polled {
+            Ok(Poll::Ready(())) => Poll::Ready(()),
+            Ok(Poll::Pending) => {
+                this.busy += started.elapsed();
+                if this.busy >= INLINE_BUSY {
+                    if let Some(attempt) = this.attempt.take() {
+                        this.tracker.spawn(attempt);
+                    }
+                    return Poll::Ready(());
+                }
+                Poll::Pending
+            }
+            Err(_) => {
+                // Handlers' and middleware's panics are caught inside the
+                // attempt; this is one in jetq's own code. The delivery is
+                // left unacknowledged: it comes back after the ack wait.
+                error!("an attempt panicked; its request will be delivered again");
+                Poll::Ready(())
             }
         }
     }
