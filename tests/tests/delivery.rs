@@ -612,3 +612,69 @@ async fn a_value_too_large_for_a_record_fails_once_with_a_clear_reason() {
     assert!(client.dead_letter(handle.id()).await.unwrap().is_some());
     worker.shutdown().await.unwrap();
 }
+
+/// The server delivers a message again while its attempt still runs on the
+/// same worker (here: the queue's ack wait was shortened under the worker,
+/// which keeps sending keep-alives at the old pace until it reads the new
+/// one): the second delivery leaves the message to that attempt instead of
+/// taking the record over and running the task a second time.
+#[tokio::test]
+async fn a_delivery_of_a_message_whose_attempt_runs_here_is_left_to_that_attempt() {
+    let (server, broker) = server_and_broker().await;
+    let runs = Arc::new(AtomicU32::new(0));
+    async fn linger(State(runs): State<Arc<AtomicU32>>) -> Result<u32, TaskError> {
+        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        Ok(n)
+    }
+    let worker = Worker::builder(broker.clone())
+        .name("lingering")
+        .ack_wait(Duration::from_secs(30))
+        .state(Arc::clone(&runs))
+        .task("demo.linger", linger)
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    let client = Client::new(broker.clone());
+    // Once a request has run, the worker's consumer is there.
+    let warm = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 1, "b": 1}));
+    assert_eq!(
+        warm.publish()
+            .await
+            .unwrap()
+            .result::<i64>(WAIT)
+            .await
+            .unwrap(),
+        2
+    );
+    // The queue's ack wait, shortened to 1 s behind the worker's back.
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nats);
+    let stream = js.get_stream(broker.stream_name()).await.unwrap();
+    let name = broker.consumer_name("default").unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(&name).await.unwrap();
+    let mut config = consumer.info().await.unwrap().config.clone();
+    config.ack_wait = Duration::from_secs(1);
+    stream.update_consumer(config).await.unwrap();
+    let handle = client.task("demo.linger").publish().await.unwrap();
+    let record = handle.wait(WAIT).await.unwrap();
+    assert_eq!(record.status, Status::Succeeded, "{record:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the task ran again: {record:?}"
+    );
+    assert_eq!(record.attempts, 1, "{record:?}");
+    assert_eq!(record.value, Some(serde_json::json!(1)));
+    let info = consumer.info().await.unwrap();
+    assert!(
+        // Two messages (the warm-up, this one), so more deliveries than that.
+        info.delivered.consumer_sequence > info.delivered.stream_sequence,
+        "the message was never delivered again, so this tested nothing: {info:?}"
+    );
+    assert_eq!(stored_requests(&server).await, 0);
+    worker.shutdown().await.unwrap();
+}

@@ -29,6 +29,20 @@ pub(super) async fn process(
     hard_stop: CancellationToken,
 ) {
     let info = delivery.info();
+    // A message this worker already has an attempt for: the server
+    // delivered it again because its ack wait passed without a keep-alive
+    // (they could not reach it during a reconnection, or the runtime was
+    // blocked). That attempt settles the message; this delivery leaves it
+    // alone (and keeps it from being delivered again meanwhile), rather
+    // than take over a record whose attempt is alive.
+    let Some(_live) = env.take_live(info.sequence) else {
+        debug!(
+            seq = info.sequence,
+            "delivered again while its attempt runs here; leaving it to that attempt"
+        );
+        let _ = delivery.in_progress().await;
+        return;
+    };
     let request = match Request::from_json(delivery.payload()) {
         Ok(r) => r,
         Err(e) => {

@@ -377,6 +377,7 @@ impl WorkerBuilder {
                 running: StdMutex::new(HashMap::new()),
                 next_registration: AtomicU64::new(0),
                 cancelled: StdMutex::new(RecentIds::default()),
+                live: StdMutex::new(HashSet::new()),
             }),
             concurrency: self.concurrency,
             shutdown_timeout: self.shutdown_timeout,

@@ -117,6 +117,8 @@ struct Env {
     /// Ids whose cancel signal this worker saw lately: an `ignore_result`
     /// request among them reads its record before it runs.
     cancelled: StdMutex<RecentIds>,
+    /// Stream sequences of the messages this worker has an attempt for.
+    live: StdMutex<HashSet<u64>>,
 }
 
 /// The last [`RecentIds::CAPACITY`] ids seen, oldest forgotten first.
@@ -190,6 +192,17 @@ impl Env {
         }
     }
 
+    /// Mark message `sequence` as having an attempt here until the guard
+    /// is dropped; `None` if it already has one (the server delivered it
+    /// again while that attempt runs).
+    fn take_live(self: &Arc<Self>, sequence: u64) -> Option<Live> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.insert(sequence).then(|| Live {
+            env: Arc::clone(self),
+            sequence,
+        })
+    }
+
     /// The worker is shutting down: fire every running attempt's token. (An
     /// attempt's token is not a child of the worker's stop token: a child
     /// token per attempt took a lock on the parent shared by all attempts,
@@ -223,6 +236,19 @@ impl Env {
             .lock()
             .map(|c| c.contains(id))
             .unwrap_or(true)
+    }
+}
+
+/// A message with an attempt on this worker, from [`Env::take_live`].
+struct Live {
+    env: Arc<Env>,
+    sequence: u64,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let mut live = self.env.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.remove(&self.sequence);
     }
 }
 
