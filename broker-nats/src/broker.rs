@@ -38,6 +38,7 @@ use crate::error::{
     is_transient_code, jetstream_code, lookup_failure, management, no_jetstream, record, wrap,
     Lookup,
 };
+use crate::reader::RecordReader;
 
 // Headers of a dead letter (its payload is the original request).
 const DEAD_QUEUE: &str = "Jetq-Queue";
@@ -102,6 +103,8 @@ struct Inner {
     /// The connection's inbox prefix (`_INBOX` unless configured): record
     /// notifications go only to subjects right under it.
     inbox_prefix: String,
+    /// Reads of the record bucket, gathered into batches.
+    reader: std::sync::OnceLock<RecordReader>,
 }
 
 impl fmt::Debug for NatsBroker {
@@ -359,6 +362,7 @@ impl NatsBroker {
                 queues: Mutex::new(HashSet::new()),
                 reconnects,
                 inbox_prefix,
+                reader: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -1388,6 +1392,13 @@ impl NatsBroker {
         let Some(kv) = self.existing_bucket().await? else {
             return Ok(None);
         };
+        let reader = self
+            .inner
+            .reader
+            .get_or_init(|| RecordReader::start(self.inner.client.clone(), kv.clone()));
+        if let Some(read) = reader.get(key).await {
+            return read;
+        }
         let entry = kv
             .entry(key)
             .await

@@ -60,6 +60,7 @@ mod broker;
 mod config;
 mod consumer;
 mod error;
+mod reader;
 
 pub use async_nats;
 pub use broker::NatsBroker;

@@ -491,3 +491,49 @@ async fn a_request_published_as_a_worker_stops_is_not_stranded() {
     assert_eq!((rec.status, rec.attempts), (Status::Succeeded, 1));
     second.shutdown().await.unwrap();
 }
+
+/// Reads asked for together go out as one batch direct get: each gets its
+/// own entry (with its revision), `None` for a key never written or deleted,
+/// and a key asked for twice gets its entry both times.
+#[tokio::test]
+async fn record_reads_asked_for_together_each_get_their_own_entry() {
+    use jetq::broker::Broker;
+    let (server, broker) = server_and_broker().await;
+    let mut written = std::collections::HashMap::new();
+    for i in 0..40 {
+        let key = format!("batch-{i}");
+        let revision = broker
+            .create_record(&key, bytes::Bytes::from(format!("value {i}")))
+            .await
+            .unwrap();
+        written.insert(key, revision);
+    }
+    for i in (0..40).step_by(5) {
+        let key = format!("batch-{i}");
+        broker.delete_record(&key, written[&key]).await.unwrap();
+        written.remove(&key);
+    }
+    // A second connection, so that the reads are its first ones.
+    let reader = connect(&server).await;
+    let keys: Vec<String> = (0..60)
+        .map(|i| format!("batch-{i}"))
+        .chain(["batch-1".to_owned(), "batch-5".to_owned()])
+        .collect();
+    let reads = futures_util::future::join_all(keys.iter().map(|k| reader.get_record(k))).await;
+    for (key, read) in keys.iter().zip(reads) {
+        let entry = read.unwrap();
+        match written.get(key) {
+            Some(revision) => {
+                let entry = entry.unwrap_or_else(|| panic!("{key} was not found"));
+                let i = key.trim_start_matches("batch-");
+                assert_eq!(
+                    entry.value,
+                    bytes::Bytes::from(format!("value {i}")),
+                    "{key}"
+                );
+                assert_eq!(entry.revision, *revision, "{key}");
+            }
+            None => assert!(entry.is_none(), "{key} should have no entry"),
+        }
+    }
+}
