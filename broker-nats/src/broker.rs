@@ -1396,8 +1396,11 @@ impl NatsBroker {
             .inner
             .reader
             .get_or_init(|| RecordReader::start(self.inner.client.clone(), kv.clone()));
-        if let Some(read) = reader.get(key).await {
-            return read;
+        let in_flight = reader.enter();
+        if !in_flight.alone() {
+            if let Some(read) = reader.get(key).await {
+                return read;
+            }
         }
         let entry = kv
             .entry(key)

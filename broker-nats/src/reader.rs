@@ -10,11 +10,15 @@
 //! none is). Fresh requests have no record yet, so a batch of them costs
 //! two messages in all.
 //!
-//! A lone read goes out as the plain direct get it always was. A server
+//! A read begun while no other is under way goes out at once as the plain
+//! direct get it always was (one request in flight pays no extra hop); the
+//! reads that follow while it is out are gathered. A server
 //! that does not answer the batch form (a status other than end-of-batch
 //! and no-results) gets each read on its own from then on.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -45,6 +49,30 @@ struct Read {
 #[derive(Debug, Clone)]
 pub(crate) struct RecordReader {
     reads: mpsc::UnboundedSender<Read>,
+    /// Reads under way, batched or not.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// A read under way, from [`RecordReader::enter`].
+pub(crate) struct InFlight {
+    in_flight: Arc<AtomicUsize>,
+    alone: bool,
+}
+
+impl InFlight {
+    /// Whether no other read was under way when this one began: then it
+    /// goes out at once on its own (the hop through the reader task would
+    /// only add to its latency), and the reads that follow while it is out
+    /// are gathered.
+    pub(crate) fn alone(&self) -> bool {
+        self.alone
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl RecordReader {
@@ -52,7 +80,19 @@ impl RecordReader {
     pub(crate) fn start(client: Client, store: kv::Store) -> RecordReader {
         let (reads, receiver) = mpsc::unbounded_channel();
         tokio::spawn(run(client, store, receiver));
-        RecordReader { reads }
+        RecordReader {
+            reads,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Count a read as under way until the guard is dropped.
+    pub(crate) fn enter(&self) -> InFlight {
+        let before = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            in_flight: Arc::clone(&self.in_flight),
+            alone: before == 0,
+        }
     }
 
     /// The entry under `key`, read in a batch with the reads asked for at
