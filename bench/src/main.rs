@@ -116,6 +116,13 @@ enum Cmd {
     },
 }
 
+/// With `--features mimalloc`: the allocator's share of the cost (glibc's
+/// arenas lock when memory allocated on one thread is freed on another,
+/// which every message crossing the runtime's threads does).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let opts = Opts::parse();

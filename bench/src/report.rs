@@ -356,6 +356,7 @@ impl Line {
         for (k, v) in &self.settings {
             fields.push(((*k).to_owned(), v.clone()));
         }
+        fields.push(("allocator".to_owned(), ALLOCATOR.into()));
         let body: Vec<String> = fields
             .iter()
             .map(|(k, v)| format!("{}:{v}", Value::from(k.as_str())))
@@ -386,12 +387,19 @@ fn human(v: f64, unit: Unit) -> String {
     format!("{sign}{grouped}{frac}")
 }
 
+/// The global allocator of this build (`--features mimalloc`).
+pub(crate) const ALLOCATOR: &str = if cfg!(feature = "mimalloc") {
+    "mimalloc"
+} else {
+    "system"
+};
+
 /// The lines as a table.
 pub(crate) fn table(lines: &[Line], server_version: &str, tasks: u64, rounds: u64) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "jetq-bench: nats-server {server_version}, {tasks} tasks, {rounds} round{}; median [min – max] of the rounds",
+        "jetq-bench: nats-server {server_version}, {tasks} tasks, {rounds} round{}, {ALLOCATOR} allocator; median [min – max] of the rounds",
         if rounds == 1 { "" } else { "s" }
     );
     let width = lines
@@ -449,7 +457,9 @@ mod tests {
         };
         assert_eq!(
             line.json(),
-            r#"{"bench":"latency","raw_p50_us":400,"raw_p50_us_min":400,"raw_p50_us_max":400,"requests":300}"#
+            format!(
+                r#"{{"bench":"latency","raw_p50_us":400,"raw_p50_us_min":400,"raw_p50_us_max":400,"requests":300,"allocator":"{ALLOCATOR}"}}"#
+            )
         );
     }
 }
