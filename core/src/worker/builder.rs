@@ -39,6 +39,11 @@ impl Task {
     }
 
     /// A task served by a blocking handler, run off the async threads.
+    ///
+    /// For work that does not await (heavy computation, blocking I/O): an
+    /// async handler that blocks its thread also holds up the attempts that
+    /// started with it, which share one task of the worker's (see
+    /// [`Worker`](crate::Worker)).
     pub fn blocking<H, P>(name: impl Into<String>, handler: H) -> Self
     where
         H: BlockingHandler<P>,

@@ -277,6 +277,15 @@ impl Drop for Registration {
 }
 
 /// A worker: serves registered tasks on their queues until shut down.
+///
+/// The attempts of a queue start inside one task of the worker's (its
+/// driver), so that the broker operations of attempts woken together leave
+/// in one socket write. An attempt whose handler keeps computing between
+/// its awaits (about a millisecond of it in all) moves to a tokio task of
+/// its own and runs beside the others on another thread. A handler that
+/// blocks its thread without awaiting holds up the attempts of its driver
+/// until it returns: register blocking work with
+/// [`Task::blocking`](crate::Task::blocking).
 pub struct Worker {
     env: Arc<Env>,
     concurrency: usize,
