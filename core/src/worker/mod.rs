@@ -5,7 +5,8 @@
 //! - this module: the running [`Worker`], its shared environment (`Env`),
 //!   cancellation signals and shutdown;
 //! - `pull`: one loop per queue taking deliveries against the worker's
-//!   allowances and running one attempt each in the queue's driver task;
+//!   allowances and running one attempt each in the queue's driver (one
+//!   task per queue for both);
 //! - `attempt`: one delivery's life (checks, claim, the task, its outcome);
 //! - `record`: the record protocol (claim, revision-checked writes);
 //! - `settle`: writing the outcome and settling the message (ack, nak,
@@ -370,7 +371,8 @@ impl Worker {
             self.env.broker.ensure_queue(&queue).await?;
             let ack_wait =
                 Arc::new(SharedAckWait::read(&queue, &mut *consumer, self.env.ack_wait).await);
-            loops.push(tokio::spawn(pull_loop(
+            let (pulling, pulled) = tokio::sync::oneshot::channel();
+            tracker.spawn(serve_queue(
                 queue,
                 consumer,
                 ack_wait,
@@ -379,7 +381,9 @@ impl Worker {
                 tracker.clone(),
                 stop.clone(),
                 hard_stop.clone(),
-            )));
+                pulling,
+            ));
+            loops.push(pulled);
         }
         let listener = tokio::spawn(cancel_listener(Arc::clone(&self.env), stop.clone()));
         info!(worker = %self.env.name, queues = ?self.queues(), concurrency = self.concurrency, "worker started");

@@ -1,10 +1,37 @@
 //! Pulling deliveries from a queue's consumer and running an attempt for
-//! each, in the queue's driver task.
+//! each, in the queue's driver.
 
 use super::*;
 
+/// Serve one queue: its pull loop and the driver of its attempts, in one
+/// task (a delivery reaches its attempt without waking another task).
+/// `pulling` fires when the pull loop has stopped (after `stop`); the task
+/// itself ends when every attempt has ended too.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn pull_loop(
+pub(super) async fn serve_queue(
+    queue: String,
+    consumer: Box<dyn Consumer>,
+    ack_wait: Arc<SharedAckWait>,
+    env: Arc<Env>,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    pulling: tokio::sync::oneshot::Sender<()>,
+) {
+    let (attempts, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let pull = async move {
+        pull_loop(
+            queue, consumer, ack_wait, env, permits, tracker, stop, hard_stop, attempts,
+        )
+        .await;
+        let _ = pulling.send(());
+    };
+    tokio::join!(pull, drive(receiver));
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pull_loop(
     queue: String,
     mut consumer: Box<dyn Consumer>,
     ack_wait: Arc<SharedAckWait>,
@@ -13,9 +40,8 @@ pub(super) async fn pull_loop(
     tracker: TaskTracker,
     stop: CancellationToken,
     hard_stop: CancellationToken,
+    attempts: tokio::sync::mpsc::UnboundedSender<Inline>,
 ) {
-    let (attempts, receiver) = tokio::sync::mpsc::unbounded_channel();
-    tracker.spawn(drive(receiver));
     let mut backoff = Duration::from_millis(100);
     let mut refreshed = tokio::time::Instant::now();
     loop {
@@ -132,8 +158,8 @@ pub(super) async fn pull_loop(
 /// moves to a tokio task of its own.
 const INLINE_BUSY: Duration = Duration::from_millis(1);
 
-/// Run the attempts handed over by a pull loop, all in this one task, until
-/// the loop is gone and every attempt has ended.
+/// Run the attempts handed over by a pull loop, all in this one future (the
+/// queue's task), until the loop is gone and every attempt has ended.
 ///
 /// One task for the attempts of a queue, rather than one tokio task each:
 /// the broker operations of all the attempts woken together (acks, record
