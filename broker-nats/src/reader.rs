@@ -12,9 +12,10 @@
 //!
 //! A read begun while no other is under way goes out at once as the plain
 //! direct get it always was (one request in flight pays no extra hop); the
-//! reads that follow while it is out are gathered. A server
-//! that does not answer the batch form (a status other than end-of-batch
-//! and no-results) gets each read on its own from then on.
+//! reads that follow while it is out are gathered. A server that does not
+//! answer the batch form (a status other than end-of-batch and no-results:
+//! a server before 2.11, a bucket without direct gets, a stream without a
+//! leader for the moment) gets each read on its own for the next 30 s.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,6 +39,8 @@ use crate::error::record;
 const MAX_BATCH: usize = 256;
 /// How long a batch may go unanswered (as async-nats' request timeout).
 const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long reads go out one by one after the server refused a batch.
+const SINGLE_FOR: Duration = Duration::from_secs(30);
 
 /// One read asked for: a key of the record bucket and where its answer goes.
 struct Read {
@@ -146,6 +149,8 @@ async fn run(client: Client, store: kv::Store, mut receiver: mpsc::UnboundedRece
     let request_subject = format!("$JS.API.DIRECT.GET.{}", store.stream_name);
     let key_prefix = store.prefix.clone();
     let mut batches: HashMap<u64, Batch> = HashMap::new();
+    // Set when the server refused a batch: single reads until then.
+    let mut singles_until: Option<Instant> = None;
     let mut sent: u64 = 0;
     let mut singles = FuturesUnordered::new();
     let mut expiry = tokio::time::interval(BATCH_TIMEOUT / 5);
@@ -166,7 +171,8 @@ async fn run(client: Client, store: kv::Store, mut receiver: mpsc::UnboundedRece
                     }
                 }
                 let reads = std::mem::take(&mut buffer);
-                if reads.len() == 1 || replies.is_none() {
+                let paused = singles_until.is_some_and(|until| Instant::now() < until);
+                if reads.len() == 1 || replies.is_none() || paused {
                     for read in reads {
                         singles.push(single(&store, read));
                     }
@@ -227,9 +233,11 @@ async fn run(client: Client, store: kv::Store, mut receiver: mpsc::UnboundedRece
                         }
                     }
                     Some(status) => {
-                        // Not the batch form's answer: this server reads one by one.
-                        tracing::debug!(%status, description = ?message.description, "batch direct get refused; reading records one by one");
-                        replies = None;
+                        // Not the batch form's answer (a server before 2.11,
+                        // a bucket without direct gets, a stream without a
+                        // leader for now): read one by one for a while.
+                        tracing::debug!(%status, description = ?message.description, "batch direct get refused; reading records one by one for {SINGLE_FOR:?}");
+                        singles_until = Some(Instant::now() + SINGLE_FOR);
                         if let Some(batch) = batches.remove(&n) {
                             for read in batch.reads {
                                 singles.push(single(&store, read));

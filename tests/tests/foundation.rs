@@ -537,3 +537,55 @@ async fn record_reads_asked_for_together_each_get_their_own_entry() {
         }
     }
 }
+
+/// A bucket that does not answer batch direct gets (here: made by another
+/// tool without direct gets) still answers every read, one by one, and a
+/// refused batch does not hold up the reads in flight with it until their
+/// timeout (5 s).
+#[tokio::test]
+async fn record_reads_fall_back_to_single_reads_when_batches_are_refused() {
+    use async_nats::jetstream::stream;
+    use jetq::broker::Broker;
+    let (server, broker) = server_and_broker().await;
+    let bucket = broker.bucket_name();
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    js.create_stream(stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        allow_direct: false,
+        allow_rollup: true,
+        deny_delete: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for i in 0..20 {
+        js.publish(
+            format!("$KV.{bucket}.plain-{i}"),
+            format!("value {i}").into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let reader = connect(&server).await;
+    let started = std::time::Instant::now();
+    let keys: Vec<String> = (0..30).map(|i| format!("plain-{i}")).collect();
+    let reads = futures_util::future::join_all(keys.iter().map(|k| reader.get_record(k))).await;
+    for (i, read) in reads.into_iter().enumerate() {
+        let entry = read.unwrap();
+        if i < 20 {
+            let entry = entry.unwrap_or_else(|| panic!("plain-{i} was not found"));
+            assert_eq!(entry.value, bytes::Bytes::from(format!("value {i}")));
+        } else {
+            assert!(entry.is_none(), "plain-{i} should have no entry");
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the reads waited for a batch timeout: {:?}",
+        started.elapsed()
+    );
+}
