@@ -223,8 +223,8 @@ impl WorkerBuilder {
 
     /// How many tasks run at once (default 16). Around them the worker
     /// overlaps its own broker round trips: while tasks are quick (under
-    /// 20 ms on average) it takes up to four times as many deliveries and
-    /// reads their records ahead, and it writes up to four times as many
+    /// 10 ms on average) it takes up to eight times as many deliveries and
+    /// reads their records ahead, and it writes up to eight times as many
     /// outcomes at once; a task still starts only when one of these slots
     /// is free.
     pub fn concurrency(mut self, concurrency: usize) -> Self {

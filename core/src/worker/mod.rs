@@ -71,7 +71,7 @@ pub const DELIVERY_SLACK: u64 = 10;
 /// slot. Tasks still run at most `concurrency` at once; the broker round
 /// trips around them overlap, which is what a worker waits on with quick
 /// tasks.
-const PIPELINE_DEPTH: usize = 4;
+const PIPELINE_DEPTH: usize = 8;
 /// How long an attempt runs before its record says `running`.
 const DEFAULT_RUNNING_AFTER: Duration = Duration::from_millis(500);
 /// How often a pulling worker reads its queue's ack wait back from the
@@ -148,8 +148,10 @@ impl RecentIds {
     }
 }
 
-/// Tasks shorter than this on average let a worker read ahead.
-const READ_AHEAD_BELOW: Duration = Duration::from_millis(20);
+/// Tasks shorter than this on average let a worker read ahead. With
+/// [`PIPELINE_DEPTH`] deliveries per slot, a worker then holds at most about
+/// 70 ms of work per slot that another worker could have run.
+const READ_AHEAD_BELOW: Duration = Duration::from_millis(10);
 
 impl Env {
     /// Whether tasks have been quick enough to read the next deliveries'
