@@ -376,7 +376,7 @@ impl WorkerBuilder {
                 ack_wait: self.ack_wait,
                 running_after: self.running_after,
                 suspend_after: self.suspend_after,
-                concluding: Arc::new(Semaphore::new(self.concurrency * PIPELINE_DEPTH)),
+                concluding: Arc::new(Semaphore::new(pipeline(self.concurrency))),
                 slots: Arc::new(Semaphore::new(self.concurrency)),
                 task_micros: AtomicU64::new(u64::MAX),
                 running: StdMutex::new(HashMap::new()),

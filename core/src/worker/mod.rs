@@ -72,6 +72,19 @@ pub const DELIVERY_SLACK: u64 = 10;
 /// trips around them overlap, which is what a worker waits on with quick
 /// tasks.
 const PIPELINE_DEPTH: usize = 8;
+/// The most deliveries in each stage beyond what the concurrency itself
+/// needs: past a few hundred in flight, more only costs memory and CPU.
+const PIPELINE_MAX: usize = 512;
+
+/// Deliveries a worker of `concurrency` may have in each of its stages:
+/// [`PIPELINE_DEPTH`] per task slot, at most [`PIPELINE_MAX`], never fewer
+/// than the slots.
+fn pipeline(concurrency: usize) -> usize {
+    concurrency
+        .saturating_mul(PIPELINE_DEPTH)
+        .min(PIPELINE_MAX)
+        .max(concurrency)
+}
 /// How long an attempt runs before its record says `running`.
 const DEFAULT_RUNNING_AFTER: Duration = Duration::from_millis(500);
 /// How often a pulling worker reads its queue's ack wait back from the
@@ -103,7 +116,7 @@ struct Env {
     running_after: Duration,
     suspend_after: Duration,
     /// Attempts whose task has returned and whose outcome is being written
-    /// and settled, at most [`PIPELINE_DEPTH`] per task slot.
+    /// and settled, as many as [`pipeline`] allows.
     concluding: Arc<Semaphore>,
     /// Places for running tasks (the worker's concurrency). Deliveries are
     /// pulled against an allowance of their own, so that the next ones'
@@ -362,7 +375,7 @@ impl Worker {
         let hard_stop = CancellationToken::new();
         // Deliveries taken and having their records read: reading ahead is
         // bounded by this (and only happens while tasks are quick).
-        let permits = Arc::new(Semaphore::new(self.concurrency * PIPELINE_DEPTH));
+        let permits = Arc::new(Semaphore::new(pipeline(self.concurrency)));
         let tracker = TaskTracker::new();
         let mut loops = Vec::new();
         for queue in self.queues() {
