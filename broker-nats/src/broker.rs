@@ -38,7 +38,7 @@ use crate::error::{
     is_transient_code, jetstream_code, lookup_failure, management, no_jetstream, record, wrap,
     Lookup,
 };
-use crate::reader::RecordReader;
+use crate::reader::{read_entry, RecordReader};
 
 // Headers of a dead letter (its payload is the original request).
 const DEAD_QUEUE: &str = "Jetq-Queue";
@@ -1141,18 +1141,7 @@ impl NatsBroker {
         topic: Option<&str>,
     ) -> Result<BoxStream<'static, ()>> {
         let subject = self.mail_subject(id, topic)?;
-        let sub = self
-            .inner
-            .client
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| {
-                wrap(
-                    ErrorKind::Broker,
-                    format!("cannot subscribe to {subject}"),
-                    e,
-                )
-            })?;
+        let sub = self.subscribe(&subject).await?;
         Ok(Box::pin(sub.map(|_| ())))
     }
 
@@ -1288,12 +1277,11 @@ impl NatsBroker {
             .map_err(|e| wrap(ErrorKind::Broker, "cannot flush the cancellation signal", e))
     }
 
-    async fn cancel_signals_impl(&self) -> Result<BoxStream<'static, String>> {
-        let subject = format!("{}.cancel.*", self.inner.config.prefix);
-        let sub = self
-            .inner
+    /// A core NATS subscription to `subject`.
+    async fn subscribe(&self, subject: &str) -> Result<Subscriber> {
+        self.inner
             .client
-            .subscribe(subject.clone())
+            .subscribe(subject.to_owned())
             .await
             .map_err(|e| {
                 wrap(
@@ -1301,7 +1289,12 @@ impl NatsBroker {
                     format!("cannot subscribe to {subject}"),
                     e,
                 )
-            })?;
+            })
+    }
+
+    async fn cancel_signals_impl(&self) -> Result<BoxStream<'static, String>> {
+        let subject = format!("{}.cancel.*", self.inner.config.prefix);
+        let sub = self.subscribe(&subject).await?;
         let stream = sub.filter_map(|message| async move {
             message
                 .subject
@@ -1402,14 +1395,7 @@ impl NatsBroker {
                 return read;
             }
         }
-        let entry = kv
-            .entry(key)
-            .await
-            .map_err(|e| record(format!("cannot read record entry {key}"), e))?;
-        Ok(entry.and_then(|e| match e.operation {
-            Operation::Put => Some(RecordEntry::new(e.value, e.revision)),
-            Operation::Delete | Operation::Purge => None,
-        }))
+        read_entry(kv, key).await
     }
 
     async fn create_record_impl(&self, id: &str, value: Bytes) -> Result<u64> {
@@ -1447,18 +1433,7 @@ impl NatsBroker {
     /// NATS messages sent meanwhile are lost.
     async fn notifications_impl(&self) -> Result<Notifications> {
         let address = self.inner.client.new_inbox();
-        let sub = self
-            .inner
-            .client
-            .subscribe(address.clone())
-            .await
-            .map_err(|e| {
-                wrap(
-                    ErrorKind::Broker,
-                    format!("cannot subscribe to {address}"),
-                    e,
-                )
-            })?;
+        let sub = self.subscribe(&address).await?;
         let mut reconnects = self.inner.reconnects.clone();
         if let Some(rx) = reconnects.as_mut() {
             rx.mark_unchanged();
@@ -1527,18 +1502,7 @@ impl NatsBroker {
         };
         // Subscribe first, then read: an update committed in between arrives
         // on the subscription, and revisions drop what was already seen.
-        let sub = self
-            .inner
-            .client
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| {
-                wrap(
-                    ErrorKind::Broker,
-                    format!("cannot subscribe to {subject}"),
-                    e,
-                )
-            })?;
+        let sub = self.subscribe(&subject).await?;
         // A server that is down (or a leader election) does not end the
         // watch: the record is read again on reconnect, and soon anyway.
         let period = self.inner.config.watch_resync;

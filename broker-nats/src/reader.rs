@@ -294,14 +294,21 @@ fn entry_of(message: &Message, key_prefix: &str) -> Option<(String, Option<Recor
     Some((key, entry))
 }
 
-/// One read on its own: the plain direct get.
+/// One read on its own.
 async fn single(store: &kv::Store, read: Read) {
-    let result = match store.entry(&read.key).await {
-        Ok(entry) => Ok(entry.and_then(|e| match e.operation {
-            Operation::Put => Some(RecordEntry::new(e.value, e.revision)),
-            Operation::Delete | Operation::Purge => None,
-        })),
-        Err(e) => Err(record(format!("cannot read record entry {}", read.key), e)),
-    };
+    let result = read_entry(store, &read.key).await;
     let _ = read.answer.send(result);
+}
+
+/// The entry under `key`, read on its own (a direct get where the bucket
+/// allows it); `None` when there is none or it was deleted.
+pub(crate) async fn read_entry(store: &kv::Store, key: &str) -> Result<Option<RecordEntry>> {
+    let entry = store
+        .entry(key)
+        .await
+        .map_err(|e| record(format!("cannot read record entry {key}"), e))?;
+    Ok(entry.and_then(|e| match e.operation {
+        Operation::Put => Some(RecordEntry::new(e.value, e.revision)),
+        Operation::Delete | Operation::Purge => None,
+    }))
 }

@@ -69,6 +69,19 @@ impl ClaimStamp {
 }
 
 impl RecordWriter {
+    /// A writer for an attempt whose claim of `record` is stored (at
+    /// `revision`).
+    fn stored(
+        broker: Arc<dyn Broker>,
+        request: &Request,
+        record: Record,
+        revision: u64,
+        claim: ClaimStamp,
+    ) -> Self {
+        let base = (record.seq, record.attempts);
+        Self::new(broker, request, record, Some(revision), true, base, claim)
+    }
+
     /// A writer for an attempt that claims `stored` (revision `revision`, or
     /// none stored): `claim` says what the attempt writes; `claimed` whether
     /// `record` (the claimed record) is already stored.
@@ -471,16 +484,8 @@ pub(super) async fn claim(
             let attempt = record.attempts;
             match put_record(env, &request.id, &record, revision).await {
                 Ok(rev) => {
-                    let base = (record.seq, record.attempts);
-                    let writer = RecordWriter::new(
-                        Arc::clone(&env.broker),
-                        request,
-                        record,
-                        Some(rev),
-                        true,
-                        base,
-                        stamp,
-                    );
+                    let writer =
+                        RecordWriter::stored(Arc::clone(&env.broker), request, record, rev, stamp);
                     return Ok(if u64::from(attempt) > u64::from(max_retries) + 1 {
                         Claim::GiveUp(writer, attempt)
                     } else {
@@ -594,16 +599,8 @@ pub(super) async fn claim(
         match written {
             Ok(_) if cancelled => return Ok(Claim::Skip("cancelled by a client")),
             Ok(rev) => {
-                let base = (record.seq, record.attempts);
-                let writer = RecordWriter::new(
-                    Arc::clone(&env.broker),
-                    request,
-                    record,
-                    Some(rev),
-                    true,
-                    base,
-                    stamp,
-                );
+                let writer =
+                    RecordWriter::stored(Arc::clone(&env.broker), request, record, rev, stamp);
                 return Ok(if let Some(err) = fail {
                     Claim::Fail(writer, err)
                 } else if u64::from(attempt) > u64::from(max_retries) + 1 {

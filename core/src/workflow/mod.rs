@@ -291,6 +291,25 @@ impl WorkflowContext {
     }
 
     /// Stop at a step boundary if a client cancelled the run.
+    /// The deadline of wait `name` ending `timeout` from its first run
+    /// (checkpointed as step `deadline:<name>`, so a replay keeps it), once
+    /// the run is known not to be cancelled.
+    async fn wait_deadline(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<OffsetDateTime, TaskError> {
+        let deadline: Deadline = self
+            .step(&format!("deadline:{name}"), async move {
+                Ok::<_, TaskError>(Deadline {
+                    until: after(timeout),
+                })
+            })
+            .await?;
+        self.check_cancelled(name)?;
+        Ok(deadline.until)
+    }
+
     fn check_cancelled(&self, name: &str) -> Result<(), TaskError> {
         if self.ctx.is_cancelled_by_client() {
             return Err(TaskError::permanent(format!(
@@ -431,19 +450,12 @@ impl WorkflowContext {
             Some(t) => format!("recv:{t}"),
             None => "recv".to_owned(),
         };
-        let deadline: Deadline = self
-            .step(&format!("deadline:{name}"), async move {
-                Ok::<_, TaskError>(Deadline {
-                    until: after(timeout),
-                })
-            })
-            .await?;
-        self.check_cancelled(&name)?;
+        let until = self.wait_deadline(&name, timeout).await?;
         let position = self.positions.take();
         let received: Received = match self.checkpoint(position).await? {
             Some(stored) => self.replay(&stored, &name, position)?,
             None => {
-                self.wait_for_mail(position, &name, topic, token, deadline.until)
+                self.wait_for_mail(position, &name, topic, token, until)
                     .await?
             }
         };
@@ -594,19 +606,12 @@ impl WorkflowContext {
         timeout: Duration,
     ) -> Result<T, TaskError> {
         let name = format!("join:{}", child.id);
-        let deadline: Deadline = self
-            .step(&format!("deadline:{name}"), async move {
-                Ok::<_, TaskError>(Deadline {
-                    until: after(timeout),
-                })
-            })
-            .await?;
-        self.check_cancelled(&name)?;
+        let until = self.wait_deadline(&name, timeout).await?;
         let position = self.positions.take();
         let joined: Joined = match self.checkpoint(position).await? {
             Some(stored) => self.replay(&stored, &name, position)?,
             None => {
-                self.wait_for_child(position, &name, &child.id, deadline.until)
+                self.wait_for_child(position, &name, &child.id, until)
                     .await?
             }
         };
