@@ -29,20 +29,6 @@ pub(super) async fn process(
     hard_stop: CancellationToken,
 ) {
     let info = delivery.info();
-    // A message this worker already has an attempt for: the server
-    // delivered it again because its ack wait passed without a keep-alive
-    // (they could not reach it during a reconnection, or the runtime was
-    // blocked). That attempt settles the message; this delivery leaves it
-    // alone (and keeps it from being delivered again meanwhile), rather
-    // than take over a record whose attempt is alive.
-    let Some(_live) = env.take_live(info.sequence) else {
-        debug!(
-            seq = info.sequence,
-            "delivered again while its attempt runs here; leaving it to that attempt"
-        );
-        let _ = delivery.in_progress().await;
-        return;
-    };
     let request = match Request::from_json(delivery.payload()) {
         Ok(r) => r,
         Err(e) => {
@@ -86,6 +72,21 @@ pub(super) async fn process(
         if info.delivered > budget {
             return Box::pin(abandon(&env, &queue, &*delivery, &request, budget)).await;
         }
+        // A message this worker already has an attempt for (checked after
+        // the backstop, which ends even such a message): the server
+        // delivered it again because its ack wait passed without a keep-alive
+        // (they could not reach it during a reconnection, or the runtime was
+        // blocked). That attempt settles the message; this delivery leaves it
+        // alone (and keeps it from being delivered again meanwhile), rather
+        // than take over a record whose attempt is alive.
+        let Some(_live) = env.take_live(info.sequence) else {
+            debug!(
+                seq = info.sequence,
+                "delivered again while its attempt runs here; leaving it to that attempt"
+            );
+            let _ = delivery.in_progress().await;
+            return;
+        };
         let now = OffsetDateTime::now_utc();
         // A due time no broker can hold: fail it (below, once claimed).
         let refuse = request.check_due(now).err().map(|e| {
