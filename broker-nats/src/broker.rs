@@ -41,6 +41,11 @@ use crate::error::{
 use crate::reader::{read_entry, RecordReader};
 
 // Headers of a dead letter (its payload is the original request).
+
+/// What a publish is and which stream takes it, for its error message
+/// (computed only when the publish fails).
+type Describe<'a> = dyn Fn() -> (String, String) + Send + Sync + 'a;
+
 const DEAD_QUEUE: &str = "Jetq-Queue";
 const DEAD_TASK: &str = "Jetq-Task";
 const DEAD_KIND: &str = "Jetq-Error-Kind";
@@ -860,8 +865,7 @@ impl NatsBroker {
         self.publish_retrying(
             subject,
             message,
-            &format!("request {}", request.id),
-            &self.stream_name(),
+            &|| (format!("request {}", request.id), self.stream_name()),
             deadline,
         )
         .await
@@ -873,8 +877,7 @@ impl NatsBroker {
         &self,
         subject: String,
         message: PublishMessage,
-        what: &str,
-        stream: &str,
+        describe: &Describe<'_>,
         deadline: tokio::time::Instant,
     ) -> Result<PublishAck> {
         let mut delay = Duration::from_millis(50);
@@ -907,6 +910,8 @@ impl NatsBroker {
             };
             let now = tokio::time::Instant::now();
             if !transient || now + delay > deadline {
+                // Described only here: a publish that works allocates no text.
+                let (what, stream) = describe();
                 let (kind, message) = match err.kind() {
                     PublishErrorKind::TimedOut => (
                         ErrorKind::Timeout,
@@ -966,13 +971,18 @@ impl NatsBroker {
                 .map_err(|e| wrap(ErrorKind::InvalidName, format!("invalid {name} header"), e))?;
             headers.insert(name, value);
         }
-        let what = format!("the dead letter of {}", letter.id);
+        let describe = || {
+            (
+                format!("the dead letter of {}", letter.id),
+                stream_name.clone(),
+            )
+        };
         let size = letter.payload.len();
         let message = PublishMessage::build()
             .payload(letter.payload)
             .headers(headers.clone());
         match self
-            .publish_retrying(subject.clone(), message, &what, &stream_name, deadline)
+            .publish_retrying(subject.clone(), message, &describe, deadline)
             .await
         {
             Err(e) if e.kind() == ErrorKind::PayloadTooLarge => {
@@ -984,7 +994,7 @@ impl NatsBroker {
                 let message = PublishMessage::build()
                     .payload(Bytes::new())
                     .headers(headers);
-                self.publish_retrying(subject, message, &what, &stream_name, deadline)
+                self.publish_retrying(subject, message, &describe, deadline)
                     .await?;
                 Ok(())
             }
@@ -1104,8 +1114,12 @@ impl NatsBroker {
             .publish_retrying(
                 subject,
                 message,
-                &format!("a message to workflow {id}"),
-                &self.inner.config.mail_stream_name(),
+                &|| {
+                    (
+                        format!("a message to workflow {id}"),
+                        self.inner.config.mail_stream_name(),
+                    )
+                },
                 deadline,
             )
             .await?;
@@ -1202,8 +1216,7 @@ impl NatsBroker {
         self.publish_retrying(
             target,
             out,
-            &format!("the wake-up of workflow {id}"),
-            &self.stream_name(),
+            &|| (format!("the wake-up of workflow {id}"), self.stream_name()),
             deadline,
         )
         .await?;
@@ -1722,7 +1735,8 @@ impl Broker for NatsBroker {
     }
 
     fn max_payload(&self) -> Option<usize> {
-        Some(self.inner.client.server_info().max_payload).filter(|m| *m > 0)
+        // An atomic load; `server_info()` would clone the whole INFO.
+        Some(self.inner.client.max_payload()).filter(|m| *m > 0)
     }
 
     fn remove_delayed(&self, id: &str) -> BoxFuture<'_, Result<bool>> {

@@ -126,18 +126,23 @@ pub struct Record {
     pub queue: String,
     /// Status.
     pub status: Status,
-    /// The task's return value once `succeeded`.
-    #[serde(default)]
+    /// The task's return value once `succeeded` (a `null` value is not
+    /// written: absent reads as `null`).
+    #[serde(default, skip_serializing_if = "is_absent")]
     pub value: Option<Value>,
     /// The last error: the reason of a `failed` record, the last failed attempt of a `retrying` one.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     /// The request's metadata, merged with what the task set (`null` reads
     /// as none).
-    #[serde(default, deserialize_with = "crate::request::null_as_default")]
+    #[serde(
+        default,
+        deserialize_with = "crate::request::null_as_default",
+        skip_serializing_if = "Map::is_empty"
+    )]
     pub metadata: Map<String, Value>,
     /// Progress reported by the task.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
     /// Attempts started so far.
     #[serde(default)]
@@ -149,14 +154,26 @@ pub struct Record {
     #[serde(with = "time::serde::rfc3339")]
     pub enqueued_at: OffsetDateTime,
     /// When the current (or last) attempt started.
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub started_at: Option<OffsetDateTime>,
     /// When the request reached a terminal status.
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub finished_at: Option<OffsetDateTime>,
     /// When the next attempt is due: a `retrying` record, or a `pending` one
     /// published with a delay.
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub next_attempt_at: Option<OffsetDateTime>,
     /// When a client asked to cancel the request. A running attempt sees its
     /// cancellation token fire; the record then ends `cancelled`.
@@ -167,7 +184,7 @@ pub struct Record {
     )]
     pub cancel_requested_at: Option<OffsetDateTime>,
     /// Name of the worker that ran (or runs) the last attempt.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
     /// Broker sequence of the message that owns this record: a second
     /// message with the same id (published after the dedup window) is a
@@ -190,6 +207,11 @@ pub struct Record {
     /// they are when the record is rewritten.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// A value that is not written: none, or `null` (which reads back the same).
+fn is_absent(value: &Option<Value>) -> bool {
+    value.as_ref().is_none_or(Value::is_null)
 }
 
 impl Record {
@@ -299,5 +321,61 @@ impl Record {
     pub fn value_as<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
         T::deserialize(self.value.as_ref().unwrap_or(&Value::Null))
             .map_err(|e| Error::serialization("decoding the task's value", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unset fields are left out, never written as `null`, and read back as
+    /// they were.
+    #[test]
+    fn records_are_written_without_nulls_and_read_back_the_same() -> Result<()> {
+        let mut request = Request::new("demo.add");
+        request.id = "compact-1".to_owned();
+        let pending = Record::pending(&request);
+        let json: Map<String, Value> = serde_json::from_slice(&pending.to_json()?)
+            .map_err(|e| Error::serialization("test", e))?;
+        let keys: Vec<&str> = json.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "attempts",
+                "enqueued_at",
+                "id",
+                "max_retries",
+                "queue",
+                "status",
+                "task",
+                "v"
+            ],
+            "{json:?}"
+        );
+        assert!(json.values().all(|v| !v.is_null()), "{json:?}");
+        assert_eq!(Record::from_json(&pending.to_json()?)?, pending);
+
+        let mut done = pending.clone();
+        done.status = Status::Succeeded;
+        done.value = Some(Value::Null);
+        done.worker = Some("w".to_owned());
+        done.finished_at = Some(done.enqueued_at);
+        let bytes = done.to_json()?;
+        let json: Map<String, Value> =
+            serde_json::from_slice(&bytes).map_err(|e| Error::serialization("test", e))?;
+        assert!(
+            !json.contains_key("value") && json.values().all(|v| !v.is_null()),
+            "{json:?}"
+        );
+        let back = Record::from_json(&bytes)?;
+        assert_eq!((back.value, back.worker.as_deref()), (None, Some("w")));
+        assert_eq!(back.finished_at, done.finished_at);
+
+        // The explicit nulls of earlier writers read the same as absent fields.
+        let old = br#"{"v":1,"id":"x","task":"t","queue":"default","status":"running","value":null,"error":null,"metadata":null,"progress":null,"attempts":1,"max_retries":3,"enqueued_at":"2026-01-01T00:00:00Z","started_at":null,"finished_at":null,"next_attempt_at":null,"worker":null}"#;
+        let old = Record::from_json(old)?;
+        assert!(old.value.is_none() && old.error.is_none() && old.metadata.is_empty());
+        assert!(old.worker.is_none() && old.started_at.is_none());
+        Ok(())
     }
 }

@@ -77,14 +77,22 @@ async fn the_record_is_stored_as_documented_json_in_the_results_bucket() {
     for field in [
         "task",
         "queue",
-        "metadata",
+        "max_retries",
         "enqueued_at",
         "started_at",
         "finished_at",
         "worker",
+        "seq",
     ] {
         assert!(json.get(field).is_some(), "record lacks `{field}`: {json}");
     }
+    // Unset fields are left out, not written as `null` (no metadata was
+    // given, so none is written either).
+    let object = json.as_object().unwrap();
+    for field in ["error", "progress", "next_attempt_at", "metadata"] {
+        assert!(!object.contains_key(field), "record has `{field}`: {json}");
+    }
+    assert!(object.values().all(|v| !v.is_null()), "{json}");
     worker.shutdown().await.unwrap();
 }
 

@@ -88,10 +88,14 @@ except ImportError:  # pragma: no cover - the Rust test checks this first
 WAIT = 20.0  # seconds: the bound of every wait
 TERMINAL = {"succeeded", "failed", "cancelled"}
 # Every field a writer always writes (section 5); `seq` is checked apart.
+# Written in every record.
 RECORD_FIELDS = [
-    "v", "id", "task", "queue", "status", "value", "error", "metadata",
-    "progress", "attempts", "max_retries", "enqueued_at", "started_at",
-    "finished_at", "next_attempt_at", "worker",
+    "v", "id", "task", "queue", "status", "attempts", "max_retries", "enqueued_at",
+]
+# Omitted by writers while unset; readers take a missing one as null.
+RECORD_OPTIONAL = [
+    "value", "error", "progress", "started_at", "finished_at", "next_attempt_at",
+    "cancel_requested_at", "worker", "seq", "waiting", "resume", "parent",
 ]
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "wire-format.md")
@@ -182,7 +186,7 @@ class Follower:
         revision = int(headers["Nats-Sequence"])
         if not msg.data or headers.get("KV-Operation") in ("DEL", "PURGE"):
             return revision, None
-        record = json.loads(msg.data)
+        record = parse_record(msg.data)
         self.republished.append((revision, record))
         return revision, record
 
@@ -191,7 +195,7 @@ class Follower:
         deadline = loop.time() + timeout
         try:
             entry = await self.kv.get(self.id)
-            self.record, self.revision = json.loads(entry.value), entry.revision
+            self.record, self.revision = parse_record(entry.value), entry.revision
         except KeyNotFoundError:
             pass
         while self.record is None or self.record.get("status") not in TERMINAL:
@@ -217,6 +221,19 @@ class Follower:
                     f"revision {revision} of {self.id} was not republished to "
                     f"jetq.records.{self.id} within {timeout:.0f} s (saw {[r for r, _ in self.republished]})")
         return self.republished
+
+
+def parse_record(data):
+    """A stored or republished record, read as the wire format says: a
+    missing optional field is null, a missing metadata is {}. Writers omit
+    unset fields rather than write null."""
+    record = json.loads(data)
+    nulls = [f for f, v in record.items() if v is None]
+    check(not nulls, f"a record written with explicit nulls {nulls}: {record}")
+    for field in RECORD_OPTIONAL:
+        record.setdefault(field, None)
+    record.setdefault("metadata", {})
+    return record
 
 
 def check_record_shape(record, env):
@@ -304,12 +321,12 @@ async def check_a_b(nc, js, kv):
         check(started <= finished, f"started_at {record['started_at']} after finished_at {record['finished_at']}")
         check(record.get("seq") == ack.seq, f"record seq {record.get('seq')!r} != the message's stream sequence {ack.seq}")
         ok(f"a. record succeeded: value 42, metadata tenant acme, attempts 1, max_retries 3, seq {ack.seq}, "
-           f"all {len(RECORD_FIELDS)} documented fields present")
+           f"the {len(RECORD_FIELDS)} fields always written present, no explicit null")
 
         # The republished writes: every one has Nats-Sequence, revisions rise,
         # the last is the terminal record, equal to a KV get of the key.
         entry = await kv.get(env["id"])
-        check(json.loads(entry.value) == record, "KV get disagrees with the terminal record")
+        check(parse_record(entry.value) == record, "KV get disagrees with the terminal record")
         writes = await follower.republished_up_to(entry.revision)
         revisions = [r for r, _ in writes]
         check(revisions == sorted(set(revisions)), f"republished revisions do not rise: {revisions}")
@@ -331,7 +348,7 @@ async def check_a_b(nc, js, kv):
         except nats.errors.TimeoutError:
             pass
         entry2 = await kv.get(env["id"])
-        after = json.loads(entry2.value)
+        after = parse_record(entry2.value)
         check(entry2.revision == entry.revision and after == record,
               f"record changed after the duplicate publish: {after}")
         check(after["finished_at"] == record["finished_at"] and after["attempts"] == 1,
@@ -422,18 +439,19 @@ async def check_i(nc, js, kv):
     env = envelope(new_id("cancel"), "demo.add", {"a": 1, "b": 1})
     env["not_before"] = rfc3339_in(1.0)
     # Section 6, submitting: the pending record first, then the schedule.
+    # Unset fields are left out, as writers do.
     pending = {
         "v": 1, "id": env["id"], "task": env["task"], "queue": env["queue"], "status": "pending",
-        "value": None, "error": None, "metadata": {}, "progress": None, "attempts": 0,
-        "max_retries": 3, "enqueued_at": env["enqueued_at"], "started_at": None,
-        "finished_at": None, "next_attempt_at": env["not_before"], "worker": None,
+        "attempts": 0, "max_retries": 3, "enqueued_at": env["enqueued_at"],
+        "next_attempt_at": env["not_before"],
     }
     revision = await kv.create(env["id"], json.dumps(pending).encode())
     await publish_delayed(js, env)
     # Section 6, cancelling: a pending record becomes cancelled, the schedule is purged.
     now = now_rfc3339()
     cancelled = dict(pending, status="cancelled", cancel_requested_at=now, finished_at=now,
-                     next_attempt_at=None, error={"kind": "cancelled", "message": "cancelled from Python"})
+                     error={"kind": "cancelled", "message": "cancelled from Python"})
+    del cancelled["next_attempt_at"]
     await kv.update(env["id"], json.dumps(cancelled).encode(), last=revision)
     await js.purge_stream("JETQ_TASKS", subject=f"jetq.delayed.{env['id']}")
     # Past its due time, a request published after it completes; the cancelled one did not run.
@@ -441,7 +459,7 @@ async def check_i(nc, js, kv):
     later = envelope(new_id("after-cancel"), "demo.add", {"a": 1, "b": 2})
     await run_and_wait(nc, js, kv, later)
     entry = await kv.get(env["id"])
-    record = json.loads(entry.value)
+    record = parse_record(entry.value)
     check(record["status"] == "cancelled" and record["attempts"] == 0,
           f"the cancelled delayed request changed: {record}")
     ok("i. delayed request cancelled (record update + purge of jetq.delayed.<id>): never ran, still cancelled")
@@ -612,7 +630,7 @@ async def check_m(nc, js, kv):
         # Suspended in its recv: the record says so.
         record = None
         try:
-            record = json.loads((await kv.get(wf)).value)
+            record = parse_record((await kv.get(wf)).value)
         except KeyNotFoundError:
             pass
         while record is None or record.get("status") != "suspended":
@@ -625,7 +643,7 @@ async def check_m(nc, js, kv):
             ack = await js.publish(f"jetq.mail.{wf}.payment", b'{"amount": 5}',
                                    headers={"Nats-Msg-Id": f"{wf}.pay-1"}, timeout=WAIT)
         check(ack.duplicate, f"the second send with the same key is a duplicate: {ack}")
-        current = json.loads((await kv.get(wf)).value)
+        current = parse_record((await kv.get(wf)).value)
         check(current["status"] == "suspended" and current["waiting"] == "recv:payment",
               f"still suspended in recv:payment: {current}")
         schedule = await js.get_last_msg("JETQ_TASKS", f"jetq.delayed.{wf}")
