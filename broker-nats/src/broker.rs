@@ -571,29 +571,38 @@ impl NatsBroker {
 
     /// The task stream, created once per broker (idempotent across processes).
     async fn ensure_stream(&self) -> Result<&stream::Stream> {
-        self.inner
-            .tasks
-            .get_or_try_init(|| self.create_or_update_stream(self.stream_config(), "task stream"))
-            .await
+        if let Some(stream) = self.inner.tasks.get() {
+            return Ok(stream);
+        }
+        // Boxed, as every first-use path here: the futures that use these
+        // lookups on every request keep only a pointer to it.
+        Box::pin(
+            self.inner.tasks.get_or_try_init(|| {
+                self.create_or_update_stream(self.stream_config(), "task stream")
+            }),
+        )
+        .await
     }
 
     /// The dead-letter stream, created once per broker.
     async fn dead_stream(&self) -> Result<&stream::Stream> {
-        self.inner
-            .dead
-            .get_or_try_init(|| {
-                self.create_or_update_stream(self.dead_stream_config(), "dead-letter stream")
-            })
-            .await
+        if let Some(stream) = self.inner.dead.get() {
+            return Ok(stream);
+        }
+        Box::pin(self.inner.dead.get_or_try_init(|| {
+            self.create_or_update_stream(self.dead_stream_config(), "dead-letter stream")
+        }))
+        .await
     }
 
     async fn mail_stream(&self) -> Result<&stream::Stream> {
-        self.inner
-            .mail
-            .get_or_try_init(|| {
-                self.create_or_update_stream(self.mail_stream_config(), "mailbox stream")
-            })
-            .await
+        if let Some(stream) = self.inner.mail.get() {
+            return Ok(stream);
+        }
+        Box::pin(self.inner.mail.get_or_try_init(|| {
+            self.create_or_update_stream(self.mail_stream_config(), "mailbox stream")
+        }))
+        .await
     }
 
     /// The mailbox stream for reading, as [`existing_bucket`](Self::existing_bucket).
@@ -689,7 +698,7 @@ impl NatsBroker {
             return Ok(Some(store));
         }
         let name = self.bucket_name();
-        match self.inner.js.get_key_value(name.as_str()).await {
+        match Box::pin(self.inner.js.get_key_value(name.as_str())).await {
             Ok(store) => {
                 // Only a bucket that exists is remembered: a later write
                 // still creates (or updates) it.
@@ -729,7 +738,7 @@ impl NatsBroker {
         if let Some(stream) = created.get().or_else(|| opened.get()) {
             return Ok(Some(stream));
         }
-        match self.inner.js.get_stream(name.as_str()).await {
+        match Box::pin(self.inner.js.get_stream(name.as_str())).await {
             Ok(stream) => {
                 let _ = opened.set(stream);
                 Ok(opened.get())
@@ -744,10 +753,15 @@ impl NatsBroker {
 
     /// The record bucket, created once per broker.
     async fn bucket(&self) -> Result<&kv::Store> {
-        self.inner
-            .bucket
-            .get_or_try_init(|| self.provision_bucket())
-            .await
+        if let Some(store) = self.inner.bucket.get() {
+            return Ok(store);
+        }
+        Box::pin(
+            self.inner
+                .bucket
+                .get_or_try_init(|| self.provision_bucket()),
+        )
+        .await
     }
 
     async fn provision_bucket(&self) -> Result<kv::Store> {
@@ -861,7 +875,12 @@ impl NatsBroker {
             .headers(headers);
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
         // First use: create the stream, riding out a server that is (re)starting.
-        Self::provision_retrying("task stream", deadline, || self.ensure_stream()).await?;
+        if self.inner.tasks.get().is_none() {
+            Box::pin(Self::provision_retrying("task stream", deadline, || {
+                self.ensure_stream()
+            }))
+            .await?;
+        }
         self.publish_retrying(
             subject,
             message,
@@ -1109,7 +1128,12 @@ impl NatsBroker {
         }
         let message = PublishMessage::build().payload(payload).headers(headers);
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
-        Self::provision_retrying("mailbox stream", deadline, || self.mail_stream()).await?;
+        if self.inner.mail.get().is_none() {
+            Box::pin(Self::provision_retrying("mailbox stream", deadline, || {
+                self.mail_stream()
+            }))
+            .await?;
+        }
         let ack = self
             .publish_retrying(
                 subject,
@@ -1408,13 +1432,27 @@ impl NatsBroker {
                 return read;
             }
         }
-        read_entry(kv, key).await
+        // Boxed: the batched reads above keep no room for it.
+        Box::pin(read_entry(kv, key)).await
     }
 
     async fn create_record_impl(&self, id: &str, value: Bytes) -> Result<u64> {
         validate_id(id)?;
         let kv = self.bucket().await?;
-        match kv.create(id, value).await {
+        // A write expecting no message under the key (revision 0): what
+        // `create` tries first, without the larger future of its fallback.
+        let err = match kv.update(id, value.clone(), 0).await {
+            Ok(revision) => return Ok(revision),
+            Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => err,
+            Err(err) => {
+                return Err(payload_too_large(&self.inner.client, &err)
+                    .unwrap_or_else(|| record(format!("cannot create record {id}"), err)))
+            }
+        };
+        // Something is stored under the key: a record, or its delete marker,
+        // over which `create` writes.
+        tracing::trace!(id, error = %err, "record exists or was deleted; creating through the bucket");
+        match Box::pin(kv.create(id, value)).await {
             Ok(revision) => Ok(revision),
             Err(err) if err.kind() == CreateErrorKind::AlreadyExists => Err(wrap(
                 ErrorKind::AlreadyExists,

@@ -110,7 +110,7 @@ impl Client {
     pub fn task(&self, task: impl Into<String>) -> RequestBuilder {
         RequestBuilder {
             client: self.clone(),
-            request: Request::new(task),
+            request: Box::new(Request::new(task)),
             error: None,
             notify: true,
             pending_record: false,
@@ -119,12 +119,14 @@ impl Client {
 
     /// Publish a prepared request; see [`RequestBuilder::publish`].
     pub async fn publish_request(&self, request: Request) -> Result<TaskHandle> {
-        self.publish_with(request, true, false).await
+        self.publish_with(Box::new(request), true, false).await
     }
 
     async fn publish_with(
         &self,
-        mut request: Request,
+        // Boxed through the layers of a publish, whose futures each keep
+        // their arguments: one pointer each rather than a copy.
+        mut request: Box<Request>,
         notify: bool,
         pending_record: bool,
     ) -> Result<TaskHandle> {
@@ -137,18 +139,18 @@ impl Client {
                 .await;
         }
         let publish = Publish {
-            request,
+            request: *request,
             parent: self.parent.clone(),
             notify,
             pending_record,
         };
-        PublishNext::new(self.clone()).run(publish).await
+        Box::pin(PublishNext::new(self.clone()).run(publish)).await
     }
 
     /// Publish, past the middleware chain.
     pub(crate) async fn publish_unchained(
         &self,
-        mut request: Request,
+        mut request: Box<Request>,
         notify: bool,
         pending_record: bool,
     ) -> Result<TaskHandle> {
@@ -175,15 +177,28 @@ impl Client {
             // another message owns, so the request still runs once.
             let published = self.broker.publish(outgoing(&request, payload)).await?;
             if published.duplicate {
-                self.check_duplicate(&request, published.sequence).await?;
+                Box::pin(self.check_duplicate(&request, published.sequence)).await?;
             }
             return Ok(TaskHandle {
                 client: self.clone(),
                 id: request.id.clone(),
-                queued: Some(Arc::new(request)),
+                queued: Some(Arc::from(request)),
                 registration,
             });
         }
+        // Boxed: this future lives in every publish's, which stays small.
+        Box::pin(self.publish_recorded(request, payload, registration)).await
+    }
+
+    /// Publish `request` (encoded: `payload`) after writing its `pending`
+    /// record: the path of delayed requests and of clients that keep
+    /// pending records.
+    async fn publish_recorded(
+        &self,
+        request: Box<Request>,
+        payload: Bytes,
+        registration: Option<Arc<Registration>>,
+    ) -> Result<TaskHandle> {
         let handle = TaskHandle {
             client: self.clone(),
             id: request.id.clone(),
@@ -217,7 +232,9 @@ impl Client {
         let mut outgoing = outgoing(&request, payload);
         outgoing.not_before = not_before;
         let published = match self.broker.publish(outgoing).await {
-            Ok(ack) if ack.duplicate => self.check_duplicate(&request, ack.sequence).await,
+            Ok(ack) if ack.duplicate => {
+                Box::pin(self.check_duplicate(&request, ack.sequence)).await
+            }
             other => other.map(|_| ()),
         };
         if let Err(e) = published {
@@ -237,7 +254,7 @@ impl Client {
     async fn register(&self, id: &str) -> Option<Arc<Registration>> {
         let notifier = self
             .notifier
-            .get_or_init(|| Notifier::open(&self.broker))
+            .get_or_init(|| Box::pin(Notifier::open(&self.broker)))
             .await
             .as_ref()?;
         Some(Arc::new(notifier.register(id)))
@@ -832,7 +849,7 @@ fn outgoing(request: &Request, payload: Bytes) -> OutgoingRequest {
 #[must_use = "a request is sent only by `.publish().await`"]
 pub struct RequestBuilder {
     client: Client,
-    request: Request,
+    request: Box<Request>,
     error: Option<Error>,
     notify: bool,
     pending_record: bool,

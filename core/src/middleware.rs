@@ -261,7 +261,11 @@ impl PublishNext {
             }
             None => {
                 self.client
-                    .publish_unchained(publish.request, publish.notify, publish.pending_record)
+                    .publish_unchained(
+                        Box::new(publish.request),
+                        publish.notify,
+                        publish.pending_record,
+                    )
                     .await
             }
         }

@@ -597,3 +597,36 @@ async fn record_reads_fall_back_to_single_reads_when_batches_are_refused() {
         started.elapsed()
     );
 }
+
+/// A record is created once: a second create is refused as existing, an
+/// update needs the revision last read, and a deleted record (its delete
+/// marker) can be created again.
+#[tokio::test]
+async fn records_are_created_once_updated_by_revision_and_created_again_after_a_delete() {
+    use jetq::broker::Broker;
+    let (_server, broker) = server_and_broker().await;
+    let value = |s: &str| bytes::Bytes::from(s.to_owned());
+    let first = broker.create_record("once", value("first")).await.unwrap();
+    let again = broker.create_record("once", value("second")).await;
+    assert_eq!(again.unwrap_err().kind(), ErrorKind::AlreadyExists);
+    let stale = broker
+        .update_record("once", value("stale"), first + 100)
+        .await;
+    assert_eq!(stale.unwrap_err().kind(), ErrorKind::Conflict);
+    let updated = broker
+        .update_record("once", value("updated"), first)
+        .await
+        .unwrap();
+    assert!(updated > first);
+    let entry = broker.get_record("once").await.unwrap().unwrap();
+    assert_eq!((entry.value, entry.revision), (value("updated"), updated));
+
+    broker.delete_record("once", updated).await.unwrap();
+    assert!(broker.get_record("once").await.unwrap().is_none());
+    let recreated = broker.create_record("once", value("reborn")).await.unwrap();
+    assert!(recreated > updated, "{recreated} after {updated}");
+    let entry = broker.get_record("once").await.unwrap().unwrap();
+    assert_eq!((entry.value, entry.revision), (value("reborn"), recreated));
+    let twice = broker.create_record("once", value("twice")).await;
+    assert_eq!(twice.unwrap_err().kind(), ErrorKind::AlreadyExists);
+}
