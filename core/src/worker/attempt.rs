@@ -29,8 +29,9 @@ pub(super) async fn process(
     hard_stop: CancellationToken,
 ) {
     let info = delivery.info();
+    // Boxed: the attempt's future keeps a pointer, not the request.
     let request = match Request::from_json(delivery.payload()) {
-        Ok(r) => r,
+        Ok(r) => Box::new(r),
         Err(e) => {
             let reason = format!("invalid request envelope: {e}");
             return Box::pin(poison(
@@ -193,7 +194,6 @@ pub(super) async fn process(
             return;
         };
 
-        let writer = Arc::new(writer);
         // `cancel` is the task's token: it fires on shutdown (the worker
         // fires every registered attempt's token after `stop`), on a
         // client's cancellation and when the attempt lost its record;
@@ -240,7 +240,7 @@ pub(super) async fn process(
         let ignore_result = request.ignore_result;
         let ctx = Context {
             inner: Arc::new(ContextInner {
-                request,
+                request: *request,
                 attempt,
                 max_retries,
                 worker: env.name.clone(),

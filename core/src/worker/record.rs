@@ -168,7 +168,8 @@ impl RecordWriter {
         let deadline = tokio::time::Instant::now() + RECORD_WRITE_PATIENCE;
         let mut pause = Duration::from_millis(50);
         loop {
-            let mut next = guard.record.clone();
+            // Boxed: the futures around this one (one per task) stay small.
+            let mut next = Box::new(guard.record.clone());
             change(&mut next);
             let bytes = Bytes::from(next.to_json()?);
             guard.attempted = true;
@@ -184,7 +185,7 @@ impl RecordWriter {
                 Ok(revision) => {
                     let status = next.status;
                     guard.base = (next.seq, next.attempts);
-                    guard.record = next;
+                    guard.record = *next;
                     guard.revision = Some(revision);
                     guard.claimed = true;
                     guard.written = Some(bytes);
@@ -285,21 +286,22 @@ impl RecordSink for RecordWriter {
 
 /// What became of one delivery.
 pub(super) enum Claim {
-    /// This attempt owns the record.
-    Run(RecordWriter, u32),
+    /// This attempt owns the record. (The writers are shared already: the
+    /// attempt's future, which holds a claim, stays small.)
+    Run(Arc<RecordWriter>, u32),
     /// A duplicate, finished or cancelled request: acknowledge and drop.
     Skip(&'static str),
     /// The request has used up its attempts (its workers died each time).
-    GiveUp(RecordWriter, u32),
+    GiveUp(Arc<RecordWriter>, u32),
     /// This attempt owns the record but the request cannot run (its record
     /// was corrupt or too large, ...): fail it with this error.
-    Fail(RecordWriter, TaskError),
+    Fail(Arc<RecordWriter>, TaskError),
     /// The id is another request's (another task or queue): refuse the
     /// message without touching the record.
     NotOwner(String),
     /// This message's request already failed, but the worker that failed it
     /// stopped before dead-lettering and terminating it: finish that.
-    Bury(Record),
+    Bury(Box<Record>),
     /// The worker running this message dead-lettered it and stopped before
     /// it could fail the record; the record is failed now: terminate.
     Terminate,
@@ -442,7 +444,7 @@ pub(super) async fn claim(
         };
         if record.status.is_terminal() {
             if record.status == Status::Failed && record.seq == Some(seq) {
-                return Ok(Claim::Bury(record));
+                return Ok(Claim::Bury(Box::new(record)));
             }
             return Ok(Claim::Skip(
                 "the request has already finished or was cancelled",
@@ -484,8 +486,13 @@ pub(super) async fn claim(
             let attempt = record.attempts;
             match put_record(env, &request.id, &record, revision).await {
                 Ok(rev) => {
-                    let writer =
-                        RecordWriter::stored(Arc::clone(&env.broker), request, record, rev, stamp);
+                    let writer = Arc::new(RecordWriter::stored(
+                        Arc::clone(&env.broker),
+                        request,
+                        record,
+                        rev,
+                        stamp,
+                    ));
                     return Ok(if u64::from(attempt) > u64::from(max_retries) + 1 {
                         Claim::GiveUp(writer, attempt)
                     } else {
@@ -514,18 +521,17 @@ pub(super) async fn claim(
         if record.seq == Some(seq) && record.status == Status::Running {
             // Redelivered while its record says running: did the worker that
             // ran it dead-letter it before it stopped?
-            if let Some(letter) = env.broker.get_dead_letter(&request.id).await? {
-                if letter.sequence == seq {
-                    record.status = Status::Failed;
-                    record.error = Some(letter.error);
-                    record.finished_at = Some(letter.died_at);
-                    record.next_attempt_at = None;
-                    if let Some(rev) = revision {
-                        match put_record(env, &request.id, &record, Some(rev)).await {
-                            Ok(_) => return Ok(Claim::Terminate),
-                            Err(e) if e.kind() == ErrorKind::Conflict => continue,
-                            Err(e) => return Err(e),
-                        }
+            if let Some((error, died_at)) = Box::pin(own_dead_letter(env, &request.id, seq)).await?
+            {
+                record.status = Status::Failed;
+                record.error = Some(error);
+                record.finished_at = Some(died_at);
+                record.next_attempt_at = None;
+                if let Some(rev) = revision {
+                    match put_record(env, &request.id, &record, Some(rev)).await {
+                        Ok(_) => return Ok(Claim::Terminate),
+                        Err(e) if e.kind() == ErrorKind::Conflict => continue,
+                        Err(e) => return Err(e),
                     }
                 }
             }
@@ -599,8 +605,13 @@ pub(super) async fn claim(
         match written {
             Ok(_) if cancelled => return Ok(Claim::Skip("cancelled by a client")),
             Ok(rev) => {
-                let writer =
-                    RecordWriter::stored(Arc::clone(&env.broker), request, record, rev, stamp);
+                let writer = Arc::new(RecordWriter::stored(
+                    Arc::clone(&env.broker),
+                    request,
+                    record,
+                    rev,
+                    stamp,
+                ));
                 return Ok(if let Some(err) = fail {
                     Claim::Fail(writer, err)
                 } else if u64::from(attempt) > u64::from(max_retries) + 1 {
@@ -620,6 +631,21 @@ pub(super) async fn claim(
         ErrorKind::Conflict,
         format!("record `{}` keeps changing; cannot claim it", request.id),
     ))
+}
+
+/// The reason and time of death of request `id`'s dead letter, if the
+/// message at `seq` left it (its worker stopped before failing the record).
+async fn own_dead_letter(
+    env: &Env,
+    id: &str,
+    seq: u64,
+) -> Result<Option<(ErrorInfo, OffsetDateTime)>> {
+    Ok(env
+        .broker
+        .get_dead_letter(id)
+        .await?
+        .filter(|letter| letter.sequence == seq)
+        .map(|letter| (letter.error, letter.died_at)))
 }
 
 /// Claim `record` (stored at `revision`, or none) for a quick attempt that
@@ -643,7 +669,7 @@ pub(super) fn lazy_claim(
         base,
         stamp,
     );
-    Claim::Run(writer, attempt)
+    Claim::Run(Arc::new(writer), attempt)
 }
 
 /// Whether `request`, just delivered, may run without reading its record

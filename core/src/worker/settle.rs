@@ -33,42 +33,13 @@ pub(super) async fn conclude(
     let mut how = how;
     let written = match writer.apply(&guarded).await {
         Err(e) if e.kind() == ErrorKind::PayloadTooLarge => {
-            // The value (or metadata) cannot be stored: fail with a record
-            // that fits rather than retrying something that never will.
-            let message = format!("the task's outcome does not fit in a record: {e}");
-            warn!("{message}");
-            let error = ErrorInfo::new(kinds::TOO_LARGE, message);
-            let current = writer.current().await;
-            let letter = dead_letter_of(env, delivery, &current, error.clone());
-            if !store_dead_letter(env, delivery, letter).await {
-                return;
-            }
-            how = Settle::Term;
-            let shrink = |r: &mut Record| {
-                r.status = Status::Failed;
-                r.value = None;
-                r.progress = None;
-                r.error = Some(error.clone());
-                r.finished_at = Some(now);
-                r.next_attempt_at = None;
-            };
-            match writer.apply(&shrink).await {
-                // Still too large: the metadata too (a claim written with the
-                // outcome carries it for the first time).
-                Err(e) if e.kind() == ErrorKind::PayloadTooLarge => {
-                    let error = ErrorInfo::new(
-                        kinds::TOO_LARGE,
-                        format!("{}; its metadata was dropped", error.message),
-                    );
-                    let smaller = |r: &mut Record| {
-                        shrink(r);
-                        r.error = Some(error.clone());
-                        r.metadata = Map::new();
-                        r.extra = Map::new();
-                    };
-                    writer.apply(&smaller).await
+            // Boxed, as every rare path here: this future is one per task.
+            match Box::pin(outcome_too_large(env, writer, delivery, e, now)).await {
+                Some(written) => {
+                    how = Settle::Term;
+                    written
                 }
-                other => other,
+                None => return,
             }
         }
         other => other,
@@ -93,11 +64,59 @@ pub(super) async fn conclude(
             // redelivery that the record drops, so it is not waited for.
             Settle::Nak(_) | Settle::Ack => delivery.ack_unconfirmed().await,
         },
-        Err(e) => return not_written(env, writer, delivery, e).await,
+        Err(e) => return Box::pin(not_written(env, writer, delivery, e)).await,
     };
     if let Err(e) = result {
         warn!(error = %e, "acknowledgement failed; the request may run again");
     }
+}
+
+/// The outcome of an attempt does not fit in a record: dead-letter the
+/// request and fail it with a record that fits. `None` if the dead letter
+/// could not be stored (the message is left for another attempt).
+async fn outcome_too_large(
+    env: &Env,
+    writer: &RecordWriter,
+    delivery: &dyn Delivery,
+    e: Error,
+    now: OffsetDateTime,
+) -> Option<Result<Status>> {
+    // The value (or metadata) cannot be stored: fail with a record
+    // that fits rather than retrying something that never will.
+    let message = format!("the task's outcome does not fit in a record: {e}");
+    warn!("{message}");
+    let error = ErrorInfo::new(kinds::TOO_LARGE, message);
+    let current = writer.current().await;
+    let letter = dead_letter_of(env, delivery, &current, error.clone());
+    if !store_dead_letter(env, delivery, letter).await {
+        return None;
+    }
+    let shrink = |r: &mut Record| {
+        r.status = Status::Failed;
+        r.value = None;
+        r.progress = None;
+        r.error = Some(error.clone());
+        r.finished_at = Some(now);
+        r.next_attempt_at = None;
+    };
+    Some(match writer.apply(&shrink).await {
+        // Still too large: the metadata too (a claim written with the
+        // outcome carries it for the first time).
+        Err(e) if e.kind() == ErrorKind::PayloadTooLarge => {
+            let error = ErrorInfo::new(
+                kinds::TOO_LARGE,
+                format!("{}; its metadata was dropped", error.message),
+            );
+            let smaller = |r: &mut Record| {
+                shrink(r);
+                r.error = Some(error.clone());
+                r.metadata = Map::new();
+                r.extra = Map::new();
+            };
+            writer.apply(&smaller).await
+        }
+        other => other,
+    })
 }
 
 /// The attempt wrote its request's final record: send it to the producer's
@@ -110,7 +129,12 @@ async fn ended(env: &Env, writer: &RecordWriter) {
         }
     }
     if let Some(parent) = &writer.parent {
-        crate::workflow::wake_parent(&*env.broker, parent, &writer.id).await;
+        Box::pin(crate::workflow::wake_parent(
+            &*env.broker,
+            parent,
+            &writer.id,
+        ))
+        .await;
     }
 }
 
