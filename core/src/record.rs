@@ -296,7 +296,12 @@ impl Record {
 
     /// Encode as JSON.
     pub fn to_json(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self).map_err(|e| Error::serialization("encoding the record", e))
+        // Room for a small record at once: growing from empty reallocates
+        // several times.
+        let mut out = Vec::with_capacity(512);
+        serde_json::to_writer(&mut out, self)
+            .map_err(|e| Error::serialization("encoding the record", e))?;
+        Ok(out)
     }
 
     /// Decode from JSON.

@@ -134,7 +134,12 @@ impl Request {
 
     /// Encode as JSON.
     pub fn to_json(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self).map_err(|e| Error::serialization("encoding the request", e))
+        // Room for a small request at once: growing from empty reallocates
+        // several times.
+        let mut out = Vec::with_capacity(384);
+        serde_json::to_writer(&mut out, self)
+            .map_err(|e| Error::serialization("encoding the request", e))?;
+        Ok(out)
     }
 
     /// Decode from JSON and validate its version and names.
