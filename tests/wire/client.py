@@ -646,17 +646,35 @@ async def check_m(nc, js, kv):
         current = parse_record((await kv.get(wf)).value)
         check(current["status"] == "suspended" and current["waiting"] == "recv:payment",
               f"still suspended in recv:payment: {current}")
-        schedule = await js.get_last_msg("JETQ_TASKS", f"jetq.delayed.{wf}")
         token = current["resume"]
-        check(schedule.headers.get("Nats-Msg-Id") == f"{wf}.resume.{token}",
-              f"the wake-up schedule carries the record's token: {schedule.headers}")
-        target = schedule.headers["Nats-Schedule-Target"]
-        check(target == "jetq.tasks.default.demo.checkout", f"the wake-up targets {target}")
-        headers = {k: v for k, v in schedule.headers.items() if not k.startswith("Nats-")}
-        headers["Nats-Msg-Id"] = f"{wf}.wake.{token}"
-        await js.publish(target, schedule.data, headers=headers, timeout=WAIT)
-        await js.purge_stream("JETQ_TASKS", subject=f"jetq.delayed.{wf}", seq=schedule.seq + 1)
+        # The worker writes the record `suspended` first, then publishes the
+        # wake-up schedule (section 6): a sender may find the record before
+        # the schedule. The worker then finds the message sent meanwhile
+        # and fires the wake-up itself, so a sender that finds no schedule
+        # has nothing more to do; this one waits for it, to test both.
+        schedule = None
+        while schedule is None:
+            try:
+                schedule = await js.get_last_msg("JETQ_TASKS", f"jetq.delayed.{wf}")
+            except NotFoundError:
+                try:
+                    _, changed = await follower.next_republished(min(loop.time() + 0.05, deadline))
+                except nats.errors.TimeoutError:
+                    check(loop.time() < deadline, f"no wake-up schedule for {wf} within {WAIT} s")
+                    continue
+                if changed is not None and changed.get("status") != "suspended":
+                    break  # fired by the worker: the schedule is gone
         woken = loop.time()
+        if schedule is not None:
+            check(schedule.headers.get("Nats-Msg-Id") == f"{wf}.resume.{token}",
+                  f"the wake-up schedule carries the record's token: {schedule.headers}")
+            target = schedule.headers["Nats-Schedule-Target"]
+            check(target == "jetq.tasks.default.demo.checkout", f"the wake-up targets {target}")
+            headers = {k: v for k, v in schedule.headers.items() if not k.startswith("Nats-")}
+            headers["Nats-Msg-Id"] = f"{wf}.wake.{token}"
+            await js.publish(target, schedule.data, headers=headers, timeout=WAIT)
+            await js.purge_stream("JETQ_TASKS", subject=f"jetq.delayed.{wf}", seq=schedule.seq + 1)
+            woken = loop.time()
         record = await follower.wait_terminal()
         check(loop.time() - woken < WAIT,
               "woken at once, not at the recv's 60 s timeout")
