@@ -139,7 +139,7 @@ impl Client {
                 .await;
         }
         let publish = Publish {
-            request: *request,
+            request,
             parent: self.parent.clone(),
             notify,
             pending_record,

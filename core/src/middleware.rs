@@ -194,8 +194,9 @@ where
 pub struct Publish {
     /// The request, as it will be published: a middleware may change its
     /// headers, metadata and other fields (the id, task and queue are checked
-    /// again after the chain).
-    pub request: Request,
+    /// again after the chain). Boxed: every layer of the chain keeps its
+    /// `Publish` in its future.
+    pub request: Box<Request>,
     /// The attempt publishing it, when a task publishes through
     /// [`Context::client`]: the request is its child.
     pub parent: Option<Context>,
@@ -261,11 +262,7 @@ impl PublishNext {
             }
             None => {
                 self.client
-                    .publish_unchained(
-                        Box::new(publish.request),
-                        publish.notify,
-                        publish.pending_record,
-                    )
+                    .publish_unchained(publish.request, publish.notify, publish.pending_record)
                     .await
             }
         }

@@ -634,7 +634,7 @@ fn capture(
     publish_from_fn(move |publish: Publish, _next: PublishNext| {
         let into = Arc::clone(&into);
         async move {
-            into.lock().unwrap().push(publish.request);
+            into.lock().unwrap().push(*publish.request);
             Err(jetq::Error::new(ErrorKind::Config, "captured"))
         }
     })
