@@ -1457,18 +1457,29 @@ impl NatsBroker {
                     .unwrap_or_else(|| record(format!("cannot create record {id}"), err)))
             }
         };
-        // Something is stored under the key: a record, or its delete marker,
-        // over which `create` writes.
-        tracing::trace!(id, error = %err, "record exists or was deleted; creating through the bucket");
-        match Box::pin(kv.create(id, value)).await {
-            Ok(revision) => Ok(revision),
-            Err(err) if err.kind() == CreateErrorKind::AlreadyExists => Err(wrap(
+        // Something is stored under the key: a record (it exists), or a
+        // delete marker, which a create writes over (as async-nats' `create`
+        // does, without repeating the write that was just refused).
+        let exists = || {
+            Error::new(
                 ErrorKind::AlreadyExists,
                 format!("record {id} already exists"),
-                err,
-            )),
-            Err(err) => Err(payload_too_large(&self.inner.client, &err)
-                .unwrap_or_else(|| record(format!("cannot create record {id}"), err))),
+            )
+        };
+        let stored = Box::pin(kv.entry(id))
+            .await
+            .map_err(|e| record(format!("cannot read record {id}"), e))?;
+        match stored {
+            Some(entry) if matches!(entry.operation, Operation::Delete | Operation::Purge) => {
+                match Box::pin(self.update_record_impl(id, value, entry.revision)).await {
+                    Err(e) if e.kind() == ErrorKind::Conflict => Err(exists()),
+                    other => other,
+                }
+            }
+            Some(_) => Err(exists()),
+            // Refused, yet nothing is stored: gone meanwhile; the caller
+            // tries again.
+            None => Err(record(format!("cannot create record {id}"), err)),
         }
     }
 
