@@ -857,7 +857,9 @@ impl NatsBroker {
         Ok(headers)
     }
 
-    async fn publish_impl(&self, request: OutgoingRequest) -> Result<PublishAck> {
+    /// `request` is boxed: this future keeps its argument (and a copy of
+    /// it), and below 1 KiB it is a small allocation.
+    async fn publish_impl(&self, request: Box<OutgoingRequest>) -> Result<PublishAck> {
         validate_id(&request.id)?;
         let target = self.task_subject(&request.queue, &request.task)?;
         let mut headers = Self::headers(&request)?;
@@ -911,11 +913,12 @@ impl NatsBroker {
         let subject = async_nats::Subject::from(subject);
         loop {
             attempt += 1;
-            let result = match self
-                .inner
-                .js
-                .send_publish(subject.clone(), message.clone())
-                .await
+            // Boxed: async-nats' publish future (848 bytes) inline would make
+            // this one, and every publish's, a large allocation.
+            let result = match Box::pin(
+                self.inner.js.send_publish(subject.clone(), message.clone()),
+            )
+            .await
             {
                 Ok(ack) => ack.await,
                 Err(err) => Err(err),
@@ -1707,7 +1710,7 @@ impl Broker for NatsBroker {
     }
 
     fn publish(&self, request: OutgoingRequest) -> BoxFuture<'_, Result<PublishAck>> {
-        Box::pin(self.publish_impl(request))
+        Box::pin(self.publish_impl(Box::new(request)))
     }
 
     fn consume(
