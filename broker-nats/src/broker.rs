@@ -1463,23 +1463,20 @@ impl NatsBroker {
         // Something is stored under the key: a record (it exists), or a
         // delete marker, which a create writes over (as async-nats' `create`
         // does, without repeating the write that was just refused).
-        let exists = || {
-            Error::new(
-                ErrorKind::AlreadyExists,
-                format!("record {id} already exists"),
-            )
-        };
+        let exists = format!("record {id} already exists");
         let stored = Box::pin(kv.entry(id))
             .await
             .map_err(|e| record(format!("cannot read record {id}"), e))?;
         match stored {
             Some(entry) if matches!(entry.operation, Operation::Delete | Operation::Purge) => {
                 match Box::pin(self.update_record_impl(id, value, entry.revision)).await {
-                    Err(e) if e.kind() == ErrorKind::Conflict => Err(exists()),
+                    Err(e) if e.kind() == ErrorKind::Conflict => {
+                        Err(Error::new(ErrorKind::AlreadyExists, exists).with_source(e))
+                    }
                     other => other,
                 }
             }
-            Some(_) => Err(exists()),
+            Some(_) => Err(wrap(ErrorKind::AlreadyExists, exists, err)),
             // Refused, yet nothing is stored: gone meanwhile; the caller
             // tries again.
             None => Err(record(format!("cannot create record {id}"), err)),
