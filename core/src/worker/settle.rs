@@ -194,7 +194,7 @@ pub(super) async fn finish_failed(
         return not_written(env, writer, delivery, lost).await;
     }
     let now = OffsetDateTime::now_utc();
-    let info = err.info();
+    let mut info = err.info();
     // The dead letter first: once a client sees the record `failed`, the
     // dead letter is there. A worker dying in between leaves a `running`
     // record that the next delivery fails from the dead letter (see `claim`).
@@ -202,8 +202,19 @@ pub(super) async fn finish_failed(
     if current.cancel_requested_at.is_none() {
         let mut letter = dead_letter_of(env, delivery, &current, info.clone());
         letter.died_at = now;
+        let sequence = letter.sequence;
         if !store_dead_letter(env, delivery, letter).await {
             return;
+        }
+        // A message is dead-lettered once (its letter's key is the
+        // message's): if another attempt at it got there first (one taken
+        // over when its keep-alives could not reach the server), its letter
+        // stays, and the record says the same.
+        if let Ok(Some(stored)) = Box::pin(env.broker.get_dead_letter(&writer.id)).await {
+            if stored.sequence == sequence && stored.error != info {
+                debug!(kept = %stored.error.kind, "this message was dead-lettered already; the record follows that letter");
+                info = stored.error;
+            }
         }
     }
     let change = |r: &mut Record| {
