@@ -40,12 +40,11 @@ use crate::error::{
 };
 use crate::reader::{read_entry, RecordReader};
 
-// Headers of a dead letter (its payload is the original request).
-
 /// What a publish is and which stream takes it, for its error message
 /// (computed only when the publish fails).
 type Describe<'a> = dyn Fn() -> (String, String) + Send + Sync + 'a;
 
+// Headers of a dead letter (its payload is the original request).
 const DEAD_QUEUE: &str = "Jetq-Queue";
 const DEAD_TASK: &str = "Jetq-Task";
 const DEAD_KIND: &str = "Jetq-Error-Kind";

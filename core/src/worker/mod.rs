@@ -387,17 +387,17 @@ impl Worker {
             let ack_wait =
                 Arc::new(SharedAckWait::read(&queue, &mut *consumer, self.env.ack_wait).await);
             let (pulling, pulled) = tokio::sync::oneshot::channel();
-            tracker.spawn(serve_queue(
+            let server = QueueServer {
                 queue,
                 consumer,
                 ack_wait,
-                Arc::clone(&self.env),
-                Arc::clone(&permits),
-                tracker.clone(),
-                stop.clone(),
-                hard_stop.clone(),
-                pulling,
-            ));
+                env: Arc::clone(&self.env),
+                permits: Arc::clone(&permits),
+                tracker: tracker.clone(),
+                stop: stop.clone(),
+                hard_stop: hard_stop.clone(),
+            };
+            tracker.spawn(serve_queue(server, pulling));
             loops.push(pulled);
         }
         let listener = tokio::spawn(cancel_listener(Arc::clone(&self.env), stop.clone()));

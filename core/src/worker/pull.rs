@@ -3,45 +3,44 @@
 
 use super::*;
 
+/// What a queue's pull loop works with.
+pub(super) struct QueueServer {
+    pub(super) queue: String,
+    pub(super) consumer: Box<dyn Consumer>,
+    pub(super) ack_wait: Arc<SharedAckWait>,
+    pub(super) env: Arc<Env>,
+    /// Deliveries taken and having their records read (shared by the
+    /// worker's queues).
+    pub(super) permits: Arc<Semaphore>,
+    pub(super) tracker: TaskTracker,
+    pub(super) stop: CancellationToken,
+    pub(super) hard_stop: CancellationToken,
+}
+
 /// Serve one queue: its pull loop and the driver of its attempts, in one
 /// task (a delivery reaches its attempt without waking another task).
 /// `pulling` fires when the pull loop has stopped (after `stop`); the task
 /// itself ends when every attempt has ended too.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn serve_queue(
-    queue: String,
-    consumer: Box<dyn Consumer>,
-    ack_wait: Arc<SharedAckWait>,
-    env: Arc<Env>,
-    permits: Arc<Semaphore>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
-    hard_stop: CancellationToken,
-    pulling: tokio::sync::oneshot::Sender<()>,
-) {
+pub(super) async fn serve_queue(server: QueueServer, pulling: tokio::sync::oneshot::Sender<()>) {
     let (attempts, receiver) = tokio::sync::mpsc::unbounded_channel();
     let pull = async move {
-        pull_loop(
-            queue, consumer, ack_wait, env, permits, tracker, stop, hard_stop, attempts,
-        )
-        .await;
+        pull_loop(server, attempts).await;
         let _ = pulling.send(());
     };
     tokio::join!(pull, drive(receiver));
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn pull_loop(
-    queue: String,
-    mut consumer: Box<dyn Consumer>,
-    ack_wait: Arc<SharedAckWait>,
-    env: Arc<Env>,
-    permits: Arc<Semaphore>,
-    tracker: TaskTracker,
-    stop: CancellationToken,
-    hard_stop: CancellationToken,
-    attempts: tokio::sync::mpsc::UnboundedSender<Inline>,
-) {
+async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSender<Inline>) {
+    let QueueServer {
+        queue,
+        mut consumer,
+        ack_wait,
+        env,
+        permits,
+        tracker,
+        stop,
+        hard_stop,
+    } = server;
     let mut backoff = Duration::from_millis(100);
     let mut refreshed = tokio::time::Instant::now();
     loop {
@@ -140,7 +139,7 @@ async fn pull_loop(
                         stop,
                         hard_stop,
                     );
-                    // Boxed: the attempt's state machine is several
+                    // Boxed: the attempt's state machine is about two
                     // kilobytes, and it may move to a task of its own.
                     let _ = attempts.send(Inline::new(Box::pin(attempt), tracker.clone()));
                 }

@@ -634,8 +634,9 @@ pub(super) async fn claim(
 }
 
 /// The reason and time of death of request `id`'s dead letter, if the
-/// message at `seq` left it (its worker stopped before failing the record).
-async fn own_dead_letter(
+/// message at `seq` left it (its worker stopped before failing the record,
+/// or another attempt at it dead-lettered it first).
+pub(super) async fn own_dead_letter(
     env: &Env,
     id: &str,
     seq: u64,

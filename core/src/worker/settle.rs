@@ -85,12 +85,14 @@ async fn outcome_too_large(
     // that fits rather than retrying something that never will.
     let message = format!("the task's outcome does not fit in a record: {e}");
     warn!("{message}");
-    let error = ErrorInfo::new(kinds::TOO_LARGE, message);
     let current = writer.current().await;
-    let letter = dead_letter_of(env, delivery, &current, error.clone());
-    if !store_dead_letter(env, delivery, letter).await {
-        return None;
-    }
+    let letter = dead_letter_of(
+        env,
+        delivery,
+        &current,
+        ErrorInfo::new(kinds::TOO_LARGE, message),
+    );
+    let error = store_failure(env, delivery, letter).await?;
     let shrink = |r: &mut Record| {
         r.status = Status::Failed;
         r.value = None;
@@ -200,21 +202,11 @@ pub(super) async fn finish_failed(
     // record that the next delivery fails from the dead letter (see `claim`).
     let current = writer.current().await;
     if current.cancel_requested_at.is_none() {
-        let mut letter = dead_letter_of(env, delivery, &current, info.clone());
+        let mut letter = dead_letter_of(env, delivery, &current, info);
         letter.died_at = now;
-        let sequence = letter.sequence;
-        if !store_dead_letter(env, delivery, letter).await {
-            return;
-        }
-        // A message is dead-lettered once (its letter's key is the
-        // message's): if another attempt at it got there first (one taken
-        // over when its keep-alives could not reach the server), its letter
-        // stays, and the record says the same.
-        if let Ok(Some(stored)) = Box::pin(env.broker.get_dead_letter(&writer.id)).await {
-            if stored.sequence == sequence && stored.error != info {
-                debug!(kept = %stored.error.kind, "this message was dead-lettered already; the record follows that letter");
-                info = stored.error;
-            }
+        match store_failure(env, delivery, letter).await {
+            Some(stored) => info = stored,
+            None => return,
         }
     }
     let change = |r: &mut Record| {
@@ -285,6 +277,31 @@ pub(super) async fn bury_letter(env: &Env, delivery: &dyn Delivery, letter: Dead
         if let Err(e) = delivery.term(&reason).await {
             warn!(error = %e, "cannot terminate a dead-lettered message; it will be buried again");
         }
+    }
+}
+
+/// Store the dead letter of a request whose record is then written
+/// `failed`, and return the reason that record gives: the letter's own, or
+/// the stored one's when another attempt at the same message dead-lettered
+/// it first (one taken over when its keep-alives could not reach the
+/// server): the letter's key is the message's, so that letter stays, and
+/// the record must say the same. `None` if the letter could not be stored
+/// (the message is released; see [`store_dead_letter`]).
+async fn store_failure(
+    env: &Env,
+    delivery: &dyn Delivery,
+    letter: DeadLetter,
+) -> Option<ErrorInfo> {
+    let (id, sequence, error) = (letter.id.clone(), letter.sequence, letter.error.clone());
+    if !store_dead_letter(env, delivery, letter).await {
+        return None;
+    }
+    match Box::pin(own_dead_letter(env, &id, sequence)).await {
+        Ok(Some((stored, _))) if stored != error => {
+            debug!(kept = %stored.kind, "this message was dead-lettered already; the record follows that letter");
+            Some(stored)
+        }
+        _ => Some(error),
     }
 }
 

@@ -290,7 +290,6 @@ impl WorkflowContext {
         .await
     }
 
-    /// Stop at a step boundary if a client cancelled the run.
     /// The deadline of wait `name` ending `timeout` from its first run
     /// (checkpointed as step `deadline:<name>`, so a replay keeps it), once
     /// the run is known not to be cancelled.
@@ -310,6 +309,7 @@ impl WorkflowContext {
         Ok(deadline.until)
     }
 
+    /// Stop at a step boundary if a client cancelled the run.
     fn check_cancelled(&self, name: &str) -> Result<(), TaskError> {
         if self.ctx.is_cancelled_by_client() {
             return Err(TaskError::permanent(format!(
