@@ -175,7 +175,13 @@ impl Client {
             // dedup (`Nats-Msg-Id`) keeps a retried publish to one message,
             // and a worker drops a later message for an id whose record
             // another message owns, so the request still runs once.
-            let published = self.broker.publish(outgoing(&request, payload)).await?;
+            // Outside tokio's cooperative budget: a publish is bounded, and
+            // a producer that keeps many in flight in one task (say, with
+            // `buffer_unordered`) would otherwise have each refused a step
+            // for want of budget, woken and polled again.
+            let published =
+                tokio::task::coop::unconstrained(self.broker.publish(outgoing(&request, payload)))
+                    .await?;
             if published.duplicate {
                 Box::pin(self.check_duplicate(&request, published.sequence)).await?;
             }

@@ -2,6 +2,19 @@
 
 use super::*;
 
+/// Run one of jetq's own steps of an attempt (the claim, the concluding
+/// place, the writes of the outcome, the acknowledgement) outside tokio's
+/// cooperative budget. The attempts of a queue share one task, and with it
+/// one budget of 128 operations per poll: a few hundred attempts concluding
+/// together would use it up, and each step refused for want of budget
+/// would be woken and polled again (at concurrency 256 an attempt was
+/// polled about 35 times; 6 at 16). These steps are bounded (no loop over
+/// ready resources), so they cannot hold the thread; the handler still runs
+/// under the budget.
+pub(super) fn own<F: std::future::Future>(step: F) -> tokio::task::coop::Unconstrained<F> {
+    tokio::task::coop::unconstrained(step)
+}
+
 /// A request held back until this long before its due time is put back.
 pub(super) const EARLY_TOLERANCE: Duration = Duration::from_millis(500);
 
@@ -118,7 +131,7 @@ pub(super) async fn process(
         let claimed = if runs_unread(&env, &request, &*delivery) {
             Ok(unread_claim(&env, &request, &*delivery, max_retries))
         } else {
-            Box::pin(claim(&env, &request, &*delivery, max_retries)).await
+            own(Box::pin(claim(&env, &request, &*delivery, max_retries))).await
         };
         let claim = match claimed {
             Ok(c) => c,
@@ -151,7 +164,7 @@ pub(super) async fn process(
                 return;
             }
             Claim::Fail(writer, err) => {
-                Box::pin(finish_failed(&env, &writer, &*delivery, &err)).await;
+                own(Box::pin(finish_failed(&env, &writer, &*delivery, &err))).await;
                 return;
             }
             Claim::GiveUp(writer, attempt) => {
@@ -165,13 +178,13 @@ pub(super) async fn process(
                     attempt.saturating_sub(1)
                 ))
                 .with_kind(kinds::ABANDONED);
-                Box::pin(finish_failed(&env, &writer, &*delivery, &err)).await;
+                own(Box::pin(finish_failed(&env, &writer, &*delivery, &err))).await;
                 return;
             }
             Claim::Run(writer, attempt) => (writer, attempt),
         };
         if let Some(err) = refuse {
-            Box::pin(finish_failed(&env, &writer, &*delivery, &err)).await;
+            own(Box::pin(finish_failed(&env, &writer, &*delivery, &err))).await;
             return;
         }
         let Some(entry) = entry else {
@@ -190,7 +203,7 @@ pub(super) async fn process(
                     .join(", ")
             ))
             .with_kind(kinds::UNKNOWN_TASK);
-            Box::pin(finish_failed(&env, &writer, &*delivery, &err)).await;
+            own(Box::pin(finish_failed(&env, &writer, &*delivery, &err))).await;
             return;
         };
 
@@ -234,7 +247,7 @@ pub(super) async fn process(
             // Cancelled while it waited for a slot: it does not start.
             let now = OffsetDateTime::now_utc();
             let change = |r: &mut Record| r.mark_cancelled(now);
-            Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Ack)).await;
+            own(Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Ack))).await;
             return;
         }
         let ignore_result = request.ignore_result;
@@ -316,26 +329,26 @@ pub(super) async fn process(
         env.task_took(started.elapsed());
         // The task is done with its slot; the outcome's writes hold a place
         // of their own.
-        let _concluding = Arc::clone(&env.concluding).acquire_owned().await;
+        let _concluding = own(Arc::clone(&env.concluding).acquire_owned()).await;
         drop(slot);
         if by_client.is_cancelled() {
             info!(attempt, "attempt ended after a cancellation");
             let now = OffsetDateTime::now_utc();
             let change = |r: &mut Record| r.mark_cancelled(now);
-            Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Ack)).await;
+            own(Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Ack))).await;
             return;
         }
         match outcome {
             // A workflow waits without holding the worker.
             Some(Err(ref e)) if e.suspension().is_some() => {
                 if let Some(suspension) = e.suspension() {
-                    Box::pin(suspend(&env, &writer, &*delivery, kept.request(), suspension)).await;
+                    own(Box::pin(suspend(&env, &writer, &*delivery, kept.request(), suspension))).await;
                 }
             }
             // Nobody reads its result and nothing of this attempt is stored:
             // the acknowledgement is all there is to write.
             Some(Ok(_)) if ignore_result && writer.untouched().await => {
-                if let Err(e) = delivery.ack_unconfirmed().await {
+                if let Err(e) = own(delivery.ack_unconfirmed()).await {
                     warn!(error = %e, "acknowledgement failed; the request may run again");
                 }
             }
@@ -348,15 +361,15 @@ pub(super) async fn process(
                     r.finished_at = Some(now);
                     r.next_attempt_at = None;
                 };
-                Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Ack)).await;
+                own(Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Ack))).await;
             }
             // Shutting down: a task that stopped early (or could not finish in
             // time) goes back for immediate redelivery instead of counting as a
             // failure. A permanent error still fails it: another worker could not do better.
             Some(Err(ref e)) if cancel.is_cancelled() && e.is_retryable() => {
-                Box::pin(release(&env, &writer, &*delivery)).await
+                own(Box::pin(release(&env, &writer, &*delivery))).await
             }
-            None => Box::pin(release(&env, &writer, &*delivery)).await,
+            None => own(Box::pin(release(&env, &writer, &*delivery))).await,
             Some(Err(err)) => {
                 let retry_no = attempt; // retries done after this attempt
                 if err.is_retryable() && retry_no <= max_retries {
@@ -377,9 +390,9 @@ pub(super) async fn process(
                         r.error = Some(info.clone());
                         r.next_attempt_at = Some(due);
                     };
-                    Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Nak(delay))).await;
+                    own(Box::pin(conclude(&env, &writer, &*delivery, &change, Settle::Nak(delay)))).await;
                 } else {
-                    Box::pin(finish_failed(&env, &writer, &*delivery, &err)).await;
+                    own(Box::pin(finish_failed(&env, &writer, &*delivery, &err))).await;
                 }
             }
         }

@@ -23,10 +23,13 @@ pub(super) struct QueueServer {
 /// itself ends when every attempt has ended too.
 pub(super) async fn serve_queue(server: QueueServer, pulling: tokio::sync::oneshot::Sender<()>) {
     let (attempts, receiver) = tokio::sync::mpsc::unbounded_channel();
-    let pull = async move {
+    // The loop is jetq's own and bounded (it takes what it has places
+    // for), so it runs outside tokio's cooperative budget, which the
+    // attempts driven beside it share (see `attempt::own`).
+    let pull = tokio::task::coop::unconstrained(async move {
         pull_loop(server, attempts).await;
         let _ = pulling.send(());
-    };
+    });
     tokio::join!(pull, drive(receiver));
 }
 
@@ -176,7 +179,11 @@ async fn drive(mut receiver: tokio::sync::mpsc::UnboundedReceiver<Inline>) {
     let mut open = true;
     std::future::poll_fn(|cx| {
         while open {
-            match receiver.poll_recv(cx) {
+            // Outside the budget too: taking the attempts handed over is
+            // bounded by what was pulled.
+            let recv =
+                tokio::task::coop::unconstrained(std::future::poll_fn(|cx| receiver.poll_recv(cx)));
+            match std::pin::pin!(recv).poll(cx) {
                 Poll::Ready(Some(attempt)) => running.push(attempt),
                 Poll::Ready(None) => open = false,
                 Poll::Pending => break,
