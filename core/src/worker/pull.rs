@@ -64,14 +64,25 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
             }
         }
         // Reading ahead (taking deliveries and reading their records while
-        // every task slot is busy) only while tasks are quick: a delivery
-        // must not wait here for a slot that a long task holds while
-        // another worker could run it.
-        // Not reading ahead: take only as many as there are task slots, and
-        // reserve those slots now (a delivery taken but not yet in its slot
-        // must not count as a free one).
+        // every task slot is busy) only while tasks are quick, and no more
+        // in all than their length allows (the deliveries other pulls hold
+        // are the allowance's other permits): a delivery must not wait here
+        // long for a slot while another worker could run it.
+        let ahead = if env.read_ahead_ok() {
+            let elsewhere = env.pipeline.saturating_sub(held.num_permits());
+            env.read_ahead_limit().saturating_sub(elsewhere)
+        } else {
+            0
+        };
+        if ahead > 0 && held.num_permits() > ahead {
+            drop(held.split(held.num_permits() - ahead));
+        }
+        // Not reading ahead (tasks too long, or as many held as they allow):
+        // take only as many as there are task slots, and reserve those
+        // slots now (a delivery taken but not yet in its slot must not count
+        // as a free one).
         let mut reserved: Option<tokio::sync::OwnedSemaphorePermit> = None;
-        if !env.read_ahead_ok() {
+        if ahead == 0 {
             let first = tokio::select! {
                 _ = stop.cancelled() => return,
                 p = Arc::clone(&env.slots).acquire_owned() => match p { Ok(p) => p, Err(_) => return },
