@@ -380,7 +380,6 @@ impl WorkerBuilder {
                 slots: Arc::new(Semaphore::new(self.concurrency)),
                 task_micros: AtomicU64::new(u64::MAX),
                 concurrency: self.concurrency,
-                pipeline: pipeline(self.concurrency),
                 running: StdMutex::new(HashMap::new()),
                 next_registration: AtomicU64::new(0),
                 cancelled: StdMutex::new(RecentIds::default()),

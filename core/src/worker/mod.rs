@@ -129,8 +129,6 @@ struct Env {
     task_micros: AtomicU64,
     /// The worker's concurrency (the slots' number).
     concurrency: usize,
-    /// Deliveries it may have in each stage ([`pipeline`]).
-    pipeline: usize,
     /// Running attempts by request id: the task's token and the flag that a
     /// client cancelled it.
     running: StdMutex<HashMap<String, Vec<RunningAttempt>>>,

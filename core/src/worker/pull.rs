@@ -69,7 +69,7 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
         // are the allowance's other permits): a delivery must not wait here
         // long for a slot while another worker could run it.
         let ahead = if env.read_ahead_ok() {
-            let elsewhere = env.pipeline.saturating_sub(held.num_permits());
+            let elsewhere = pipeline(env.concurrency).saturating_sub(held.num_permits());
             env.read_ahead_limit().saturating_sub(elsewhere)
         } else {
             0
