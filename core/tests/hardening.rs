@@ -45,6 +45,9 @@ struct FaultyBroker {
     inner: MemoryBroker,
     faults: Faults,
     deliveries: Arc<AtomicUsize>,
+    /// A dead letter stored just before the next one the worker stores (of
+    /// another attempt at the same message, landing first).
+    lands_first: Arc<std::sync::Mutex<Option<DeadLetter>>>,
 }
 
 impl FaultyBroker {
@@ -53,6 +56,7 @@ impl FaultyBroker {
             inner: MemoryBroker::new(),
             faults,
             deliveries: Arc::default(),
+            lands_first: Arc::default(),
         }
     }
 
@@ -169,7 +173,13 @@ impl Broker for FaultyBroker {
         self.inner.remove_delayed(id)
     }
     fn put_dead_letter(&self, letter: DeadLetter) -> BoxFuture<'_, Result<()>> {
-        self.inner.put_dead_letter(letter)
+        let first = self.lands_first.lock().unwrap().take();
+        Box::pin(async move {
+            if let Some(first) = first {
+                self.inner.put_dead_letter(first).await?;
+            }
+            self.inner.put_dead_letter(letter).await
+        })
     }
     fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>>> {
         self.inner.dead_letters(limit)
@@ -583,5 +593,67 @@ async fn records_from_elsewhere_do_not_make_a_request_loop() {
         .unwrap();
     let e = client.record("garbage-2").await.unwrap_err();
     assert!(e.to_string().contains("garbage-2"), "{e}");
+    w.shutdown().await.unwrap();
+}
+
+/// Two attempts at one message fail it at once: the last allowed attempt
+/// failed (its dead letter landed) while the server, its ack wait passed,
+/// delivered the message again and another worker claimed it past its
+/// attempts and gave up. The dead letter is stored once, the first one; the
+/// record must say what it says: the reason, and the attempt and worker
+/// that failed the request, not the claim that ran nothing.
+#[tokio::test]
+async fn a_request_failed_by_two_attempts_at_once_records_what_its_dead_letter_says() {
+    let broker = FaultyBroker::new(Faults::default());
+    let body = envelope("race-1", "demo.add", json!({"max_retries": 1}));
+    let ack = broker
+        .inner
+        .publish(message("race-1", "demo.add", body.clone()))
+        .await
+        .unwrap();
+    // The last allowed attempt's claim (attempt 2 of 2), on another worker.
+    let running = json!({
+        "v": 1, "id": "race-1", "task": "demo.add", "queue": "default",
+        "status": "running", "attempts": 2, "max_retries": 1,
+        "error": {"kind": "panic", "message": "the task panicked: attempt 1"},
+        "enqueued_at": "2026-01-01T00:00:00Z", "started_at": "2026-01-01T00:00:01Z",
+        "worker": "w-old", "seq": ack.sequence
+    });
+    broker
+        .inner
+        .create_record("race-1", Bytes::from(serde_json::to_vec(&running).unwrap()))
+        .await
+        .unwrap();
+    // Its failure's dead letter lands after this worker's claim read the
+    // record (and found no letter), before this worker stores its own.
+    let mut theirs = DeadLetter::new(
+        "race-1",
+        "default",
+        "demo.add",
+        jetq::ErrorInfo::new("panic", "the task panicked: attempt 2"),
+        body,
+    );
+    theirs.attempts = 2;
+    theirs.worker = "w-old".into();
+    theirs.sequence = ack.sequence;
+    *broker.lands_first.lock().unwrap() = Some(theirs.clone());
+
+    let w = Worker::builder(broker.clone())
+        .name("w-new")
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    drained(&broker.inner).await;
+    let letter = dead_letter(&broker, "race-1").await;
+    assert_eq!(
+        letter.error, theirs.error,
+        "the first letter stays: {letter:?}"
+    );
+    let entry = broker.get_record("race-1").await.unwrap().unwrap();
+    let record = Record::decode("race-1", &entry.value).unwrap();
+    assert_eq!(record.status, Status::Failed, "{record:?}");
+    assert_eq!(record.error.as_ref(), Some(&theirs.error), "{record:?}");
+    assert_eq!(record.attempts, 2, "the attempt that failed it: {record:?}");
+    assert_eq!(record.worker.as_deref(), Some("w-old"), "{record:?}");
     w.shutdown().await.unwrap();
 }

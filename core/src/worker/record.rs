@@ -521,12 +521,11 @@ pub(super) async fn claim(
         if record.seq == Some(seq) && record.status == Status::Running {
             // Redelivered while its record says running: did the worker that
             // ran it dead-letter it before it stopped?
-            if let Some((error, died_at)) = Box::pin(own_dead_letter(env, &request.id, seq)).await?
-            {
+            if let Some(letter) = Box::pin(own_dead_letter(env, &request.id, seq)).await? {
                 record.status = Status::Failed;
-                record.error = Some(error);
-                record.finished_at = Some(died_at);
+                record.finished_at = Some(letter.died_at);
                 record.next_attempt_at = None;
+                Verdict::of(&letter).apply(&mut record);
                 if let Some(rev) = revision {
                     match put_record(env, &request.id, &record, Some(rev)).await {
                         Ok(_) => return Ok(Claim::Terminate),
@@ -633,20 +632,44 @@ pub(super) async fn claim(
     ))
 }
 
-/// The reason and time of death of request `id`'s dead letter, if the
-/// message at `seq` left it (its worker stopped before failing the record,
-/// or another attempt at it dead-lettered it first).
-pub(super) async fn own_dead_letter(
-    env: &Env,
-    id: &str,
-    seq: u64,
-) -> Result<Option<(ErrorInfo, OffsetDateTime)>> {
+/// Request `id`'s dead letter, if the message at `seq` left it (its worker
+/// stopped before failing the record, or another attempt at it
+/// dead-lettered it first).
+pub(super) async fn own_dead_letter(env: &Env, id: &str, seq: u64) -> Result<Option<DeadLetter>> {
     Ok(env
         .broker
         .get_dead_letter(id)
         .await?
-        .filter(|letter| letter.sequence == seq)
-        .map(|letter| (letter.error, letter.died_at)))
+        .filter(|letter| letter.sequence == seq))
+}
+
+/// What a `failed` record takes from its message's dead letter: the reason,
+/// and the attempt and worker that failed it. The letter is stored first
+/// and never replaced, so when two attempts at one message fail it at once
+/// (one was taken over while its write was on its way), the record says
+/// what the letter says, not what the later claim would.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Verdict {
+    pub(super) error: ErrorInfo,
+    pub(super) attempts: u32,
+    pub(super) worker: String,
+}
+
+impl Verdict {
+    pub(super) fn of(letter: &DeadLetter) -> Self {
+        Verdict {
+            error: letter.error.clone(),
+            attempts: letter.attempts,
+            worker: letter.worker.clone(),
+        }
+    }
+
+    /// Write the verdict into a record being failed.
+    pub(super) fn apply(&self, record: &mut Record) {
+        record.error = Some(self.error.clone());
+        record.attempts = self.attempts;
+        record.worker = Some(self.worker.clone());
+    }
 }
 
 /// Claim `record` (stored at `revision`, or none) for a quick attempt that

@@ -92,12 +92,13 @@ async fn outcome_too_large(
         &current,
         ErrorInfo::new(kinds::TOO_LARGE, message),
     );
-    let error = store_failure(env, delivery, letter).await?;
+    let verdict = store_failure(env, delivery, letter).await?;
+    let error = verdict.error.clone();
     let shrink = |r: &mut Record| {
         r.status = Status::Failed;
         r.value = None;
         r.progress = None;
-        r.error = Some(error.clone());
+        verdict.apply(r);
         r.finished_at = Some(now);
         r.next_attempt_at = None;
     };
@@ -196,22 +197,26 @@ pub(super) async fn finish_failed(
         return not_written(env, writer, delivery, lost).await;
     }
     let now = OffsetDateTime::now_utc();
-    let mut info = err.info();
     // The dead letter first: once a client sees the record `failed`, the
     // dead letter is there. A worker dying in between leaves a `running`
     // record that the next delivery fails from the dead letter (see `claim`).
     let current = writer.current().await;
+    let mut verdict = None;
     if current.cancel_requested_at.is_none() {
-        let mut letter = dead_letter_of(env, delivery, &current, info);
+        let mut letter = dead_letter_of(env, delivery, &current, err.info());
         letter.died_at = now;
         match store_failure(env, delivery, letter).await {
-            Some(stored) => info = stored,
+            Some(stored) => verdict = Some(stored),
             None => return,
         }
     }
+    let info = err.info();
     let change = |r: &mut Record| {
         r.status = Status::Failed;
-        r.error = Some(info.clone());
+        match &verdict {
+            Some(v) => v.apply(r),
+            None => r.error = Some(info.clone()),
+        }
         r.finished_at = Some(now);
         r.next_attempt_at = None;
     };
@@ -281,27 +286,25 @@ pub(super) async fn bury_letter(env: &Env, delivery: &dyn Delivery, letter: Dead
 }
 
 /// Store the dead letter of a request whose record is then written
-/// `failed`, and return the reason that record gives: the letter's own, or
-/// the stored one's when another attempt at the same message dead-lettered
-/// it first (one taken over when its keep-alives could not reach the
-/// server): the letter's key is the message's, so that letter stays, and
-/// the record must say the same. `None` if the letter could not be stored
-/// (the message is released; see [`store_dead_letter`]).
-async fn store_failure(
-    env: &Env,
-    delivery: &dyn Delivery,
-    letter: DeadLetter,
-) -> Option<ErrorInfo> {
-    let (id, sequence, error) = (letter.id.clone(), letter.sequence, letter.error.clone());
+/// `failed`, and return what that record says ([`Verdict`]): the letter's
+/// own, or the stored one's when another attempt at the same message
+/// dead-lettered it first (one taken over when its keep-alives could not
+/// reach the server, or whose failure was on its way when its delivery was
+/// taken over): the letter's key is the message's, so that letter stays,
+/// and the record must say the same, down to the attempt and worker that
+/// failed it. `None` if the letter could not be stored (the message is
+/// released; see [`store_dead_letter`]).
+async fn store_failure(env: &Env, delivery: &dyn Delivery, letter: DeadLetter) -> Option<Verdict> {
+    let (id, sequence, mine) = (letter.id.clone(), letter.sequence, Verdict::of(&letter));
     if !store_dead_letter(env, delivery, letter).await {
         return None;
     }
     match Box::pin(own_dead_letter(env, &id, sequence)).await {
-        Ok(Some((stored, _))) if stored != error => {
-            debug!(kept = %stored.kind, "this message was dead-lettered already; the record follows that letter");
-            Some(stored)
+        Ok(Some(stored)) if Verdict::of(&stored) != mine => {
+            debug!(kept = %stored.error.kind, "this message was dead-lettered already; the record follows that letter");
+            Some(Verdict::of(&stored))
         }
-        _ => Some(error),
+        _ => Some(mine),
     }
 }
 
