@@ -1066,6 +1066,47 @@ async fn run_soak(cfg: Config) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let drained_after = drain_started.elapsed();
+    // What is left, if anything: enough to tell a message the consumer
+    // still owes from one it counts as acknowledged.
+    let mut leftover = String::new();
+    if tasks_left != 0 || ack_pending != 0 {
+        let mut stream = js.get_stream("JETQ_TASKS").await.unwrap();
+        let state = stream.info().await.unwrap().state.clone();
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("jetq-default").await.unwrap();
+        let c = consumer.info().await.unwrap().clone();
+        let _ = write!(
+            leftover,
+            "stream first {} last {}; consumer delivered {} ack floor {} pending {} redelivered {} waiting {}",
+            state.first_sequence,
+            state.last_sequence,
+            c.delivered.stream_sequence,
+            c.ack_floor.stream_sequence,
+            c.num_pending,
+            c.num_redelivered,
+            c.num_waiting
+        );
+        let mut seq = state.first_sequence;
+        let mut shown = 0;
+        while shown < 5 && seq <= state.last_sequence {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                let key = m
+                    .headers
+                    .get("Nats-Msg-Id")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                let body = String::from_utf8_lossy(&m.payload);
+                let _ = write!(
+                    leftover,
+                    "; seq {seq} on {} key {key:?}: {}",
+                    m.subject,
+                    body.chars().take(200).collect::<String>()
+                );
+                shown += 1;
+            }
+            seq += 1;
+        }
+    }
     let kv_keys = js
         .get_stream("KV_JETQ_RESULTS")
         .await
@@ -1398,7 +1439,7 @@ async fn run_soak(cfg: Config) {
     }
     if tasks_left != 0 || ack_pending != 0 {
         problems.push(format!(
-            "the task stream still holds {tasks_left} messages ({ack_pending} unacknowledged) 30 s after every record was terminal"
+            "the task stream still holds {tasks_left} messages ({ack_pending} unacknowledged) 30 s after every record was terminal: {leftover}"
         ));
     }
     if chaos_log.kills.len() != cfg.kills || chaos_log.restarts.len() != cfg.restarts {
