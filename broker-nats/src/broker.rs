@@ -39,6 +39,7 @@ use crate::error::{
     Lookup,
 };
 use crate::reader::{read_entry, RecordReader};
+use crate::write::{write_expecting, WriteFailure};
 
 /// What a publish is and which stream takes it, for its error message
 /// (computed only when the publish fails).
@@ -197,7 +198,10 @@ fn is_tls_failure(err: &async_nats::ConnectError) -> bool {
     false
 }
 
-fn payload_too_large(client: &Client, err: &(dyn std::error::Error + 'static)) -> Option<Error> {
+pub(crate) fn payload_too_large(
+    client: &Client,
+    err: &(dyn std::error::Error + 'static),
+) -> Option<Error> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         let exceeded = e
@@ -1451,13 +1455,12 @@ impl NatsBroker {
         let kv = self.bucket().await?;
         // A write expecting no message under the key (revision 0): what
         // `create` tries first, without the larger future of its fallback.
-        let err = match kv.update(id, value.clone(), 0).await {
+        let what = || format!("cannot create record {id}");
+        let written = write_expecting(&self.inner.client, kv, id, value.clone(), 0, &what).await;
+        let err = match written {
             Ok(revision) => return Ok(revision),
-            Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => err,
-            Err(err) => {
-                return Err(payload_too_large(&self.inner.client, &err)
-                    .unwrap_or_else(|| record(format!("cannot create record {id}"), err)))
-            }
+            Err(WriteFailure::WrongRevision(err)) => err,
+            Err(WriteFailure::Failed(err)) => return Err(err),
         };
         // Something is stored under the key: a record (it exists), or a
         // delete marker, which a create writes over (as async-nats' `create`
@@ -1478,22 +1481,22 @@ impl NatsBroker {
             Some(_) => Err(wrap(ErrorKind::AlreadyExists, exists, err)),
             // Refused, yet nothing is stored: gone meanwhile; the caller
             // tries again.
-            None => Err(record(format!("cannot create record {id}"), err)),
+            None => Err(wrap(ErrorKind::Broker, what(), err)),
         }
     }
 
     async fn update_record_impl(&self, id: &str, value: Bytes, revision: u64) -> Result<u64> {
         validate_id(id)?;
         let kv = self.bucket().await?;
-        match kv.update(id, value, revision).await {
+        let what = || format!("cannot update record {id}");
+        match write_expecting(&self.inner.client, kv, id, value, revision, &what).await {
             Ok(revision) => Ok(revision),
-            Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => Err(wrap(
+            Err(WriteFailure::WrongRevision(err)) => Err(wrap(
                 ErrorKind::Conflict,
                 format!("record {id} changed since revision {revision} was read; read it again and retry"),
                 err,
             )),
-            Err(err) => Err(payload_too_large(&self.inner.client, &err)
-                .unwrap_or_else(|| record(format!("cannot update record {id}"), err))),
+            Err(WriteFailure::Failed(err)) => Err(err),
         }
     }
 

@@ -61,6 +61,7 @@ mod config;
 mod consumer;
 mod error;
 mod reader;
+mod write;
 
 pub use async_nats;
 pub use broker::NatsBroker;
