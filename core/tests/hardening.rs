@@ -36,6 +36,10 @@ struct Faults {
     nak_at_once: bool,
     /// Acknowledgements are lost: the message comes back at once.
     acks_lost: bool,
+    /// A delivery dropped without being settled is kept (in
+    /// [`FaultyBroker::left`]) instead of going back to the queue at once:
+    /// as on a server, where it comes back only after its ack wait.
+    keep_left: bool,
 }
 
 /// The in-memory broker with faults injected, and nak delays shortened a
@@ -48,7 +52,11 @@ struct FaultyBroker {
     /// A dead letter stored just before the next one the worker stores (of
     /// another attempt at the same message, landing first).
     lands_first: Arc<std::sync::Mutex<Option<DeadLetter>>>,
+    /// Deliveries the worker left unsettled (with `keep_left`).
+    left: Left,
 }
+
+type Left = Arc<std::sync::Mutex<Vec<Box<dyn Delivery>>>>;
 
 impl FaultyBroker {
     fn new(faults: Faults) -> Self {
@@ -57,6 +65,7 @@ impl FaultyBroker {
             faults,
             deliveries: Arc::default(),
             lands_first: Arc::default(),
+            left: Arc::default(),
         }
     }
 
@@ -71,20 +80,53 @@ impl FaultyBroker {
 }
 
 #[derive(Debug)]
-struct FaultyConsumer(Box<dyn Consumer>, Faults, Arc<AtomicUsize>);
+struct FaultyConsumer(Box<dyn Consumer>, Faults, Arc<AtomicUsize>, Left);
 
 #[derive(Debug)]
-struct FaultyDelivery(Box<dyn Delivery>, Faults);
+struct FaultyDelivery {
+    inner: Option<Box<dyn Delivery>>,
+    faults: Faults,
+    settled: std::sync::atomic::AtomicBool,
+    left: Left,
+}
+
+impl FaultyDelivery {
+    fn inner(&self) -> &dyn Delivery {
+        self.inner.as_deref().expect("taken only on drop")
+    }
+
+    fn settle(&self) {
+        self.settled.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultyDelivery {
+    fn drop(&mut self) {
+        if self.faults.keep_left && !self.settled.load(Ordering::SeqCst) {
+            if let Some(inner) = self.inner.take() {
+                self.left.lock().unwrap().push(inner);
+            }
+        }
+    }
+}
 
 impl Consumer for FaultyConsumer {
     fn pull(&mut self, max: usize, expires: Duration) -> BoxFuture<'_, Result<Deliveries>> {
         let faults = self.1;
         let count = Arc::clone(&self.2);
+        let left = Arc::clone(&self.3);
         Box::pin(async move {
             let inner = self.0.pull(max, expires).await?;
             let wrapped = futures_util::StreamExt::map(inner, move |d| {
                 count.fetch_add(1, Ordering::SeqCst);
-                d.map(|d| Box::new(FaultyDelivery(d, faults)) as Box<dyn Delivery>)
+                d.map(|d| {
+                    Box::new(FaultyDelivery {
+                        inner: Some(d),
+                        faults,
+                        settled: Default::default(),
+                        left: Arc::clone(&left),
+                    }) as Box<dyn Delivery>
+                })
             });
             let stream: Deliveries = Box::pin(wrapped);
             Ok(stream)
@@ -94,35 +136,38 @@ impl Consumer for FaultyConsumer {
 
 impl Delivery for FaultyDelivery {
     fn payload(&self) -> &[u8] {
-        self.0.payload()
+        self.inner().payload()
     }
     fn info(&self) -> DeliveryInfo {
-        self.0.info()
+        self.inner().info()
     }
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
-        if self.1.acks_lost {
-            return self.0.nak(None);
+        self.settle();
+        if self.faults.acks_lost {
+            return self.inner().nak(None);
         }
-        self.0.ack()
+        self.inner().ack()
     }
     fn nak(&self, delay: Option<Duration>) -> BoxFuture<'_, Result<()>> {
-        if self.1.nak_at_once {
-            self.0.nak(None)
+        self.settle();
+        if self.faults.nak_at_once {
+            self.inner().nak(None)
         } else {
-            self.0.nak(delay.map(|d| d / 100))
+            self.inner().nak(delay.map(|d| d / 100))
         }
     }
     fn in_progress(&self) -> BoxFuture<'_, Result<()>> {
-        self.0.in_progress()
+        self.inner().in_progress()
     }
     fn term(&self, reason: &str) -> BoxFuture<'_, Result<()>> {
-        self.0.term(reason)
+        self.settle();
+        self.inner().term(reason)
     }
     fn routed_task(&self) -> Option<&str> {
-        self.0.routed_task()
+        self.inner().routed_task()
     }
     fn dedup_key(&self) -> Option<&str> {
-        self.0.dedup_key()
+        self.inner().dedup_key()
     }
 }
 
@@ -145,6 +190,7 @@ impl Broker for FaultyBroker {
                 inner,
                 self.faults,
                 Arc::clone(&self.deliveries),
+                Arc::clone(&self.left),
             )) as Box<dyn Consumer>)
         })
     }
@@ -656,4 +702,74 @@ async fn a_request_failed_by_two_attempts_at_once_records_what_its_dead_letter_s
     assert_eq!(record.attempts, 2, "the attempt that failed it: {record:?}");
     assert_eq!(record.worker.as_deref(), Some("w-old"), "{record:?}");
     w.shutdown().await.unwrap();
+}
+
+/// A stale delivery: a worker holds a message's first delivery (read ahead,
+/// its record read held up by an outage) while the server, the ack wait
+/// past, delivered the message again and that delivery claimed the record
+/// and runs. When the stale one finally reads the record, the message's
+/// own claim is there: it must neither run the task (an attempt the record
+/// does not count, beside the one that does) nor settle the message.
+#[tokio::test]
+async fn a_stale_first_delivery_leaves_the_message_to_the_delivery_that_claimed_it() {
+    let broker = FaultyBroker::new(Faults {
+        keep_left: true,
+        ..Faults::default()
+    });
+    let ack = broker
+        .inner
+        .publish(message(
+            "stale-1",
+            "demo.count",
+            envelope("stale-1", "demo.count", json!({"args": null})),
+        ))
+        .await
+        .unwrap();
+    // The later delivery's claim: attempt 2 runs on another worker.
+    let running = json!({
+        "v": 1, "id": "stale-1", "task": "demo.count", "queue": "default",
+        "status": "running", "attempts": 2, "max_retries": 3,
+        "enqueued_at": "2026-01-01T00:00:00Z", "started_at": "2026-01-01T00:00:01Z",
+        "worker": "w-live", "seq": ack.sequence
+    });
+    let revision = broker
+        .inner
+        .create_record(
+            "stale-1",
+            Bytes::from(serde_json::to_vec(&running).unwrap()),
+        )
+        .await
+        .unwrap();
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    async fn count(
+        jetq::State(runs): jetq::State<Arc<AtomicUsize>>,
+    ) -> std::result::Result<(), TaskError> {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    let w = Worker::builder(broker.clone())
+        .state(Arc::clone(&runs))
+        .task("demo.count", count)
+        .spawn()
+        .unwrap();
+    // Either the worker leaves the delivery, or (the bug) runs the task.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.left.lock().unwrap().is_empty() && runs.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the delivery was neither left nor run"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the stale delivery ran the task"
+    );
+    assert_eq!(broker.left.lock().unwrap().len(), 1, "left unsettled");
+    let entry = broker.get_record("stale-1").await.unwrap().unwrap();
+    assert_eq!(entry.revision, revision, "the record was not touched");
+    w.shutdown().await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
 }

@@ -150,6 +150,10 @@ pub(super) async fn process(
                 }
                 return;
             }
+            Claim::Leave(why) => {
+                debug!("leaving the delivery alone: {why}");
+                return;
+            }
             Claim::NotOwner(reason) => {
                 return Box::pin(poison(&env, &queue, &*delivery, kinds::ID_CONFLICT, reason)).await;
             }

@@ -291,6 +291,9 @@ pub(super) enum Claim {
     Run(Arc<RecordWriter>, u32),
     /// A duplicate, finished or cancelled request: acknowledge and drop.
     Skip(&'static str),
+    /// Another delivery of the same message owns it now: neither run nor
+    /// settle this one.
+    Leave(&'static str),
     /// The request has used up its attempts (its workers died each time).
     GiveUp(Arc<RecordWriter>, u32),
     /// This attempt owns the record but the request cannot run (its record
@@ -534,6 +537,19 @@ pub(super) async fn claim(
                     }
                 }
             }
+        }
+        // A first delivery finds the record claimed by this very message: a
+        // later delivery of it has been here, so this one is stale (it sat
+        // in this worker's read-ahead, its record read held up by an
+        // outage, while the server delivered the message again). Running it
+        // would run an attempt the record does not count, alongside the one
+        // that does. Leave the message to that delivery. (Should the
+        // server's count have been reset, this delivery is the live one:
+        // left alone, it comes back after the ack wait, counted.)
+        if info.delivered <= 1 && record.seq == Some(seq) {
+            return Ok(Claim::Leave(
+                "a stale delivery: a later delivery of this message claimed the record",
+            ));
         }
         let cancelled = record.cancel_requested_at.is_some();
         // A redelivery whose record this message never claimed: its first
