@@ -680,11 +680,16 @@ impl Verdict {
         }
     }
 
-    /// Write the verdict into a record being failed.
+    /// Write the verdict into a record being failed (a letter that does
+    /// not name its attempt count or worker leaves the record's).
     pub(super) fn apply(&self, record: &mut Record) {
         record.error = Some(self.error.clone());
-        record.attempts = self.attempts;
-        record.worker = Some(self.worker.clone());
+        if self.attempts > 0 {
+            record.attempts = self.attempts;
+        }
+        if !self.worker.is_empty() {
+            record.worker = Some(self.worker.clone());
+        }
     }
 }
 
