@@ -198,6 +198,17 @@ fn is_tls_failure(err: &async_nats::ConnectError) -> bool {
     false
 }
 
+/// A message larger than the server accepts, naming its limit and `why`.
+pub(crate) fn too_large(client: &Client, why: &dyn std::fmt::Display) -> Error {
+    let max = client.server_info().max_payload;
+    Error::new(
+        ErrorKind::PayloadTooLarge,
+        format!(
+            "the message is larger than the NATS server accepts (max_payload is {max} bytes): {why}; pass large data by reference (e.g. an object store key) or raise max_payload on the server"
+        ),
+    )
+}
+
 pub(crate) fn payload_too_large(
     client: &Client,
     err: &(dyn std::error::Error + 'static),
@@ -210,13 +221,7 @@ pub(crate) fn payload_too_large(
             || e.downcast_ref::<async_nats::jetstream::Error>()
                 .is_some_and(|js| js.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM);
         if exceeded {
-            let max = client.server_info().max_payload;
-            return Some(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!(
-                    "the message is larger than the NATS server accepts (max_payload is {max} bytes): {e}; pass large data by reference (e.g. an object store key) or raise max_payload on the server"
-                ),
-            ));
+            return Some(too_large(client, e));
         }
         cur = e.source();
     }

@@ -12,19 +12,14 @@
 
 use async_nats::header::{HeaderMap, HeaderValue, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE};
 use async_nats::jetstream::kv::{self, UpdateErrorKind};
+use async_nats::jetstream::ErrorCode;
 use async_nats::{Client, RequestErrorKind};
 use bytes::Bytes;
 use jetq::{Error, ErrorKind};
 use serde::Deserialize;
 
+use crate::broker::{payload_too_large, too_large};
 use crate::error::{record, wrap};
-
-/// The server's error code for a write whose expected revision is not the
-/// stored one (`JSStreamWrongLastSequenceErrF`).
-const WRONG_LAST_SEQUENCE: u64 = 10071;
-/// The server's error code for a message larger than the stream accepts
-/// (`JSStreamMessageExceedsMaximumErr`).
-const MESSAGE_EXCEEDS_MAXIMUM: u64 = 10054;
 
 /// A JetStream publish acknowledgement: the sequence stored, or an error.
 #[derive(Deserialize)]
@@ -77,8 +72,7 @@ pub(crate) async fn write_expecting(
                     err,
                 )),
                 _ => WriteFailure::Failed(
-                    crate::broker::payload_too_large(client, &err)
-                        .unwrap_or_else(|| record(what(), err)),
+                    payload_too_large(client, &err).unwrap_or_else(|| record(what(), err)),
                 ),
             });
     }
@@ -94,7 +88,7 @@ pub(crate) async fn write_expecting(
     let answer = match client.request_with_headers(subject, headers, value).await {
         Ok(answer) => answer,
         Err(err) if err.kind() == RequestErrorKind::MaxPayloadExceeded => {
-            return Err(WriteFailure::Failed(too_large(client, &err.to_string())));
+            return Err(WriteFailure::Failed(too_large(client, &err)));
         }
         Err(err) => return Err(WriteFailure::Failed(record(what(), err))),
     };
@@ -111,15 +105,20 @@ pub(crate) async fn write_expecting(
             ErrorKind::Broker,
             format!("{}: the server acknowledged no sequence", what()),
         ))),
-        Some(refused) if refused.err_code == WRONG_LAST_SEQUENCE => {
+        Some(refused) if ErrorCode(refused.err_code) == ErrorCode::STREAM_WRONG_LAST_SEQUENCE => {
             Err(WriteFailure::WrongRevision(Error::new(
                 ErrorKind::Conflict,
                 format!("refused by the server: {}", refused.description),
             )))
         }
-        Some(refused) if refused.err_code == MESSAGE_EXCEEDS_MAXIMUM => Err(WriteFailure::Failed(
-            too_large(client, &refused.description),
-        )),
+        Some(refused)
+            if ErrorCode(refused.err_code) == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM =>
+        {
+            Err(WriteFailure::Failed(too_large(
+                client,
+                &refused.description,
+            )))
+        }
         Some(refused) => Err(WriteFailure::Failed(Error::new(
             ErrorKind::Broker,
             format!(
@@ -130,15 +129,4 @@ pub(crate) async fn write_expecting(
             ),
         ))),
     }
-}
-
-/// A write larger than the server accepts, naming its limit.
-fn too_large(client: &Client, why: &str) -> Error {
-    let max = client.server_info().max_payload;
-    Error::new(
-        ErrorKind::PayloadTooLarge,
-        format!(
-            "the message is larger than the NATS server accepts (max_payload is {max} bytes): {why}; pass large data by reference (e.g. an object store key) or raise max_payload on the server"
-        ),
-    )
 }

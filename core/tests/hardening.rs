@@ -283,6 +283,35 @@ async fn publish_envelope(broker: &dyn Broker, id: &str, extra: serde_json::Valu
         .unwrap();
 }
 
+/// Publish `body` (request `id` of `task`, keyed by its id) and store the
+/// `running` record that a later delivery of the same message wrote: its
+/// claim of `attempts` on worker `worker` (the message's sequence as its
+/// `seq`), with `extra` fields. Returns the message's sequence and the
+/// record's revision.
+async fn publish_claimed_by_another(
+    broker: &MemoryBroker,
+    (id, task, body): (&str, &str, Bytes),
+    attempts: u32,
+    worker: &str,
+    extra: serde_json::Value,
+) -> (u64, u64) {
+    let ack = broker.publish(message(id, task, body)).await.unwrap();
+    let mut running = json!({
+        "v": 1, "id": id, "task": task, "queue": "default",
+        "status": "running", "attempts": attempts,
+        "enqueued_at": "2026-01-01T00:00:00Z", "started_at": "2026-01-01T00:00:01Z",
+        "worker": worker, "seq": ack.sequence
+    });
+    if let (Some(m), Some(e)) = (running.as_object_mut(), extra.as_object()) {
+        m.extend(e.clone());
+    }
+    let revision = broker
+        .create_record(id, Bytes::from(serde_json::to_vec(&running).unwrap()))
+        .await
+        .unwrap();
+    (ack.sequence, revision)
+}
+
 /// Wait until the dead letter `key` exists (the in-memory broker has no
 /// dead-letter watch; its writes are synchronous, so this settles fast).
 async fn dead_letter(broker: &dyn Broker, key: &str) -> DeadLetter {
@@ -652,24 +681,16 @@ async fn records_from_elsewhere_do_not_make_a_request_loop() {
 async fn a_request_failed_by_two_attempts_at_once_records_what_its_dead_letter_says() {
     let broker = FaultyBroker::new(Faults::default());
     let body = envelope("race-1", "demo.add", json!({"max_retries": 1}));
-    let ack = broker
-        .inner
-        .publish(message("race-1", "demo.add", body.clone()))
-        .await
-        .unwrap();
     // The last allowed attempt's claim (attempt 2 of 2), on another worker.
-    let running = json!({
-        "v": 1, "id": "race-1", "task": "demo.add", "queue": "default",
-        "status": "running", "attempts": 2, "max_retries": 1,
-        "error": {"kind": "panic", "message": "the task panicked: attempt 1"},
-        "enqueued_at": "2026-01-01T00:00:00Z", "started_at": "2026-01-01T00:00:01Z",
-        "worker": "w-old", "seq": ack.sequence
-    });
-    broker
-        .inner
-        .create_record("race-1", Bytes::from(serde_json::to_vec(&running).unwrap()))
-        .await
-        .unwrap();
+    let (sequence, _) = publish_claimed_by_another(
+        &broker.inner,
+        ("race-1", "demo.add", body.clone()),
+        2,
+        "w-old",
+        json!({"max_retries": 1,
+               "error": {"kind": "panic", "message": "the task panicked: attempt 1"}}),
+    )
+    .await;
     // Its failure's dead letter lands after this worker's claim read the
     // record (and found no letter), before this worker stores its own.
     let mut theirs = DeadLetter::new(
@@ -681,7 +702,7 @@ async fn a_request_failed_by_two_attempts_at_once_records_what_its_dead_letter_s
     );
     theirs.attempts = 2;
     theirs.worker = "w-old".into();
-    theirs.sequence = ack.sequence;
+    theirs.sequence = sequence;
     *broker.lands_first.lock().unwrap() = Some(theirs.clone());
 
     let w = Worker::builder(broker.clone())
@@ -716,30 +737,16 @@ async fn a_stale_first_delivery_leaves_the_message_to_the_delivery_that_claimed_
         keep_left: true,
         ..Faults::default()
     });
-    let ack = broker
-        .inner
-        .publish(message(
-            "stale-1",
-            "demo.count",
-            envelope("stale-1", "demo.count", json!({"args": null})),
-        ))
-        .await
-        .unwrap();
     // The later delivery's claim: attempt 2 runs on another worker.
-    let running = json!({
-        "v": 1, "id": "stale-1", "task": "demo.count", "queue": "default",
-        "status": "running", "attempts": 2, "max_retries": 3,
-        "enqueued_at": "2026-01-01T00:00:00Z", "started_at": "2026-01-01T00:00:01Z",
-        "worker": "w-live", "seq": ack.sequence
-    });
-    let revision = broker
-        .inner
-        .create_record(
-            "stale-1",
-            Bytes::from(serde_json::to_vec(&running).unwrap()),
-        )
-        .await
-        .unwrap();
+    let body = envelope("stale-1", "demo.count", json!({"args": null}));
+    let (_, revision) = publish_claimed_by_another(
+        &broker.inner,
+        ("stale-1", "demo.count", body),
+        2,
+        "w-live",
+        json!({"max_retries": 3}),
+    )
+    .await;
 
     let runs = Arc::new(AtomicUsize::new(0));
     async fn count(

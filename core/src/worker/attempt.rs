@@ -2,19 +2,6 @@
 
 use super::*;
 
-/// Run one of jetq's own steps of an attempt (the claim, the concluding
-/// place, the writes of the outcome, the acknowledgement) outside tokio's
-/// cooperative budget. The attempts of a queue share one task, and with it
-/// one budget of 128 operations per poll: a few hundred attempts concluding
-/// together would use it up, and each step refused for want of budget
-/// would be woken and polled again (at concurrency 256 an attempt was
-/// polled about 40 times, 6.4 at 16; now about 3). These steps are bounded (no loop over
-/// ready resources), so they cannot hold the thread; the handler still runs
-/// under the budget.
-pub(super) fn own<F: std::future::Future>(step: F) -> tokio::task::coop::Unconstrained<F> {
-    tokio::task::coop::unconstrained(step)
-}
-
 /// A request held back until this long before its due time is put back.
 pub(super) const EARLY_TOLERANCE: Duration = Duration::from_millis(500);
 

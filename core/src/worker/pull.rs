@@ -25,8 +25,8 @@ pub(super) async fn serve_queue(server: QueueServer, pulling: tokio::sync::onesh
     let (attempts, receiver) = tokio::sync::mpsc::unbounded_channel();
     // The loop is jetq's own and bounded (it takes what it has places
     // for), so it runs outside tokio's cooperative budget, which the
-    // attempts driven beside it share (see `attempt::own`).
-    let pull = tokio::task::coop::unconstrained(async move {
+    // attempts driven beside it share (see `own`).
+    let pull = own(async move {
         pull_loop(server, attempts).await;
         let _ = pulling.send(());
     });
@@ -192,8 +192,7 @@ async fn drive(mut receiver: tokio::sync::mpsc::UnboundedReceiver<Inline>) {
         while open {
             // Outside the budget too: taking the attempts handed over is
             // bounded by what was pulled.
-            let recv =
-                tokio::task::coop::unconstrained(std::future::poll_fn(|cx| receiver.poll_recv(cx)));
+            let recv = own(std::future::poll_fn(|cx| receiver.poll_recv(cx)));
             match std::pin::pin!(recv).poll(cx) {
                 Poll::Ready(Some(attempt)) => running.push(attempt),
                 Poll::Ready(None) => open = false,
