@@ -13,7 +13,7 @@ use async_nats::jetstream::context::{
     CreateKeyValueErrorKind, CreateStreamErrorKind, PublishError, PublishErrorKind,
 };
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
-use async_nats::jetstream::message::{PublishMessage, StreamMessage};
+use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::{
     self, ConsumerCreateStrictErrorKind, DirectGetErrorKind, LastRawMessageErrorKind,
 };
@@ -32,6 +32,7 @@ use jetq::time::OffsetDateTime;
 use jetq::{DeadLetter, Error, ErrorInfo, ErrorKind, Result};
 use tokio::sync::{watch, OnceCell};
 
+use crate::acks::Acks;
 use crate::config::{Auth, NatsConfig, Storage};
 use crate::consumer::NatsConsumer;
 use crate::error::{
@@ -39,7 +40,7 @@ use crate::error::{
     Lookup,
 };
 use crate::reader::{read_entry, RecordReader};
-use crate::write::{write_expecting, WriteFailure};
+use crate::write::{publish_acked, write_expecting, WriteFailure};
 
 /// What a publish is and which stream takes it, for its error message
 /// (computed only when the publish fails).
@@ -110,6 +111,8 @@ struct Inner {
     inbox_prefix: String,
     /// Reads of the record bucket, gathered into batches.
     reader: std::sync::OnceLock<RecordReader>,
+    /// Publishes waiting for their acknowledgement.
+    acks: OnceCell<Acks>,
 }
 
 impl fmt::Debug for NatsBroker {
@@ -376,6 +379,7 @@ impl NatsBroker {
                 reconnects,
                 inbox_prefix,
                 reader: std::sync::OnceLock::new(),
+                acks: OnceCell::new(),
             }),
         }
     }
@@ -886,9 +890,6 @@ impl NatsBroker {
             }
             None => target,
         };
-        let message = PublishMessage::build()
-            .payload(request.payload)
-            .headers(headers);
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
         // First use: create the stream, riding out a server that is (re)starting.
         if self.inner.tasks.get().is_none() {
@@ -899,7 +900,8 @@ impl NatsBroker {
         }
         self.publish_retrying(
             subject,
-            message,
+            headers,
+            request.payload.clone(),
             &|| (format!("request {}", request.id), self.stream_name()),
             deadline,
         )
@@ -911,7 +913,8 @@ impl NatsBroker {
     async fn publish_retrying(
         &self,
         subject: String,
-        message: PublishMessage,
+        headers: HeaderMap,
+        payload: Bytes,
         describe: &Describe<'_>,
         deadline: tokio::time::Instant,
     ) -> Result<PublishAck> {
@@ -921,18 +924,21 @@ impl NatsBroker {
         let subject = async_nats::Subject::from(subject);
         loop {
             attempt += 1;
-            // Boxed: async-nats' publish future (848 bytes) inline would make
-            // this one, and every publish's, a large allocation.
-            let result = match Box::pin(
-                self.inner.js.send_publish(subject.clone(), message.clone()),
-            )
-            .await
-            {
-                Ok(ack) => ack.await,
+            let result = match self.acks().await {
+                Ok(acks) => {
+                    publish_acked(
+                        acks,
+                        subject.clone(),
+                        headers.clone(),
+                        payload.clone(),
+                        Some(self.inner.config.request_timeout),
+                    )
+                    .await
+                }
                 Err(err) => Err(err),
             };
             let err = match result {
-                Ok(ack) => return Ok(PublishAck::new(ack.sequence, ack.duplicate)),
+                Ok(stored) => return Ok(PublishAck::new(stored.sequence, stored.duplicate)),
                 Err(err) => err,
             };
             if let Some(too_large) = payload_too_large(&self.inner.client, &err) {
@@ -1016,11 +1022,14 @@ impl NatsBroker {
             )
         };
         let size = letter.payload.len();
-        let message = PublishMessage::build()
-            .payload(letter.payload)
-            .headers(headers.clone());
         match self
-            .publish_retrying(subject.clone(), message, &describe, deadline)
+            .publish_retrying(
+                subject.clone(),
+                headers.clone(),
+                letter.payload,
+                &describe,
+                deadline,
+            )
             .await
         {
             Err(e) if e.kind() == ErrorKind::PayloadTooLarge => {
@@ -1029,10 +1038,7 @@ impl NatsBroker {
                 // so), rather than failing to end the request at all.
                 tracing::warn!(id = %letter.id, size, "the dead letter does not fit with its request; storing it without");
                 headers.insert(DEAD_OMITTED, size.to_string().as_str());
-                let message = PublishMessage::build()
-                    .payload(Bytes::new())
-                    .headers(headers);
-                self.publish_retrying(subject, message, &describe, deadline)
+                self.publish_retrying(subject, headers, Bytes::new(), &describe, deadline)
                     .await?;
                 Ok(())
             }
@@ -1145,7 +1151,6 @@ impl NatsBroker {
                 .map_err(|e| wrap(ErrorKind::InvalidName, "invalid idempotency key", e))?;
             headers.insert(NATS_MESSAGE_ID, dedup);
         }
-        let message = PublishMessage::build().payload(payload).headers(headers);
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
         if self.inner.mail.get().is_none() {
             Box::pin(Self::provision_retrying("mailbox stream", deadline, || {
@@ -1156,7 +1161,8 @@ impl NatsBroker {
         let ack = self
             .publish_retrying(
                 subject,
-                message,
+                headers,
+                payload,
                 &|| {
                     (
                         format!("a message to workflow {id}"),
@@ -1252,13 +1258,11 @@ impl NatsBroker {
         let dedup = HeaderValue::from_str(&jetq::Request::wake_dedup_key(id, &token))
             .map_err(|e| wrap(ErrorKind::InvalidName, "invalid wake-up key", e))?;
         headers.insert(NATS_MESSAGE_ID, dedup);
-        let out = PublishMessage::build()
-            .payload(message.payload.clone())
-            .headers(headers);
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
         self.publish_retrying(
             target,
-            out,
+            headers,
+            message.payload.clone(),
             &|| (format!("the wake-up of workflow {id}"), self.stream_name()),
             deadline,
         )
@@ -1455,13 +1459,29 @@ impl NatsBroker {
         Box::pin(read_entry(kv, key)).await
     }
 
+    /// The connection's acknowledged publishes, started at the first.
+    async fn acks(&self) -> std::result::Result<&Acks, PublishError> {
+        if let Some(acks) = self.inner.acks.get() {
+            return Ok(acks);
+        }
+        // Boxed: only the first publish pays for the subscription's future.
+        Box::pin(
+            self.inner
+                .acks
+                .get_or_try_init(|| Acks::start(self.inner.client.clone())),
+        )
+        .await
+        .map_err(|e| PublishError::with_source(PublishErrorKind::BrokenPipe, e))
+    }
+
     async fn create_record_impl(&self, id: &str, value: Bytes) -> Result<u64> {
         validate_id(id)?;
         let kv = self.bucket().await?;
         // A write expecting no message under the key (revision 0): what
         // `create` tries first, without the larger future of its fallback.
         let what = || format!("cannot create record {id}");
-        let written = write_expecting(&self.inner.client, kv, id, value.clone(), 0, &what).await;
+        let acks = self.acks().await.map_err(|e| record(what(), e))?;
+        let written = write_expecting(acks, kv, id, value.clone(), 0, &what).await;
         let err = match written {
             Ok(revision) => return Ok(revision),
             Err(WriteFailure::WrongRevision(err)) => err,
@@ -1494,7 +1514,8 @@ impl NatsBroker {
         validate_id(id)?;
         let kv = self.bucket().await?;
         let what = || format!("cannot update record {id}");
-        match write_expecting(&self.inner.client, kv, id, value, revision, &what).await {
+        let acks = self.acks().await.map_err(|e| record(what(), e))?;
+        match write_expecting(acks, kv, id, value, revision, &what).await {
             Ok(revision) => Ok(revision),
             Err(WriteFailure::WrongRevision(err)) => Err(wrap(
                 ErrorKind::Conflict,

@@ -56,6 +56,7 @@
 //! [`ErrorKind::Broker`](jetq::ErrorKind::Broker), bad options
 //! [`ErrorKind::Config`](jetq::ErrorKind::Config).
 
+mod acks;
 mod broker;
 mod config;
 mod consumer;

@@ -33,6 +33,7 @@ use jetq::{Error, ErrorKind, Result};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::acks::reply_number;
 use crate::error::record;
 
 /// The most reads in one batch (the server allows up to 1,024 results).
@@ -210,12 +211,7 @@ async fn run(client: Client, store: kv::Store, mut receiver: mpsc::UnboundedRece
                 }
             }
             Some(message) = next_reply(&mut replies) => {
-                let Some(n) = message
-                    .subject
-                    .rsplit('.')
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                else {
+                let Some(n) = reply_number(&message) else {
                     continue;
                 };
                 match message.status.map(|s| s.as_u16()) {

@@ -57,7 +57,10 @@ pub(super) async fn process(
         .await;
     }
     let span = info_span!("jetq.task", task = %request.task, id = %request.id, queue = %queue, seq = info.sequence);
-    async move {
+    // Boxed: this future is spawned (or boxed) whole, and with the attempt's
+    // inline it would be an allocation above 1 KiB, which glibc's allocator
+    // serves slowly; two below it cost less.
+    Box::pin(async move {
         let entry = env
             .registry
             .get(&queue)
@@ -209,29 +212,16 @@ pub(super) async fn process(
             // Registered after the shutdown fired the running ones.
             cancel.cancel();
         }
-        let id = request.id.clone();
         // A place to run: at once, unless the worker read ahead while every
         // slot was busy; the delivery is kept alive meanwhile.
         let Taken { reading, slot } = taken;
         let slot = match slot.or_else(|| Arc::clone(&env.slots).try_acquire_owned().ok()) {
             Some(slot) => slot,
-            None => {
-                let wait = Arc::clone(&env.slots).acquire_owned();
-                tokio::pin!(wait);
-                loop {
-                    tokio::select! {
-                        s = &mut wait => match s {
-                            Ok(slot) => break slot,
-                            Err(_) => return,
-                        },
-                        _ = tokio::time::sleep(ack_wait.get() / 3) => {
-                            if let Err(e) = delivery.in_progress().await {
-                                debug!(error = %e, "keep-alive failed");
-                            }
-                        }
-                    }
-                }
-            }
+            // Boxed: only a delivery that waits pays for the wait's future.
+            None => match Box::pin(wait_for_slot(&env, &*delivery, &ack_wait)).await {
+                Some(slot) => slot,
+                None => return,
+            },
         };
         drop(reading);
         if by_client.is_cancelled() {
@@ -260,64 +250,23 @@ pub(super) async fn process(
         };
         debug!(attempt, "running");
         let kept = ctx.clone();
-        let run = run_attempt(&entry.chain, &entry.handler, entry.timeout, ctx);
-        // Keep the delivery alive, and look at the record now and then: a
-        // cancellation whose signal this worker missed, or another attempt
-        // that took the request over, stops this one.
-        let keepalive = async {
-            loop {
-                // A third of the queue's ack wait as the broker applies it now
-                // (another worker of the queue may have changed it).
-                tokio::time::sleep(ack_wait.get() / 3).await;
-                if let Err(e) = delivery.in_progress().await {
-                    debug!(error = %e, "keep-alive failed");
-                }
-                if cancel.is_cancelled() {
-                    continue;
-                }
-                match Box::pin(writer.check(&env.broker)).await {
-                    Ok(Watch::Fine) => {}
-                    Ok(Watch::CancelRequested) => {
-                        info!("cancelled by a client (seen in the record)");
-                        by_client.cancel();
-                        cancel.cancel();
-                    }
-                    Ok(Watch::Lost) => {
-                        warn!("another attempt took this request over; stopping this one");
-                        cancel.cancel();
-                    }
-                    Err(e) => debug!(id = %id, error = %e, "cannot re-read the record"),
-                }
-            }
-        };
-        // A slow attempt says `running` (its claim, written on its own).
-        let mark_running = async {
-            tokio::time::sleep(env.running_after).await;
-            match Box::pin(writer.ensure_claimed()).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::Conflict => {
-                    warn!(error = %e, "another attempt took this request over, or it was cancelled; stopping this one");
-                    if let Ok(Watch::CancelRequested) = Box::pin(writer.check(&env.broker)).await {
-                        by_client.cancel();
-                    }
-                    cancel.cancel();
-                }
-                Err(e) => debug!(id = %id, error = %e, "cannot write the running record yet"),
-            }
-            std::future::pending::<()>().await
-        };
-        let started = tokio::time::Instant::now();
-        // `biased`: the task first, so that one that finishes at its first
-        // poll (most quick tasks) never registers the timers and the stop
-        // waiter of the other branches, and no random branch order is drawn.
-        let outcome = tokio::select! {
-            biased;
-            r = run => Some(r),
-            _ = keepalive => None,
-            _ = mark_running => None,
-            _ = hard_stop.cancelled() => None,
-        };
-        env.task_took(started.elapsed());
+        // Boxed: the task's future and its watchers, inline, would make
+        // the attempt's future (held for the delivery's whole life) an
+        // allocation above 1 KiB, which glibc's allocator serves slowly.
+        let outcome = Box::pin(run_watched(
+            &env,
+            &entry,
+            ctx,
+            &*delivery,
+            &writer,
+            Watchers {
+                ack_wait: &ack_wait,
+                cancel: &cancel,
+                by_client: &by_client,
+                hard_stop: &hard_stop,
+            },
+        ))
+        .await;
         // The task is done with its slot; the outcome's writes hold a place
         // of their own.
         let _concluding = own(Arc::clone(&env.concluding).acquire_owned()).await;
@@ -388,6 +337,115 @@ pub(super) async fn process(
             }
         }
     }
-    .instrument(span)
+    .instrument(span))
     .await
+}
+
+/// What stops or watches a running task: the queue's ack wait (its
+/// keep-alives), the attempt's cancellation tokens and the worker's hard
+/// stop.
+struct Watchers<'a> {
+    ack_wait: &'a SharedAckWait,
+    cancel: &'a CancellationToken,
+    by_client: &'a CancellationToken,
+    hard_stop: &'a CancellationToken,
+}
+
+/// Run the task, keeping its delivery alive and watching its record: its
+/// outcome, or `None` when the worker's hard stop ended it first.
+async fn run_watched(
+    env: &Env,
+    entry: &TaskEntry,
+    ctx: Context,
+    delivery: &dyn Delivery,
+    writer: &RecordWriter,
+    watchers: Watchers<'_>,
+) -> Option<Outcome> {
+    let Watchers {
+        ack_wait,
+        cancel,
+        by_client,
+        hard_stop,
+    } = watchers;
+    let id = ctx.request().id.clone();
+    let run = run_attempt(&entry.chain, &entry.handler, entry.timeout, ctx);
+    // Keep the delivery alive, and look at the record now and then: a
+    // cancellation whose signal this worker missed, or another attempt
+    // that took the request over, stops this one.
+    let keepalive = async {
+        loop {
+            // A third of the queue's ack wait as the broker applies it now
+            // (another worker of the queue may have changed it).
+            tokio::time::sleep(ack_wait.get() / 3).await;
+            if let Err(e) = delivery.in_progress().await {
+                debug!(error = %e, "keep-alive failed");
+            }
+            if cancel.is_cancelled() {
+                continue;
+            }
+            match Box::pin(writer.check(&env.broker)).await {
+                Ok(Watch::Fine) => {}
+                Ok(Watch::CancelRequested) => {
+                    info!("cancelled by a client (seen in the record)");
+                    by_client.cancel();
+                    cancel.cancel();
+                }
+                Ok(Watch::Lost) => {
+                    warn!("another attempt took this request over; stopping this one");
+                    cancel.cancel();
+                }
+                Err(e) => debug!(id = %id, error = %e, "cannot re-read the record"),
+            }
+        }
+    };
+    // A slow attempt says `running` (its claim, written on its own).
+    let mark_running = async {
+        tokio::time::sleep(env.running_after).await;
+        match Box::pin(writer.ensure_claimed()).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Conflict => {
+                warn!(error = %e, "another attempt took this request over, or it was cancelled; stopping this one");
+                if let Ok(Watch::CancelRequested) = Box::pin(writer.check(&env.broker)).await {
+                    by_client.cancel();
+                }
+                cancel.cancel();
+            }
+            Err(e) => debug!(id = %id, error = %e, "cannot write the running record yet"),
+        }
+        std::future::pending::<()>().await
+    };
+    let started = tokio::time::Instant::now();
+    // `biased`: the task first, so that one that finishes at its first
+    // poll (most quick tasks) never registers the timers and the stop
+    // waiter of the other branches, and no random branch order is drawn.
+    let outcome = tokio::select! {
+        biased;
+        r = run => Some(r),
+        _ = keepalive => None,
+        _ = mark_running => None,
+        _ = hard_stop.cancelled() => None,
+    };
+    env.task_took(started.elapsed());
+    outcome
+}
+
+/// Wait for a task slot, keeping the delivery alive meanwhile; `None` when
+/// the worker closed its slots.
+async fn wait_for_slot(
+    env: &Env,
+    delivery: &dyn Delivery,
+    ack_wait: &SharedAckWait,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let wait = Arc::clone(&env.slots).acquire_owned();
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            s = &mut wait => return s.ok(),
+            _ = tokio::time::sleep(ack_wait.get() / 3) => {
+                if let Err(e) = delivery.in_progress().await {
+                    debug!(error = %e, "keep-alive failed");
+                }
+            }
+        }
+    }
 }

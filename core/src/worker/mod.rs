@@ -29,14 +29,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::broker::{BoxFuture, Broker, ConsumeOptions, Consumer, Delivery};
+use crate::broker::{BoxFuture, Broker, ConsumeOptions, Consumer, Delivery, RecordEntry};
 use crate::client::Client;
 use crate::context::{Context, ContextInner, RecordSink, Shared};
 use crate::dead::DeadLetter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extract::{Requirements, ResourceCell};
 use crate::handler::{BlockingHandler, ErasedHandler, Handler};
-use crate::middleware::{run_attempt, Middleware};
+use crate::middleware::{run_attempt, Middleware, Outcome};
 use crate::names;
 use crate::record::{ErrorInfo, Record, Status};
 use crate::request::{Request, DEFAULT_QUEUE, MAX_DELAY, MAX_RETRIES_LIMIT};

@@ -404,11 +404,40 @@ pub(super) async fn claim(
     delivery: &dyn Delivery,
     max_retries: u32,
 ) -> Result<Claim> {
+    let existing = env.broker.get_record(&request.id).await?;
+    // Most deliveries are a fresh request's first: no record yet, and this
+    // message may start one. Its claim is the one the loop below would make
+    // (a pending record, claimed lazily), without the loop's future: that
+    // one holds records across its writes, more than 1 KiB, which glibc's
+    // allocator serves slowly.
+    if existing.is_none()
+        && request.resume.is_none()
+        && delivery.info().delivered <= 1
+        && may_start_record(delivery, request)
+    {
+        return Ok(unread_claim(env, request, delivery, max_retries));
+    }
+    Box::pin(claim_read(env, request, delivery, max_retries, existing)).await
+}
+
+/// [`claim`] from the record entry just read (`existing`), reading it again
+/// after each conflicting write.
+async fn claim_read(
+    env: &Env,
+    request: &Request,
+    delivery: &dyn Delivery,
+    max_retries: u32,
+    existing: Option<RecordEntry>,
+) -> Result<Claim> {
     let info = delivery.info();
     let seq = info.sequence;
     let mut fail: Option<TaskError> = None;
+    let mut first = Some(existing);
     for _ in 0..16 {
-        let existing = env.broker.get_record(&request.id).await?;
+        let existing = match first.take() {
+            Some(existing) => existing,
+            None => env.broker.get_record(&request.id).await?,
+        };
         let (mut record, revision) = match existing {
             None if request.resume.is_some() => {
                 return Ok(Claim::Skip(
