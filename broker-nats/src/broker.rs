@@ -46,6 +46,31 @@ use crate::write::{publish_acked, write_expecting, WriteFailure};
 /// (computed only when the publish fails).
 type Describe<'a> = dyn Fn() -> (String, String) + Send + Sync + 'a;
 
+/// The headers of a publish, for each of its attempts.
+enum AttemptHeaders<'a> {
+    /// The same headers, copied for every attempt.
+    Kept(HeaderMap),
+    /// The headers for the first attempt, and how to build them again for
+    /// the next.
+    Rebuilt(
+        Option<HeaderMap>,
+        &'a (dyn Fn() -> Result<HeaderMap> + Sync),
+    ),
+}
+
+impl AttemptHeaders<'_> {
+    /// The headers of the next attempt.
+    fn next(&mut self) -> Result<HeaderMap> {
+        match self {
+            AttemptHeaders::Kept(headers) => Ok(headers.clone()),
+            AttemptHeaders::Rebuilt(first, again) => match first.take() {
+                Some(headers) => Ok(headers),
+                None => again(),
+            },
+        }
+    }
+}
+
 // Headers of a dead letter (its payload is the original request).
 const DEAD_QUEUE: &str = "Jetq-Queue";
 const DEAD_TASK: &str = "Jetq-Task";
@@ -873,12 +898,40 @@ impl NatsBroker {
     /// it), and below 1 KiB it is a small allocation.
     async fn publish_impl(&self, request: Box<OutgoingRequest>) -> Result<PublishAck> {
         validate_id(&request.id)?;
-        let target = self.task_subject(&request.queue, &request.task)?;
-        let mut headers = Self::headers(&request)?;
         let now = OffsetDateTime::now_utc();
+        let (subject, headers) = self.routed(&request, now)?;
+        let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
+        // First use: create the stream, riding out a server that is (re)starting.
+        if self.inner.tasks.get().is_none() {
+            Box::pin(Self::provision_retrying("task stream", deadline, || {
+                self.ensure_stream()
+            }))
+            .await?;
+        }
+        // A retry builds the headers again (as of the same `now`): cheaper
+        // than a copy for every first attempt.
+        let again = || self.routed(&request, now).map(|(_, headers)| headers);
+        self.publish_retrying(
+            subject,
+            AttemptHeaders::Rebuilt(Some(headers), &again),
+            request.payload.clone(),
+            &|| (format!("request {}", request.id), self.stream_name()),
+            deadline,
+        )
+        .await
+    }
+
+    /// Where `request` goes and with which headers: its task subject, or
+    /// for a request due after `now` the subject of its one-shot message
+    /// schedule, which the server publishes to the task subject when due.
+    fn routed(
+        &self,
+        request: &OutgoingRequest,
+        now: OffsetDateTime,
+    ) -> Result<(String, HeaderMap)> {
+        let target = self.task_subject(&request.queue, &request.task)?;
+        let mut headers = Self::headers(request)?;
         let subject = match request.not_before.filter(|at| *at > now) {
-            // A delayed request is a one-shot message schedule; the server
-            // publishes it to the task subject when due.
             Some(at) => {
                 let at = at
                     .to_offset(jetq::time::UtcOffset::UTC)
@@ -890,22 +943,7 @@ impl NatsBroker {
             }
             None => target,
         };
-        let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
-        // First use: create the stream, riding out a server that is (re)starting.
-        if self.inner.tasks.get().is_none() {
-            Box::pin(Self::provision_retrying("task stream", deadline, || {
-                self.ensure_stream()
-            }))
-            .await?;
-        }
-        self.publish_retrying(
-            subject,
-            headers,
-            request.payload.clone(),
-            &|| (format!("request {}", request.id), self.stream_name()),
-            deadline,
-        )
-        .await
+        Ok((subject, headers))
     }
 
     /// Publish to a stream, retrying transient failures (a restarting server,
@@ -913,7 +951,7 @@ impl NatsBroker {
     async fn publish_retrying(
         &self,
         subject: String,
-        headers: HeaderMap,
+        mut headers: AttemptHeaders<'_>,
         payload: Bytes,
         describe: &Describe<'_>,
         deadline: tokio::time::Instant,
@@ -925,14 +963,17 @@ impl NatsBroker {
         loop {
             attempt += 1;
             let result = match self.acks().await {
+                // Boxed: inline, it would make every publish's future an
+                // allocation of 1 KiB or more, which glibc's allocator
+                // serves slowly (see acks.rs).
                 Ok(acks) => {
-                    publish_acked(
+                    Box::pin(publish_acked(
                         acks,
                         subject.clone(),
-                        headers.clone(),
+                        headers.next()?,
                         payload.clone(),
                         Some(self.inner.config.request_timeout),
-                    )
+                    ))
                     .await
                 }
                 Err(err) => Err(err),
@@ -1025,7 +1066,7 @@ impl NatsBroker {
         match self
             .publish_retrying(
                 subject.clone(),
-                headers.clone(),
+                AttemptHeaders::Kept(headers.clone()),
                 letter.payload,
                 &describe,
                 deadline,
@@ -1038,8 +1079,14 @@ impl NatsBroker {
                 // so), rather than failing to end the request at all.
                 tracing::warn!(id = %letter.id, size, "the dead letter does not fit with its request; storing it without");
                 headers.insert(DEAD_OMITTED, size.to_string().as_str());
-                self.publish_retrying(subject, headers, Bytes::new(), &describe, deadline)
-                    .await?;
+                self.publish_retrying(
+                    subject,
+                    AttemptHeaders::Kept(headers),
+                    Bytes::new(),
+                    &describe,
+                    deadline,
+                )
+                .await?;
                 Ok(())
             }
             other => other.map(|_| ()),
@@ -1161,7 +1208,7 @@ impl NatsBroker {
         let ack = self
             .publish_retrying(
                 subject,
-                headers,
+                AttemptHeaders::Kept(headers),
                 payload,
                 &|| {
                     (
@@ -1261,7 +1308,7 @@ impl NatsBroker {
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
         self.publish_retrying(
             target,
-            headers,
+            AttemptHeaders::Kept(headers),
             message.payload.clone(),
             &|| (format!("the wake-up of workflow {id}"), self.stream_name()),
             deadline,
@@ -1424,7 +1471,6 @@ impl NatsBroker {
         Ok(Box::new(NatsConsumer {
             consumer,
             client: self.inner.client.clone(),
-            js: self.inner.js.clone(),
             name,
             worker: options.worker,
             subject_prefix: format!("{}.tasks.{queue}.", self.inner.config.prefix).into(),

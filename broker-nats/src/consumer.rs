@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::BatchConfig;
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream::AckKind;
 use async_nats::{Client, StatusCode, Subscriber};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -20,7 +20,6 @@ use crate::error::wrap;
 pub struct NatsConsumer {
     pub(crate) consumer: PullConsumer,
     pub(crate) client: Client,
-    pub(crate) js: jetstream::Context,
     pub(crate) name: String,
     pub(crate) worker: String,
     /// `{prefix}.tasks.{queue}.`: what precedes the task name in a subject.
@@ -131,7 +130,6 @@ impl Consumer for NatsConsumer {
                 subject_prefix: Arc::clone(&self.subject_prefix),
                 sub,
                 reply,
-                js: self.js.clone(),
                 client: self.client.clone(),
                 consumer: self.name.clone(),
                 remaining: max,
@@ -153,7 +151,6 @@ struct PullState {
     sub: tokio::sync::OwnedMutexGuard<Subscriber>,
     /// This pull's reply subject: statuses for others are ignored.
     reply: String,
-    js: jetstream::Context,
     client: Client,
     consumer: String,
     remaining: usize,
@@ -215,25 +212,15 @@ impl PullState {
                         tracing::debug!(subject = %message.subject, "ignoring a pull message without reply subject");
                         continue;
                     }
-                    let message = jetstream::Message {
-                        message,
-                        context: self.js.clone(),
-                    };
-                    let info = match message.info() {
-                        Ok(info) => DeliveryInfo::new(
-                            info.stream_sequence,
-                            u64::try_from(info.delivered).unwrap_or(0),
-                        ),
-                        Err(e) => {
-                            let err = Error::new(
-                                ErrorKind::Broker,
-                                format!(
-                                    "a message from consumer {} has no JetStream metadata: {e}",
-                                    self.consumer
-                                ),
-                            );
-                            return self.fail(err);
-                        }
+                    let Some(info) = message.reply.as_deref().and_then(delivery_info) else {
+                        let err = Error::new(
+                            ErrorKind::Broker,
+                            format!(
+                                "a message from consumer {} has no JetStream metadata (its reply subject is not a JetStream acknowledgement subject)",
+                                self.consumer
+                            ),
+                        );
+                        return self.fail(err);
                     };
                     self.remaining -= 1;
                     let task_at = message
@@ -283,9 +270,36 @@ impl PullState {
     }
 }
 
+/// The stream sequence and delivery count of a message, from its reply
+/// subject: `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer
+/// seq>.<time>.<pending>`, or with the domain and account hash first (and
+/// more tokens after) as servers since 2.9 may send (ADR-15). Read here
+/// rather than through async-nats' JetStream message, whose handle on the
+/// JetStream context costs every delivery a copy of the context's prefix.
+fn delivery_info(reply: &str) -> Option<DeliveryInfo> {
+    let rest = reply.strip_prefix("$JS.ACK.")?;
+    let mut tokens = [""; 9];
+    let mut count = 0;
+    for token in rest.split('.') {
+        if let Some(slot) = tokens.get_mut(count) {
+            *slot = token;
+        }
+        count += 1;
+    }
+    let (delivered, sequence) = match count {
+        7 => (tokens[2], tokens[3]),
+        9.. => (tokens[4], tokens[5]),
+        _ => return None,
+    };
+    Some(DeliveryInfo::new(
+        sequence.parse().ok()?,
+        delivered.parse().ok()?,
+    ))
+}
+
 /// One delivery of a request from a [`NatsConsumer`].
 pub struct NatsDelivery {
-    message: jetstream::Message,
+    message: async_nats::Message,
     info: DeliveryInfo,
     client: Client,
     /// Where the task name starts in the subject, if it has the queue's prefix.
@@ -341,13 +355,17 @@ impl NatsDelivery {
     }
 
     async fn send(&self, kind: AckKind, what: &str) -> Result<()> {
-        self.message.ack_with(kind).await.map_err(|e| {
-            Error::new(
-                ErrorKind::Broker,
-                format!("cannot send the {what} of message {}", self.info.sequence),
-            )
-            .with_source(e)
-        })
+        let reply = self.reply()?;
+        self.client
+            .publish(reply, Bytes::from(kind))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Broker,
+                    format!("cannot send the {what} of message {}", self.info.sequence),
+                )
+                .with_source(e)
+            })
     }
 }
 
@@ -421,5 +439,33 @@ impl Delivery for NatsDelivery {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::delivery_info;
+
+    #[test]
+    fn delivery_info_reads_both_forms_of_the_reply_subject() {
+        let old = delivery_info("$JS.ACK.JETQ.jetq-default.3.42.17.1700000000000000000.5")
+            .expect("the 7-token form");
+        assert_eq!((old.sequence, old.delivered), (42, 3));
+        let new = delivery_info(
+            "$JS.ACK.hub.ACCHASH.JETQ.jetq-default.2.7.6.1700000000000000000.0.r4nd0m",
+        )
+        .expect("the form with domain and account hash");
+        assert_eq!((new.sequence, new.delivered), (7, 2));
+        let without_random = delivery_info("$JS.ACK._.ACCHASH.JETQ.c.1.9.9.1700000000000000000.0")
+            .expect("the new form without its random token");
+        assert_eq!((without_random.sequence, without_random.delivered), (9, 1));
+        for bad in [
+            "_INBOX.abc",
+            "$JS.ACK.JETQ.c.x.1.1.1.1",
+            "$JS.ACK.JETQ.c.1.1",
+            "$JS.ACK.JETQ.c.1.1.1.1.1.1",
+        ] {
+            assert!(delivery_info(bad).is_none(), "{bad}");
+        }
     }
 }

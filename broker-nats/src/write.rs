@@ -133,7 +133,17 @@ pub(crate) async fn write_expecting(
         NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
         HeaderValue::from(revision),
     );
-    match publish_acked(acks, Subject::from(subject), headers, value, None).await {
+    // Boxed: inline, it would make the record write's future an allocation
+    // of 1 KiB or more, which glibc's allocator serves slowly (see acks.rs).
+    match Box::pin(publish_acked(
+        acks,
+        Subject::from(subject),
+        headers,
+        value,
+        None,
+    ))
+    .await
+    {
         Ok(stored) => Ok(stored.sequence),
         Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
             Err(WriteFailure::WrongRevision(wrap(

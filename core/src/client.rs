@@ -188,7 +188,7 @@ impl Client {
             return Ok(TaskHandle {
                 client: self.clone(),
                 id: request.id.clone(),
-                queued: Some(Arc::from(request)),
+                queued: Some(request),
                 registration,
             });
         }
@@ -1003,7 +1003,7 @@ pub struct TaskHandle {
     /// The `pending` record of a request this handle published without
     /// writing it: what [`record`](Self::record) reports until a worker
     /// writes one.
-    queued: Option<Arc<Request>>,
+    queued: Option<Box<Request>>,
     /// Its place in the client's result inbox, if it published the request.
     registration: Option<Arc<Registration>>,
 }

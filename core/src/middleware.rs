@@ -144,6 +144,17 @@ pub(crate) async fn run_attempt(
     if chain.is_empty() {
         return run_handler(handler, timeout, ctx).await;
     }
+    // Boxed: the attempt's future holds this one, and stays below 1 KiB.
+    Box::pin(run_chain(chain, handler, timeout, ctx)).await
+}
+
+/// [`run_attempt`] through a chain that is not empty.
+async fn run_chain(
+    chain: &Arc<[Arc<dyn Middleware>]>,
+    handler: &ErasedHandler,
+    timeout: Option<Duration>,
+    ctx: Context,
+) -> Outcome {
     let next = Next {
         chain: Arc::clone(chain),
         index: 0,
