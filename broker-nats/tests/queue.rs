@@ -409,3 +409,44 @@ async fn bad_options_are_config_errors() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
 }
+
+/// Acknowledgements are handed out by a task started with the first
+/// publish. When the runtime of that first publish ends while the
+/// connection lives on (made on another runtime), publishes and record
+/// writes go through async-nats' own request path instead of waiting for a
+/// hand-out that will never come.
+#[test]
+fn publishes_outlive_the_runtime_of_the_first_publish() {
+    let server = NatsServer::start();
+    let main = tokio::runtime::Runtime::new().unwrap();
+    let broker = main.block_on(connect(&server.url()));
+    let short = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = short
+        .block_on(broker.publish(request("first", "default", "t", "{}")))
+        .unwrap();
+    short
+        .block_on(broker.create_record("first", bytes::Bytes::from_static(b"{}")))
+        .unwrap();
+    drop(short);
+    main.block_on(async {
+        let again = tokio::time::timeout(
+            Duration::from_secs(3),
+            broker.publish(request("second", "default", "t", "{}")),
+        )
+        .await
+        .expect("a publish after the hand-out's runtime ended does not hang")
+        .unwrap();
+        assert_eq!(again.sequence, first.sequence + 1);
+        let revision = tokio::time::timeout(
+            Duration::from_secs(3),
+            broker.create_record("second", bytes::Bytes::from_static(b"{}")),
+        )
+        .await
+        .expect("a record write after the hand-out's runtime ended does not hang")
+        .unwrap();
+        assert!(revision > 0);
+    });
+}
