@@ -78,6 +78,9 @@ impl Acks {
         timeout: Option<Duration>,
     ) -> Result<Message, PublishError> {
         let timeout = timeout.or(self.client.timeout());
+        // The wait covers the publish too: a connection that is down queues
+        // publishes until its channel is full, and then the send waits.
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         if self.task.is_finished() {
             // Boxed: only this rare path pays for its size.
             return Box::pin(request_alone(
@@ -102,14 +105,19 @@ impl Acks {
         pending.insert(answer);
         // Boxed: async-nats' publish future is 712 bytes; inline, it would
         // make this one and the futures holding it large allocations.
-        Box::pin(self.client.publish_with_reply_and_headers(
+        let publish = Box::pin(self.client.publish_with_reply_and_headers(
             subject,
             Subject::from(reply),
             headers,
             payload,
-        ))
-        .await
-        .map_err(|err| {
+        ));
+        let published = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, publish)
+                .await
+                .map_err(|_| PublishError::new(PublishErrorKind::TimedOut))?,
+            None => publish.await,
+        };
+        published.map_err(|err| {
             let kind = match err.kind() {
                 SendErrorKind::MaxPayloadExceeded => PublishErrorKind::MaxPayloadExceeded,
                 SendErrorKind::Send => PublishErrorKind::BrokenPipe,
@@ -117,8 +125,8 @@ impl Acks {
             };
             PublishError::with_source(kind, err)
         })?;
-        let message = match timeout {
-            Some(timeout) => tokio::time::timeout(timeout, answered)
+        let message = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, answered)
                 .await
                 .map_err(|_| PublishError::new(PublishErrorKind::TimedOut))?,
             None => answered.await,

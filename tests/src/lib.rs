@@ -136,8 +136,63 @@ pub async fn wait_for_dead_letter(broker: &NatsBroker, key: &str) -> jetq::DeadL
     };
     match tokio::time::timeout(WAIT, wait).await {
         Ok(letter) => letter,
-        Err(_) => panic!("no dead letter {key} within {WAIT:?}"),
+        Err(_) => panic!(
+            "no dead letter {key} within {WAIT:?}; {}",
+            streams_state(broker).await
+        ),
     }
+}
+
+/// What the broker's streams and consumers hold, for a test's failure
+/// message: where a request that did not arrive was left.
+pub async fn streams_state(broker: &NatsBroker) -> String {
+    use futures_util::TryStreamExt;
+    let js = async_nats::jetstream::new(broker.client().clone());
+    let names: Vec<String> = match js.stream_names().try_collect().await {
+        Ok(names) => names,
+        Err(e) => return format!("cannot list the streams: {e}"),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let mut stream = match js.get_stream(&name).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                out.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let state = match stream.info().await {
+            Ok(info) => info.state.clone(),
+            Err(e) => {
+                out.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        out.push(format!(
+            "stream {name}: {} messages, sequences {}..={}",
+            state.messages, state.first_sequence, state.last_sequence
+        ));
+        let consumers: Vec<async_nats::jetstream::consumer::Info> =
+            match stream.consumers().try_collect().await {
+                Ok(consumers) => consumers,
+                Err(e) => {
+                    out.push(format!("  its consumers: {e}"));
+                    continue;
+                }
+            };
+        for c in consumers {
+            out.push(format!(
+                "  consumer {}: delivered up to {}, acknowledged up to {}, {} pending, {} awaiting acknowledgement, {} redelivered",
+                c.name,
+                c.delivered.stream_sequence,
+                c.ack_floor.stream_sequence,
+                c.num_pending,
+                c.num_ack_pending,
+                c.num_redelivered
+            ));
+        }
+    }
+    out.join("\n")
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped.
