@@ -725,6 +725,44 @@ async fn a_request_failed_by_two_attempts_at_once_records_what_its_dead_letter_s
     w.shutdown().await.unwrap();
 }
 
+/// A give-up's worker dies between its claim and the failed record: every
+/// allowed attempt was claimed, the delivery after them claimed the give-up
+/// (one past the last allowed, running nothing), and its worker died. The
+/// next delivery gives up again without counting another attempt.
+#[tokio::test]
+async fn a_give_up_whose_worker_died_is_not_counted_twice() {
+    let broker = FaultyBroker::new(Faults::default());
+    let body = envelope("gone-1", "demo.add", json!({"max_retries": 2}));
+    // 3 attempts allowed; the give-up claimed as the 4th, by a dead worker.
+    publish_claimed_by_another(
+        &broker.inner,
+        ("gone-1", "demo.add", body),
+        4,
+        "w-dead",
+        json!({"max_retries": 2,
+               "error": {"kind": "panic", "message": "the task panicked: attempt 3"}}),
+    )
+    .await;
+    let w = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    let letter = dead_letter(&broker, "gone-1").await;
+    assert_eq!(letter.error.kind, "abandoned", "{letter:?}");
+    drained(&broker.inner).await;
+    let entry = broker.get_record("gone-1").await.unwrap().unwrap();
+    let record = Record::decode("gone-1", &entry.value).unwrap();
+    assert_eq!(record.status, Status::Failed, "{record:?}");
+    assert_eq!(record.attempts, 4, "the give-up counted once: {record:?}");
+    let error = record.error.unwrap();
+    assert!(
+        error.message.starts_with("gave up after 3 attempts"),
+        "{}",
+        error.message
+    );
+    w.shutdown().await.unwrap();
+}
+
 /// A stale delivery: a worker holds a message's first delivery (read ahead,
 /// its record read held up by an outage) while the server, the ack wait
 /// past, delivered the message again and that delivery claimed the record

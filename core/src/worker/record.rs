@@ -588,9 +588,16 @@ async fn claim_read(
         let unseen = info.delivered > 1
             && record.seq != Some(seq)
             && !(request.not_before.is_some() && record.status == Status::Pending);
+        // A give-up is claimed as the attempt after the last allowed one
+        // and runs nothing: a delivery that finds it (its worker died
+        // before failing the request) gives up again, counting no more. (A
+        // count already past that, written by someone else, is kept.)
         let stamp = ClaimStamp {
             seq,
-            attempts: record.attempts.saturating_add(if unseen { 2 } else { 1 }),
+            attempts: record
+                .attempts
+                .saturating_add(if unseen { 2 } else { 1 })
+                .min(max_retries.saturating_add(2).max(record.attempts)),
             max_retries,
             started_at: OffsetDateTime::now_utc(),
             worker: env.name.clone(),
