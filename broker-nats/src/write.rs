@@ -6,8 +6,8 @@
 //! acknowledgement is buffered into a generic `Content` tree, and an error
 //! text is formatted for the variant that does not match before the one
 //! that does: about eleven allocations per publish, on every request and
-//! every record write. Here the same request goes out through the
-//! connection's request path and the answer is read into a plain struct (no
+//! every record write. Here the same publish goes out with a reply subject
+//! of our own ([`Acks`]) and the answer is read into a plain struct (no
 //! allocation when it is a success). A record write is such a publish to
 //! the bucket's subject with `Nats-Expected-Last-Subject-Sequence`.
 

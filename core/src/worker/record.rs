@@ -410,11 +410,7 @@ pub(super) async fn claim(
     // (a pending record, claimed lazily), without the loop's future: that
     // one holds records across its writes, more than 1 KiB, which glibc's
     // allocator serves slowly.
-    if existing.is_none()
-        && request.resume.is_none()
-        && delivery.info().delivered <= 1
-        && may_start_record(delivery, request)
-    {
+    if existing.is_none() && first_of_its_own(request, delivery) {
         return Ok(unread_claim(env, request, delivery, max_retries));
     }
     Box::pin(claim_read(env, request, delivery, max_retries, existing)).await
@@ -761,11 +757,17 @@ pub(super) fn lazy_claim(
 /// it and the attempt yields to it.
 pub(super) fn runs_unread(env: &Env, request: &Request, delivery: &dyn Delivery) -> bool {
     request.ignore_result
-        && request.resume.is_none()
-        && delivery.info().delivered <= 1
         && request.not_before.is_none()
-        && may_start_record(delivery, request)
+        && first_of_its_own(request, delivery)
         && !env.cancelled_lately(&request.id)
+}
+
+/// Whether `delivery` is the first of a message that may start the record
+/// of `request` (not a wake-up): with no record, its claim is a fresh one.
+fn first_of_its_own(request: &Request, delivery: &dyn Delivery) -> bool {
+    request.resume.is_none()
+        && delivery.info().delivered <= 1
+        && may_start_record(delivery, request)
 }
 
 /// The claim of a request that [`runs_unread`].
