@@ -10,6 +10,12 @@
 //! plain publish with a reply subject of our own (`<inbox>.<n>`), and one
 //! task hands each acknowledgement to the publish waiting for it: the
 //! futures stay small, and so do their allocations.
+//!
+//! A reply subject whose answer came is used again by a later publish: the
+//! server answers a publish once, so nothing else can arrive on it. (One
+//! whose publish timed out or was dropped is never used again: its answer
+//! may still come.) A subject used again is a reference count where a new
+//! one is two allocations.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -27,6 +33,10 @@ use tokio::sync::oneshot;
 /// Publishes waiting for their answer, by the number in their reply subject.
 type Waiting = Mutex<HashMap<u64, oneshot::Sender<Message>>>;
 
+/// How many answered reply subjects are kept for reuse: about as many as
+/// publishes in flight at once.
+const FREE_KEPT: usize = 4096;
+
 /// A connection's acknowledged publishes; dropping the last handle ends its
 /// task and subscription.
 #[derive(Debug)]
@@ -35,6 +45,9 @@ pub(crate) struct Acks {
     /// `<inbox>.`: a reply subject is this and the publish's number.
     prefix: String,
     next: AtomicU64,
+    /// Reply subjects whose answer came, free to be used again, with their
+    /// numbers; at most [`FREE_KEPT`].
+    free: Mutex<Vec<(u64, Subject)>>,
     waiting: Arc<Waiting>,
     /// Dropped with the handle: tells the task to end.
     _alive: oneshot::Sender<()>,
@@ -56,10 +69,23 @@ impl Acks {
             client,
             prefix: format!("{inbox}."),
             next: AtomicU64::new(1),
+            free: Mutex::new(Vec::new()),
             waiting,
             _alive: alive,
             task,
         })
+    }
+
+    /// A reply subject and its number: one answered before, or a new one.
+    fn reply(&self) -> (u64, Subject) {
+        if let Some(free) = self.free.lock().ok().and_then(|mut f| f.pop()) {
+            return free;
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut reply = String::with_capacity(self.prefix.len() + 20);
+        reply.push_str(&self.prefix);
+        let _ = write!(reply, "{n}");
+        (n, Subject::from(reply))
     }
 
     /// The connection.
@@ -92,10 +118,7 @@ impl Acks {
             ))
             .await;
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut reply = String::with_capacity(self.prefix.len() + 20);
-        reply.push_str(&self.prefix);
-        let _ = write!(reply, "{n}");
+        let (n, reply) = self.reply();
         let (answer, answered) = oneshot::channel();
         let mut pending = Pending {
             waiting: &self.waiting,
@@ -107,7 +130,7 @@ impl Acks {
         // make this one and the futures holding it large allocations.
         let publish = Box::pin(self.client.publish_with_reply_and_headers(
             subject,
-            Subject::from(reply),
+            reply.clone(),
             headers,
             payload,
         ));
@@ -135,6 +158,12 @@ impl Acks {
         .map_err(|_| PublishError::new(PublishErrorKind::BrokenPipe))?;
         // The task took it out of those waiting.
         pending.answered = true;
+        // Answered: nothing more comes on this subject.
+        if let Ok(mut free) = self.free.lock() {
+            if free.len() < FREE_KEPT {
+                free.push((n, reply));
+            }
+        }
         if message.status == Some(StatusCode::NO_RESPONDERS) {
             // No stream listens on the subject.
             return Err(PublishError::new(PublishErrorKind::StreamNotFound));

@@ -1,6 +1,6 @@
 //! [`NatsBroker`]: provisioning, publishing, consuming and records.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -138,7 +138,14 @@ struct Inner {
     reader: std::sync::OnceLock<RecordReader>,
     /// Publishes waiting for their acknowledgement.
     acks: OnceCell<Acks>,
+    /// Task subjects by queue and task, each built (and checked) once: a
+    /// clone of one is a reference count, a subject built per request two
+    /// allocations. At most [`TASK_SUBJECTS_KEPT`] are kept.
+    task_subjects: Mutex<HashMap<String, HashMap<String, async_nats::Subject>>>,
 }
+
+/// How many task subjects a broker keeps built (see `Inner::task_subjects`).
+const TASK_SUBJECTS_KEPT: usize = 1024;
 
 impl fmt::Debug for NatsBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -405,6 +412,7 @@ impl NatsBroker {
                 inbox_prefix,
                 reader: std::sync::OnceLock::new(),
                 acks: OnceCell::new(),
+                task_subjects: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -450,6 +458,29 @@ impl NatsBroker {
         let mut subject = String::with_capacity(prefix.len() + queue.len() + task.len() + 8);
         for part in [prefix.as_str(), ".tasks.", queue, ".", task] {
             subject.push_str(part);
+        }
+        Ok(subject)
+    }
+
+    /// [`task_subject`](Self::task_subject), built once per queue and task.
+    fn task_subject_kept(&self, queue: &str, task: &str) -> Result<async_nats::Subject> {
+        let kept = |subjects: &HashMap<String, HashMap<String, async_nats::Subject>>| {
+            subjects
+                .get(queue)
+                .and_then(|tasks| tasks.get(task))
+                .cloned()
+        };
+        if let Some(subject) = self.inner.task_subjects.lock().ok().and_then(|s| kept(&s)) {
+            return Ok(subject);
+        }
+        let subject = async_nats::Subject::from(self.task_subject(queue, task)?);
+        if let Ok(mut subjects) = self.inner.task_subjects.lock() {
+            if subjects.values().map(HashMap::len).sum::<usize>() < TASK_SUBJECTS_KEPT {
+                subjects
+                    .entry(queue.to_owned())
+                    .or_default()
+                    .insert(task.to_owned(), subject.clone());
+            }
         }
         Ok(subject)
     }
@@ -928,8 +959,8 @@ impl NatsBroker {
         &self,
         request: &OutgoingRequest,
         now: OffsetDateTime,
-    ) -> Result<(String, HeaderMap)> {
-        let target = self.task_subject(&request.queue, &request.task)?;
+    ) -> Result<(async_nats::Subject, HeaderMap)> {
+        let target = self.task_subject_kept(&request.queue, &request.task)?;
         let mut headers = Self::headers(request)?;
         let subject = match request.not_before.filter(|at| *at > now) {
             Some(at) => {
@@ -939,7 +970,7 @@ impl NatsBroker {
                     .map_err(|e| wrap(ErrorKind::Config, "cannot format the due time", e))?;
                 headers.insert(NATS_SCHEDULE, format!("@at {at}").as_str());
                 headers.insert(NATS_SCHEDULE_TARGET, target.as_str());
-                self.delayed_subject(&request.id)?
+                async_nats::Subject::from(self.delayed_subject(&request.id)?)
             }
             None => target,
         };
@@ -950,7 +981,7 @@ impl NatsBroker {
     /// a leader election) until `deadline`.
     async fn publish_retrying(
         &self,
-        subject: String,
+        subject: async_nats::Subject,
         mut headers: AttemptHeaders<'_>,
         payload: Bytes,
         describe: &Describe<'_>,
@@ -959,7 +990,6 @@ impl NatsBroker {
         let mut delay = Duration::from_millis(50);
         let mut attempt = 0u32;
         // Cloned per attempt by reference count, not copied.
-        let subject = async_nats::Subject::from(subject);
         loop {
             attempt += 1;
             let result = match self.acks().await {
@@ -1065,7 +1095,7 @@ impl NatsBroker {
         let size = letter.payload.len();
         match self
             .publish_retrying(
-                subject.clone(),
+                async_nats::Subject::from(subject.clone()),
                 AttemptHeaders::Kept(headers.clone()),
                 letter.payload,
                 &describe,
@@ -1080,7 +1110,7 @@ impl NatsBroker {
                 tracing::warn!(id = %letter.id, size, "the dead letter does not fit with its request; storing it without");
                 headers.insert(DEAD_OMITTED, size.to_string().as_str());
                 self.publish_retrying(
-                    subject,
+                    async_nats::Subject::from(subject),
                     AttemptHeaders::Kept(headers),
                     Bytes::new(),
                     &describe,
@@ -1207,7 +1237,7 @@ impl NatsBroker {
         }
         let ack = self
             .publish_retrying(
-                subject,
+                async_nats::Subject::from(subject),
                 AttemptHeaders::Kept(headers),
                 payload,
                 &|| {
@@ -1307,7 +1337,7 @@ impl NatsBroker {
         headers.insert(NATS_MESSAGE_ID, dedup);
         let deadline = tokio::time::Instant::now() + self.inner.config.publish_retry_for;
         self.publish_retrying(
-            target,
+            async_nats::Subject::from(target),
             AttemptHeaders::Kept(headers),
             message.payload.clone(),
             &|| (format!("the wake-up of workflow {id}"), self.stream_name()),
@@ -1600,7 +1630,8 @@ impl NatsBroker {
     /// under this connection's inbox prefix with a plain token, so that a
     /// request cannot make workers publish anywhere else (on a task or
     /// record subject, say).
-    async fn notify_impl(&self, address: String, record: Bytes) -> Result<()> {
+    /// The subject of `address` if it is an inbox of this connection.
+    fn notify_subject(&self, address: &str) -> Result<async_nats::Subject> {
         let token = address
             .strip_prefix(self.inner.inbox_prefix.as_str())
             .and_then(|rest| rest.strip_prefix('.'));
@@ -1612,14 +1643,18 @@ impl NatsBroker {
                 ErrorKind::InvalidName,
                 format!(
                     "notify address {:?} is not an inbox of this connection ({}.<token>); not sent",
-                    jetq::names::escape(&address),
+                    jetq::names::escape(address),
                     self.inner.inbox_prefix
                 ),
             ));
         }
+        Ok(async_nats::Subject::from(address))
+    }
+
+    async fn notify_impl(&self, subject: async_nats::Subject, record: Bytes) -> Result<()> {
         self.inner
             .client
-            .publish(address, record)
+            .publish(subject, record)
             .await
             .map_err(|e| wrap(ErrorKind::Broker, "cannot send a record notification", e))
     }
@@ -1851,8 +1886,10 @@ impl Broker for NatsBroker {
     }
 
     fn notify(&self, address: &str, record: Bytes) -> BoxFuture<'_, Result<()>> {
-        let address = address.to_owned();
-        Box::pin(async move { self.notify_impl(address, record).await })
+        // The address is checked and copied at once: the future does not
+        // borrow it.
+        let subject = self.notify_subject(address);
+        Box::pin(async move { self.notify_impl(subject?, record).await })
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {

@@ -21,6 +21,10 @@ use crate::request::Request;
 /// Writes changes of a running task's record (metadata, progress).
 pub(crate) trait RecordSink: Send + Sync {
     fn update(&self, change: Box<dyn Fn(&mut Record) + Send + Sync>) -> BoxFuture<'_, Result<()>>;
+
+    /// Whether a client cancelled the request (the attempt's token fired
+    /// for that reason).
+    fn cancelled_by_client(&self) -> bool;
 }
 
 /// What a worker shares with every task: typed state and lazily built resources.
@@ -43,10 +47,8 @@ pub(crate) struct ContextInner {
     pub(crate) request: Request,
     pub(crate) attempt: u32,
     pub(crate) max_retries: u32,
-    pub(crate) worker: String,
+    pub(crate) worker: Arc<str>,
     pub(crate) cancel: CancellationToken,
-    /// Fires (with `cancel`) when a client cancelled the request.
-    pub(crate) by_client: CancellationToken,
     pub(crate) shared: Arc<Shared>,
     pub(crate) sink: Arc<dyn RecordSink>,
     /// The task's own time limit, if it has one.
@@ -196,7 +198,7 @@ impl Context {
     /// as opposed to the worker shutting down or the attempt losing its
     /// request. Such an attempt ends `cancelled` whatever it returns.
     pub fn is_cancelled_by_client(&self) -> bool {
-        self.inner.by_client.is_cancelled()
+        self.inner.sink.cancelled_by_client()
     }
 
     /// Whether cancellation was requested.
@@ -265,7 +267,6 @@ impl Context {
                 max_retries: inner.max_retries,
                 worker: inner.worker.clone(),
                 cancel: inner.cancel.clone(),
-                by_client: inner.by_client.clone(),
                 shared: Arc::clone(&inner.shared),
                 sink: Arc::clone(&inner.sink),
                 timeout: inner.timeout,

@@ -40,6 +40,7 @@ mod notify;
 pub mod record;
 pub mod request;
 pub mod retry;
+mod rfc3339;
 pub mod task_error;
 pub mod worker;
 pub mod workflow;

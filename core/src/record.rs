@@ -151,19 +151,19 @@ pub struct Record {
     #[serde(default)]
     pub max_retries: u32,
     /// When the request was published.
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     pub enqueued_at: OffsetDateTime,
     /// When the current (or last) attempt started.
     #[serde(
         default,
-        with = "time::serde::rfc3339::option",
+        with = "crate::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub started_at: Option<OffsetDateTime>,
     /// When the request reached a terminal status.
     #[serde(
         default,
-        with = "time::serde::rfc3339::option",
+        with = "crate::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub finished_at: Option<OffsetDateTime>,
@@ -171,7 +171,7 @@ pub struct Record {
     /// published with a delay.
     #[serde(
         default,
-        with = "time::serde::rfc3339::option",
+        with = "crate::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub next_attempt_at: Option<OffsetDateTime>,
@@ -179,7 +179,7 @@ pub struct Record {
     /// cancellation token fire; the record then ends `cancelled`.
     #[serde(
         default,
-        with = "time::serde::rfc3339::option",
+        with = "crate::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub cancel_requested_at: Option<OffsetDateTime>,

@@ -50,7 +50,7 @@ pub struct Request {
     #[serde(default, deserialize_with = "null_as_default")]
     pub metadata: Map<String, Value>,
     /// When the producer published it.
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     pub enqueued_at: OffsetDateTime,
     /// Retries allowed after the first attempt; absent means the task's own
     /// policy (the worker's default is [`DEFAULT_MAX_RETRIES`]).
@@ -61,7 +61,7 @@ pub struct Request {
     /// it early puts it back until it is due.
     #[serde(
         default,
-        with = "time::serde::rfc3339::option",
+        with = "crate::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub not_before: Option<OffsetDateTime>,

@@ -204,10 +204,9 @@ pub(super) async fn process(
         // `cancel` is the task's token: it fires on shutdown (the worker
         // fires every registered attempt's token after `stop`), on a
         // client's cancellation and when the attempt lost its record;
-        // `by_client` tells the first two apart.
+        // the writer's `cancelled_by_client` tells the first two apart.
         let cancel = CancellationToken::new();
-        let by_client = CancellationToken::new();
-        let _registration = env.register(&request.id, &cancel, &by_client);
+        let _registration = env.register(&writer, &cancel);
         if stop.is_cancelled() {
             // Registered after the shutdown fired the running ones.
             cancel.cancel();
@@ -224,7 +223,7 @@ pub(super) async fn process(
             },
         };
         drop(reading);
-        if by_client.is_cancelled() {
+        if writer.is_cancelled_by_client() {
             // Cancelled while it waited for a slot: it does not start.
             let now = OffsetDateTime::now_utc();
             let change = |r: &mut Record| r.mark_cancelled(now);
@@ -239,7 +238,6 @@ pub(super) async fn process(
                 max_retries,
                 worker: env.name.clone(),
                 cancel: cancel.clone(),
-                by_client: by_client.clone(),
                 shared: Arc::clone(&env.shared),
                 sink: Arc::clone(&writer) as Arc<dyn RecordSink>,
                 timeout: entry.timeout,
@@ -262,7 +260,6 @@ pub(super) async fn process(
             Watchers {
                 ack_wait: &ack_wait,
                 cancel: &cancel,
-                by_client: &by_client,
                 hard_stop: &hard_stop,
             },
         ))
@@ -271,7 +268,7 @@ pub(super) async fn process(
         // of their own.
         let _concluding = own(Arc::clone(&env.concluding).acquire_owned()).await;
         drop(slot);
-        if by_client.is_cancelled() {
+        if writer.is_cancelled_by_client() {
             info!(attempt, "attempt ended after a cancellation");
             let now = OffsetDateTime::now_utc();
             let change = |r: &mut Record| r.mark_cancelled(now);
@@ -347,7 +344,6 @@ pub(super) async fn process(
 struct Watchers<'a> {
     ack_wait: &'a SharedAckWait,
     cancel: &'a CancellationToken,
-    by_client: &'a CancellationToken,
     hard_stop: &'a CancellationToken,
 }
 
@@ -364,10 +360,9 @@ async fn run_watched(
     let Watchers {
         ack_wait,
         cancel,
-        by_client,
         hard_stop,
     } = watchers;
-    let id = ctx.request().id.clone();
+    let id = &*writer.id;
     let run = run_attempt(&entry.chain, &entry.handler, entry.timeout, ctx);
     // Keep the delivery alive, and look at the record now and then: a
     // cancellation whose signal this worker missed, or another attempt
@@ -387,7 +382,7 @@ async fn run_watched(
                 Ok(Watch::Fine) => {}
                 Ok(Watch::CancelRequested) => {
                     info!("cancelled by a client (seen in the record)");
-                    by_client.cancel();
+                    writer.cancel_by_client();
                     cancel.cancel();
                 }
                 Ok(Watch::Lost) => {
@@ -406,7 +401,7 @@ async fn run_watched(
             Err(e) if e.kind() == ErrorKind::Conflict => {
                 warn!(error = %e, "another attempt took this request over, or it was cancelled; stopping this one");
                 if let Ok(Watch::CancelRequested) = Box::pin(writer.check(&env.broker)).await {
-                    by_client.cancel();
+                    writer.cancel_by_client();
                 }
                 cancel.cancel();
             }

@@ -370,7 +370,7 @@ impl WorkerBuilder {
             env: Arc::new(Env {
                 client,
                 broker: self.broker,
-                name,
+                name: Arc::from(name),
                 registry,
                 shared: Arc::new(self.shared),
                 ack_wait: self.ack_wait,

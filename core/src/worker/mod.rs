@@ -125,7 +125,8 @@ struct Env {
     broker: Arc<dyn Broker>,
     /// The client tasks publish children with.
     client: Client,
-    name: String,
+    /// The worker's name, shared by every attempt's claim and context.
+    name: Arc<str>,
     registry: HashMap<String, HashMap<String, Arc<TaskEntry>>>,
     shared: Arc<Shared>,
     ack_wait: Duration,
@@ -142,9 +143,10 @@ struct Env {
     task_micros: AtomicU64,
     /// The worker's concurrency (the slots' number).
     concurrency: usize,
-    /// Running attempts by request id: the task's token and the flag that a
-    /// client cancelled it.
-    running: StdMutex<HashMap<String, Vec<RunningAttempt>>>,
+    /// Running attempts by registration key. Keyed by the key rather than
+    /// the request id, so that registering one allocates nothing; a cancel
+    /// signal (rare) looks through them all.
+    running: StdMutex<HashMap<u64, RunningAttempt>>,
     next_registration: AtomicU64,
     /// Ids whose cancel signal this worker saw lately: an `ignore_result`
     /// request among them reads its record before it runs.
@@ -226,21 +228,15 @@ impl Env {
     /// returned guard is dropped.
     fn register(
         self: &Arc<Self>,
-        id: &str,
+        writer: &Arc<RecordWriter>,
         cancel: &CancellationToken,
-        by_client: &CancellationToken,
     ) -> Registration {
         let key = self.next_registration.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut running) = self.running.lock() {
-            running.entry(id.to_owned()).or_default().push((
-                key,
-                cancel.clone(),
-                by_client.clone(),
-            ));
+            running.insert(key, (Arc::clone(writer), cancel.clone()));
         }
         Registration {
             env: Arc::clone(self),
-            id: id.to_owned(),
             key,
         }
     }
@@ -262,7 +258,7 @@ impl Env {
     /// contended between the runtime's threads.)
     fn cancel_all_running(&self) {
         if let Ok(running) = self.running.lock() {
-            for (_, cancel, _) in running.values().flatten() {
+            for (_, cancel) in running.values() {
                 cancel.cancel();
             }
         }
@@ -275,9 +271,9 @@ impl Env {
             cancelled.insert(id);
         }
         if let Ok(running) = self.running.lock() {
-            for (_, cancel, by_client) in running.get(id).into_iter().flatten() {
+            for (writer, cancel) in running.values().filter(|(w, _)| &*w.id == id) {
                 info!(id, "cancelled by a client");
-                by_client.cancel();
+                writer.cancel_by_client();
                 cancel.cancel();
             }
         }
@@ -305,26 +301,21 @@ impl Drop for Live {
     }
 }
 
-/// A running attempt, reachable by cancellation signals: its registration
-/// key, its task's token, and the flag that a client cancelled it.
-type RunningAttempt = (u64, CancellationToken, CancellationToken);
+/// A running attempt, reachable by cancellation signals: its record's
+/// writer (the request id, the flag that a client cancelled it) and its
+/// task's token.
+type RunningAttempt = (Arc<RecordWriter>, CancellationToken);
 
 /// Keeps a running attempt in [`Env::running`] while alive.
 struct Registration {
     env: Arc<Env>,
-    id: String,
     key: u64,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut running) = self.env.running.lock() {
-            if let Some(list) = running.get_mut(&self.id) {
-                list.retain(|(key, _, _)| *key != self.key);
-                if list.is_empty() {
-                    running.remove(&self.id);
-                }
-            }
+            running.remove(&self.key);
         }
     }
 }
@@ -418,7 +409,8 @@ impl Worker {
         for queue in self.queues() {
             // Consume first: the consumer is created with this worker's
             // settings if it does not exist yet (an existing one keeps its own).
-            let options = ConsumeOptions::new(self.env.name.clone()).ack_wait(self.env.ack_wait);
+            let options =
+                ConsumeOptions::new(self.env.name.to_string()).ack_wait(self.env.ack_wait);
             let mut consumer = self.env.broker.consume(&queue, options).await?;
             self.env.broker.ensure_queue(&queue).await?;
             let ack_wait =

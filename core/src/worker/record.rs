@@ -2,6 +2,7 @@
 //! with optimistic concurrency.
 
 use super::*;
+use std::sync::atomic::AtomicBool;
 
 /// Writes one attempt's record with optimistic concurrency.
 ///
@@ -16,13 +17,17 @@ use super::*;
 /// the one it wrote.
 pub(super) struct RecordWriter {
     pub(super) broker: Arc<dyn Broker>,
-    pub(super) id: String,
+    /// The request id, shared with the attempt's registration.
+    pub(super) id: Arc<str>,
     pub(super) state: Mutex<WriterState>,
     /// Where the request asked its ended record to be sent.
     pub(super) notify: Option<String>,
     /// The request whose task published this one: woken when this one ends,
     /// if it is a workflow waiting for it.
     pub(super) parent: Option<String>,
+    /// Set when a client cancelled the request while this attempt ran (its
+    /// task's token fires with it): tells a cancellation from a shutdown.
+    by_client: AtomicBool,
 }
 
 pub(super) struct WriterState {
@@ -51,7 +56,7 @@ pub(super) struct ClaimStamp {
     pub(super) attempts: u32,
     pub(super) max_retries: u32,
     pub(super) started_at: OffsetDateTime,
-    pub(super) worker: String,
+    pub(super) worker: Arc<str>,
 }
 
 impl ClaimStamp {
@@ -62,10 +67,51 @@ impl ClaimStamp {
         record.status = Status::Running;
         record.started_at = Some(self.started_at);
         record.next_attempt_at = None;
-        record.worker = Some(self.worker.clone());
+        record.worker = Some(self.worker.to_string());
         record.waiting = None;
         record.resume = None;
     }
+}
+
+/// A record's identity: its id, task, queue and parent. No change an
+/// attempt writes alters them, so a change is applied to a copy of the
+/// record that borrows them for its encoding instead of copying them (four
+/// allocations per write fewer); they move to the copy only once it is
+/// written.
+struct Identity {
+    id: String,
+    task: String,
+    queue: String,
+    parent: Option<String>,
+}
+
+impl Identity {
+    fn take(record: &mut Record) -> Self {
+        Identity {
+            id: std::mem::take(&mut record.id),
+            task: std::mem::take(&mut record.task),
+            queue: std::mem::take(&mut record.queue),
+            parent: record.parent.take(),
+        }
+    }
+
+    fn put(self, record: &mut Record) {
+        record.id = self.id;
+        record.task = self.task;
+        record.queue = self.queue;
+        record.parent = self.parent;
+    }
+}
+
+/// `record` with `change` applied, as a new record holding `record`'s
+/// [`Identity`] (until it is given back); `record` is left as it was but
+/// for that. What the change does to the identity is undone.
+fn changed(record: &mut Record, change: &(dyn Fn(&mut Record) + Send + Sync)) -> Record {
+    let identity = Identity::take(record);
+    let mut next = record.clone();
+    change(&mut next);
+    identity.put(&mut next);
+    next
 }
 
 impl RecordWriter {
@@ -96,9 +142,10 @@ impl RecordWriter {
     ) -> Self {
         RecordWriter {
             broker,
-            id: request.id.clone(),
+            id: Arc::from(request.id.as_str()),
             notify: request.notify.clone(),
             parent: request.parent.clone(),
+            by_client: AtomicBool::new(false),
             state: Mutex::new(WriterState {
                 record,
                 revision,
@@ -109,6 +156,17 @@ impl RecordWriter {
                 attempted: false,
             }),
         }
+    }
+
+    /// A client cancelled the request: say so (before the task's token
+    /// fires).
+    pub(super) fn cancel_by_client(&self) {
+        self.by_client.store(true, Ordering::Release);
+    }
+
+    /// Whether a client cancelled the request while this attempt ran.
+    pub(super) fn is_cancelled_by_client(&self) -> bool {
+        self.by_client.load(Ordering::Acquire)
     }
 
     /// The record as last written, encoded.
@@ -147,7 +205,7 @@ impl RecordWriter {
         !claimed
             && stored.seq == Some(claim.seq)
             && stored.attempts == claim.attempts
-            && stored.worker.as_deref() == Some(claim.worker.as_str())
+            && stored.worker.as_deref() == Some(&*claim.worker)
             && !stored.status.is_terminal()
     }
 
@@ -169,9 +227,12 @@ impl RecordWriter {
         let mut pause = Duration::from_millis(50);
         loop {
             // Boxed: the futures around this one (one per task) stay small.
-            let mut next = Box::new(guard.record.clone());
-            change(&mut next);
-            let bytes = Bytes::from(next.to_json()?);
+            // The change, encoded; the record keeps its identity while the
+            // write is under way (this future may be dropped at any await).
+            let mut next = Box::new(changed(&mut guard.record, change));
+            let encoded = next.to_json();
+            Identity::take(&mut next).put(&mut guard.record);
+            let bytes = Bytes::from(encoded?);
             guard.attempted = true;
             let written = match guard.revision {
                 Some(revision) => {
@@ -181,17 +242,21 @@ impl RecordWriter {
                 }
                 None => self.broker.create_record(&self.id, bytes.clone()).await,
             };
-            match written {
+            let failed = match written {
                 Ok(revision) => {
                     let status = next.status;
                     guard.base = (next.seq, next.attempts);
+                    Identity::take(&mut guard.record).put(&mut next);
                     guard.record = *next;
                     guard.revision = Some(revision);
                     guard.claimed = true;
                     guard.written = Some(bytes);
                     return Ok(status);
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
+                Err(e) => e,
+            };
+            match failed {
+                e if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
                     let state = &mut *guard;
                     match self.broker.get_record(&self.id).await? {
                         None if !state.claimed && state.base == (None, 0) => {
@@ -229,15 +294,14 @@ impl RecordWriter {
                 }
                 // Only an outage is worth waiting out; a record that is too
                 // large or cannot be encoded will not get better.
-                Err(e)
-                    if matches!(e.kind(), ErrorKind::Broker | ErrorKind::Timeout)
-                        && tokio::time::Instant::now() < deadline =>
+                e if matches!(e.kind(), ErrorKind::Broker | ErrorKind::Timeout)
+                    && tokio::time::Instant::now() < deadline =>
                 {
                     warn!(id = %self.id, error = %e, "record write failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
-                Err(e) => return Err(e),
+                e => return Err(e),
             }
         }
     }
@@ -281,6 +345,10 @@ pub(super) enum Watch {
 impl RecordSink for RecordWriter {
     fn update(&self, change: Box<dyn Fn(&mut Record) + Send + Sync>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move { self.apply(&*change).await.map(|_| ()) })
+    }
+
+    fn cancelled_by_client(&self) -> bool {
+        self.is_cancelled_by_client()
     }
 }
 

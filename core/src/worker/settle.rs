@@ -259,7 +259,7 @@ pub(super) fn letter_for(
         error,
         Bytes::copy_from_slice(delivery.payload()),
     );
-    letter.worker = env.name.clone();
+    letter.worker = env.name.to_string();
     letter.sequence = delivery.info().sequence;
     letter
 }
@@ -457,7 +457,7 @@ pub(super) async fn abandon(
             record.seq = Some(info.sequence);
             record.finished_at = Some(OffsetDateTime::now_utc());
             record.next_attempt_at = None;
-            record.worker = Some(env.name.clone());
+            record.worker = Some(env.name.to_string());
             let revision = existing.as_ref().map(|e| e.revision);
             if let Err(e) = put_record(env, &request.id, &record, revision).await {
                 warn!(error = %e, "cannot write the failed record of an abandoned request");

@@ -87,7 +87,7 @@ pub struct StepRecord {
     /// The attempt of the request that ran it.
     pub attempt: u32,
     /// When it was checkpointed.
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     pub at: OffsetDateTime,
 }
 
@@ -138,7 +138,7 @@ impl Positions {
 /// The checkpoint of a wait's deadline (`sleep`, a `recv`'s timeout).
 #[derive(Serialize, Deserialize)]
 struct Deadline {
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     until: OffsetDateTime,
 }
 
