@@ -11,6 +11,12 @@
 //! task hands each acknowledgement to the publish waiting for it: the
 //! futures stay small, and so do their allocations.
 //!
+//! A publish with no other in flight on the connection takes async-nats'
+//! request path after all: its answer then reaches it straight from the
+//! connection, without waking the hand-out task on the way (a hop on the
+//! path of a lone request's result). Its larger future matters only under
+//! load, when publishes are not alone.
+//!
 //! A reply subject whose answer came is used again by a later publish: the
 //! server answers a publish once, so nothing else can arrive on it. (One
 //! whose publish timed out or was dropped is never used again: its answer
@@ -19,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -33,6 +39,29 @@ use tokio::sync::oneshot;
 /// Publishes waiting for their answer, by the number in their reply subject.
 type Waiting = Mutex<HashMap<u64, oneshot::Sender<Message>>>;
 
+/// Counts a publish as in flight while alive.
+struct InFlight<'a> {
+    count: &'a AtomicUsize,
+    /// No other publish was in flight when this one began.
+    alone: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let before = count.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            count,
+            alone: before == 0,
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// How many answered reply subjects are kept for reuse: about as many as
 /// publishes in flight at once.
 const FREE_KEPT: usize = 4096;
@@ -45,6 +74,8 @@ pub(crate) struct Acks {
     /// `<inbox>.`: a reply subject is this and the publish's number.
     prefix: String,
     next: AtomicU64,
+    /// Publishes waiting for their answer now, either way.
+    in_flight: AtomicUsize,
     /// Reply subjects whose answer came, free to be used again, with their
     /// numbers; at most [`FREE_KEPT`].
     free: Mutex<Vec<(u64, Subject)>>,
@@ -69,6 +100,7 @@ impl Acks {
             client,
             prefix: format!("{inbox}."),
             next: AtomicU64::new(1),
+            in_flight: AtomicUsize::new(0),
             free: Mutex::new(Vec::new()),
             waiting,
             _alive: alive,
@@ -107,8 +139,13 @@ impl Acks {
         // The wait covers the publish too: a connection that is down queues
         // publishes until its channel is full, and then the send waits.
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        if self.task.is_finished() {
-            // Boxed: only this rare path pays for its size.
+        let in_flight = InFlight::enter(&self.in_flight);
+        // A publish with no other in flight goes through async-nats' own
+        // request path, whose answer reaches it without the hand-out task's
+        // wake-up (one in flight is all latency); under load the hand-out
+        // serves them all. So does the fallback when the task is gone.
+        if in_flight.alone || self.task.is_finished() {
+            // Boxed: its future is large, and only this path pays for it.
             return Box::pin(request_alone(
                 &self.client,
                 subject,

@@ -187,7 +187,7 @@ impl Client {
             }
             return Ok(TaskHandle {
                 client: self.clone(),
-                id: request.id.clone(),
+                id: handle_id(&request, registration.as_deref()),
                 queued: Some(request),
                 registration,
             });
@@ -207,7 +207,7 @@ impl Client {
     ) -> Result<TaskHandle> {
         let handle = TaskHandle {
             client: self.clone(),
-            id: request.id.clone(),
+            id: handle_id(&request, registration.as_deref()),
             queued: None,
             registration,
         };
@@ -505,7 +505,7 @@ impl Client {
         }
         Ok(TaskHandle {
             client: self.clone(),
-            id: id.to_owned(),
+            id: Arc::from(id),
             queued: None,
             registration: None,
         })
@@ -515,7 +515,7 @@ impl Client {
     pub fn handle(&self, id: impl Into<String>) -> TaskHandle {
         TaskHandle {
             client: self.clone(),
-            id: id.into(),
+            id: Arc::from(id.into()),
             queued: None,
             registration: None,
         }
@@ -835,6 +835,14 @@ impl<'a> std::future::IntoFuture for SendBuilder<'a> {
 }
 
 /// The broker's view of `request`, encoded as `payload`.
+/// A handle's id: its registration's, if it has one (no copy).
+fn handle_id(request: &Request, registration: Option<&Registration>) -> Arc<str> {
+    match registration {
+        Some(r) => Arc::clone(r.id()),
+        None => Arc::from(request.id.as_str()),
+    }
+}
+
 fn outgoing(request: &Request, payload: Bytes) -> OutgoingRequest {
     let mut outgoing = OutgoingRequest::new(
         request.id.clone(),
@@ -999,7 +1007,7 @@ impl RequestBuilder {
 #[derive(Debug, Clone)]
 pub struct TaskHandle {
     client: Client,
-    id: String,
+    id: Arc<str>,
     /// The `pending` record of a request this handle published without
     /// writing it: what [`record`](Self::record) reports until a worker
     /// writes one.
@@ -1038,6 +1046,12 @@ impl TaskHandle {
 
     /// Wait for the terminal record, whatever its status.
     pub async fn wait(&self, timeout: Duration) -> Result<Record> {
+        self.wait_then(timeout, Record::clone).await
+    }
+
+    /// Wait for the terminal record and look at it with `then`: a record
+    /// notified to the client is not copied.
+    async fn wait_then<R>(&self, timeout: Duration, then: impl FnOnce(&Record) -> R) -> Result<R> {
         if self.queued.as_ref().is_some_and(|r| r.ignore_result) {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -1052,7 +1066,8 @@ impl TaskHandle {
             return self
                 .client
                 .watch_until_ended(&self.id, timeout, queued)
-                .await;
+                .await
+                .map(|record| then(&record));
         };
         // The worker that ends the request sends its record to the client's
         // inbox; the record is also read now and then, in case that was lost.
@@ -1066,12 +1081,12 @@ impl TaskHandle {
             tokio::pin!(changed);
             changed.as_mut().enable();
             if let Some(record) = slot.record() {
-                return Ok(record);
+                return Ok(then(&record));
             }
             let read_now = slot.take_resync() || tokio::time::Instant::now() >= next_read;
             if read_now {
                 match self.client.record(&self.id).await {
-                    Ok(record) if record.status.is_terminal() => return Ok(record),
+                    Ok(record) if record.status.is_terminal() => return Ok(then(&record)),
                     Ok(record) => last = Some(record.status),
                     Err(e) if e.kind() == ErrorKind::NotFound => {}
                     // A record that is not one will not get better.
@@ -1098,7 +1113,12 @@ impl TaskHandle {
     /// [`ErrorKind::TaskFailed`], a `cancelled` one [`ErrorKind::Cancelled`],
     /// no result in time [`ErrorKind::Timeout`].
     pub async fn result<T: DeserializeOwned>(&self, timeout: Duration) -> Result<T> {
-        let record = self.wait(timeout).await?;
+        self.wait_then(timeout, |record| self.outcome(record))
+            .await?
+    }
+
+    /// The value of a terminal record, or the error it ended with.
+    fn outcome<T: DeserializeOwned>(&self, record: &Record) -> Result<T> {
         match record.status {
             Status::Succeeded => record.value_as(),
             Status::Cancelled => Err(Error::new(
@@ -1108,6 +1128,7 @@ impl TaskHandle {
             _ => {
                 let why = record
                     .error
+                    .as_ref()
                     .map(|e| format!("{}: {}", e.kind, e.message))
                     .unwrap_or_else(|| "no reason recorded".to_owned());
                 Err(Error::new(

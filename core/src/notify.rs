@@ -22,7 +22,7 @@ use crate::record::Record;
 /// The inbox of one client (shared by its clones).
 pub(crate) struct Notifier {
     address: String,
-    slots: Arc<Mutex<HashMap<String, Arc<Slot>>>>,
+    slots: Arc<Mutex<HashMap<Arc<str>, Arc<Slot>>>>,
     _stop: DropGuard,
 }
 
@@ -31,8 +31,9 @@ pub(crate) struct Notifier {
 pub(crate) struct Slot {
     /// Registrations alive for this id (guarded by the slots' lock).
     users: Mutex<usize>,
-    /// The ended record, once notified.
-    record: Mutex<Option<Record>>,
+    /// The ended record, once notified (shared with the waits, which
+    /// mostly need only to look at it).
+    record: Mutex<Option<Arc<Record>>>,
     /// Set when notifications may have been lost.
     resync: AtomicBool,
     /// Wakes the waits.
@@ -41,7 +42,7 @@ pub(crate) struct Slot {
 
 impl Slot {
     /// The ended record, if one was notified.
-    pub(crate) fn record(&self) -> Option<Record> {
+    pub(crate) fn record(&self) -> Option<Arc<Record>> {
         self.record.lock().ok().and_then(|r| r.clone())
     }
 
@@ -54,11 +55,17 @@ impl Slot {
 /// Keeps a slot registered while a handle lives.
 pub(crate) struct Registration {
     notifier: Arc<Notifier>,
-    id: String,
+    /// The request id (the slots' key, and the handle's).
+    id: Arc<str>,
     pub(crate) slot: Arc<Slot>,
 }
 
 impl Registration {
+    /// The request id registered.
+    pub(crate) fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
     /// The address of the inbox this registration is in.
     pub(crate) fn notifier_address(&self) -> &str {
         self.notifier.address()
@@ -101,7 +108,7 @@ impl Notifier {
                 return None;
             }
         };
-        let slots: Arc<Mutex<HashMap<String, Arc<Slot>>>> = Arc::default();
+        let slots: Arc<Mutex<HashMap<Arc<str>, Arc<Slot>>>> = Arc::default();
         let stop = CancellationToken::new();
         tokio::spawn(dispatch(inbox.stream, Arc::clone(&slots), stop.clone()));
         Some(Arc::new(Notifier {
@@ -118,9 +125,10 @@ impl Notifier {
 
     /// Register interest in the record of `id`.
     pub(crate) fn register(self: &Arc<Self>, id: &str) -> Registration {
+        let id: Arc<str> = Arc::from(id);
         let slot = match self.slots.lock() {
             Ok(mut slots) => {
-                let slot = Arc::clone(slots.entry(id.to_owned()).or_default());
+                let slot = Arc::clone(slots.entry(Arc::clone(&id)).or_default());
                 if let Ok(mut users) = slot.users.lock() {
                     *users += 1;
                 }
@@ -130,7 +138,7 @@ impl Notifier {
         };
         Registration {
             notifier: Arc::clone(self),
-            id: id.to_owned(),
+            id,
             slot,
         }
     }
@@ -138,7 +146,7 @@ impl Notifier {
 
 async fn dispatch(
     mut stream: crate::broker::BoxStream<'static, Notification>,
-    slots: Arc<Mutex<HashMap<String, Arc<Slot>>>>,
+    slots: Arc<Mutex<HashMap<Arc<str>, Arc<Slot>>>>,
     stop: CancellationToken,
 ) {
     loop {
@@ -155,10 +163,13 @@ async fn dispatch(
                 if !record.status.is_terminal() {
                     continue;
                 }
-                let slot = slots.lock().ok().and_then(|s| s.get(&record.id).cloned());
+                let slot = slots
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.get(record.id.as_str()).cloned());
                 if let Some(slot) = slot {
                     if let Ok(mut held) = slot.record.lock() {
-                        *held = Some(record);
+                        *held = Some(Arc::new(record));
                     }
                     slot.changed.notify_waiters();
                 }
@@ -174,7 +185,7 @@ async fn dispatch(
 }
 
 /// Tell every wait to read its record itself: notifications may be lost.
-fn resync_all(slots: &Mutex<HashMap<String, Arc<Slot>>>) {
+fn resync_all(slots: &Mutex<HashMap<Arc<str>, Arc<Slot>>>) {
     let all: Vec<Arc<Slot>> = slots
         .lock()
         .map(|s| s.values().cloned().collect())
