@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::broker::{Broker, OutgoingRequest};
@@ -17,7 +17,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::middleware::{Publish, PublishMiddleware, PublishNext};
 use crate::names;
 use crate::notify::{Notifier, Registration};
-use crate::record::{Record, Status};
+use crate::record::{ErrorInfo, Record, Status};
 use crate::request::Request;
 use crate::workflow::WorkflowHandle;
 
@@ -835,6 +835,30 @@ impl<'a> std::future::IntoFuture for SendBuilder<'a> {
 }
 
 /// The broker's view of `request`, encoded as `payload`.
+/// What [`TaskHandle::result`] reads of a record sent to the client's inbox:
+/// its status, the value (not decoded until it is wanted, then into the
+/// caller's type) and the error. The other fields a record must have are
+/// required, not decoded: what lacks them is no record, and is ignored as
+/// [`TaskHandle::wait`] ignores it.
+#[derive(Deserialize)]
+struct Ended<'a> {
+    #[serde(rename = "v")]
+    _v: serde::de::IgnoredAny,
+    #[serde(rename = "id")]
+    _id: serde::de::IgnoredAny,
+    #[serde(rename = "task")]
+    _task: serde::de::IgnoredAny,
+    #[serde(rename = "queue")]
+    _queue: serde::de::IgnoredAny,
+    #[serde(rename = "enqueued_at")]
+    _enqueued_at: serde::de::IgnoredAny,
+    status: Status,
+    #[serde(borrow, default)]
+    value: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    error: Option<ErrorInfo>,
+}
+
 /// A handle's id: its registration's, if it has one (no copy).
 fn handle_id(request: &Request, registration: Option<&Registration>) -> Arc<str> {
     match registration {
@@ -1046,12 +1070,24 @@ impl TaskHandle {
 
     /// Wait for the terminal record, whatever its status.
     pub async fn wait(&self, timeout: Duration) -> Result<Record> {
-        self.wait_then(timeout, Record::clone).await
+        self.wait_then(
+            timeout,
+            |notified| Record::decode(&self.id, notified).ok(),
+            |record| record,
+        )
+        .await
     }
 
-    /// Wait for the terminal record and look at it with `then`: a record
-    /// notified to the client is not copied.
-    async fn wait_then<R>(&self, timeout: Duration, then: impl FnOnce(&Record) -> R) -> Result<R> {
+    /// Wait for the terminal record: `notified` makes what the caller wants
+    /// of one sent to the client's inbox (`None` if it is not a record: it
+    /// is then ignored, and the stored one read), `read` of one read or
+    /// watched.
+    async fn wait_then<R>(
+        &self,
+        timeout: Duration,
+        notified: impl Fn(&[u8]) -> Option<R>,
+        read: impl Fn(Record) -> R,
+    ) -> Result<R> {
         if self.queued.as_ref().is_some_and(|r| r.ignore_result) {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -1067,7 +1103,7 @@ impl TaskHandle {
                 .client
                 .watch_until_ended(&self.id, timeout, queued)
                 .await
-                .map(|record| then(&record));
+                .map(read);
         };
         // The worker that ends the request sends its record to the client's
         // inbox; the record is also read now and then, in case that was lost.
@@ -1080,13 +1116,22 @@ impl TaskHandle {
             let changed = slot.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            let mut read_now = false;
             if let Some(record) = slot.record() {
-                return Ok(then(&record));
+                match notified(&record) {
+                    Some(ended) => return Ok(ended),
+                    None => {
+                        tracing::debug!(id = %self.id, "the record sent to the inbox is not one; reading the stored one");
+                        slot.forget(&record);
+                        read_now = true;
+                    }
+                }
             }
-            let read_now = slot.take_resync() || tokio::time::Instant::now() >= next_read;
+            let read_now =
+                read_now || slot.take_resync() || tokio::time::Instant::now() >= next_read;
             if read_now {
                 match self.client.record(&self.id).await {
-                    Ok(record) if record.status.is_terminal() => return Ok(then(&record)),
+                    Ok(record) if record.status.is_terminal() => return Ok(read(record)),
                     Ok(record) => last = Some(record.status),
                     Err(e) if e.kind() == ErrorKind::NotFound => {}
                     // A record that is not one will not get better.
@@ -1113,22 +1158,44 @@ impl TaskHandle {
     /// [`ErrorKind::TaskFailed`], a `cancelled` one [`ErrorKind::Cancelled`],
     /// no result in time [`ErrorKind::Timeout`].
     pub async fn result<T: DeserializeOwned>(&self, timeout: Duration) -> Result<T> {
-        self.wait_then(timeout, |record| self.outcome(record))
-            .await?
+        self.wait_then(
+            timeout,
+            |notified| {
+                let ended: Ended<'_> = serde_json::from_slice(notified).ok()?;
+                Some(
+                    self.outcome(ended.status, ended.error.as_ref(), || match ended.value {
+                        Some(value) => serde_json::from_str(value.get()),
+                        None => T::deserialize(Value::Null),
+                    }),
+                )
+            },
+            |record| {
+                self.outcome(record.status, record.error.as_ref(), || {
+                    T::deserialize(record.value.as_ref().unwrap_or(&Value::Null))
+                })
+            },
+        )
+        .await?
     }
 
-    /// The value of a terminal record, or the error it ended with.
-    fn outcome<T: DeserializeOwned>(&self, record: &Record) -> Result<T> {
-        match record.status {
-            Status::Succeeded => record.value_as(),
+    /// The value of a terminal record (`value`, decoded), or the error it
+    /// ended with.
+    fn outcome<T>(
+        &self,
+        status: Status,
+        error: Option<&ErrorInfo>,
+        value: impl FnOnce() -> serde_json::Result<T>,
+    ) -> Result<T> {
+        match status {
+            Status::Succeeded => {
+                value().map_err(|e| Error::serialization("decoding the task's value", e))
+            }
             Status::Cancelled => Err(Error::new(
                 ErrorKind::Cancelled,
                 format!("request `{}` was cancelled", self.id),
             )),
             _ => {
-                let why = record
-                    .error
-                    .as_ref()
+                let why = error
                     .map(|e| format!("{}: {}", e.kind, e.message))
                     .unwrap_or_else(|| "no reason recorded".to_owned());
                 Err(Error::new(

@@ -21,8 +21,21 @@ pub const MAX_QUEUE_LEN: usize = 64;
 /// Longest task name accepted.
 pub const MAX_TASK_LEN: usize = 128;
 
+/// The bytes allowed in a token, as a table: names are checked several
+/// times per request, a byte at a time.
+const TOKEN_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+        b += 1;
+    }
+    table
+};
+
 fn token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+    TOKEN_BYTES[usize::from(b)]
 }
 
 /// The first character of `value` that may not be in a token, if any.

@@ -216,3 +216,60 @@ async fn waiting_creates_nothing_and_still_sees_the_record() {
     assert_eq!(record.value, Some(json!(5)));
     worker.shutdown().await.unwrap();
 }
+
+/// Guarantee: what reaches a producer's inbox and is no record (not JSON, or
+/// JSON that names the request and a terminal status but lacks a record's
+/// other fields) is ignored by both kinds of wait, which go on to read the
+/// stored record and get the real result. (The inbox decodes only the id
+/// and status of what arrives; a wait decodes the rest, and falls back to
+/// reading when it cannot.)
+#[tokio::test]
+async fn what_reaches_the_inbox_and_is_no_record_is_ignored() {
+    let server = NatsServer::start();
+    let broker = connect(&server).await;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let mut requests = nats.subscribe("jetq.tasks.>").await.unwrap();
+    nats.flush().await.unwrap();
+    let client = Client::new(broker.clone());
+    let handle = client
+        .task("demo.add")
+        .args(&json!({"a": 40, "b": 2}))
+        .publish()
+        .await
+        .unwrap();
+    let envelope: serde_json::Value = serde_json::from_slice(
+        &futures_util::StreamExt::next(&mut requests)
+            .await
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
+    let inbox = envelope["notify"].as_str().unwrap().to_owned();
+    let (value, record) = (handle.clone(), handle.clone());
+    let value = tokio::spawn(async move { value.result::<i64>(WAIT).await });
+    let record = tokio::spawn(async move { record.wait(WAIT).await });
+    for fake in [
+        b"not json".to_vec(),
+        serde_json::to_vec(&json!({"id": handle.id(), "status": "succeeded", "value": 7})).unwrap(),
+    ] {
+        nats.publish(inbox.clone(), fake.into()).await.unwrap();
+    }
+    nats.flush().await.unwrap();
+    // Nothing ran yet: no wait may have ended on what was sent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !value.is_finished() && !record.is_finished(),
+        "a wait took a fake record"
+    );
+    let worker = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    assert_eq!(value.await.unwrap().unwrap(), 42);
+    let record = record.await.unwrap().unwrap();
+    assert_eq!(
+        (record.status, record.value),
+        (Status::Succeeded, Some(json!(42)))
+    );
+    worker.shutdown().await.unwrap();
+}
