@@ -140,12 +140,17 @@ struct Inner {
     acks: OnceCell<Acks>,
     /// Task subjects by queue and task, each built (and checked) once: a
     /// clone of one is a reference count, a subject built per request two
-    /// allocations. At most [`TASK_SUBJECTS_KEPT`] are kept.
+    /// allocations. At most [`SUBJECTS_KEPT`] are kept (all are forgotten
+    /// when there are more).
     task_subjects: Mutex<HashMap<String, HashMap<String, async_nats::Subject>>>,
+    /// The same for the inboxes that records are sent to (one per producer
+    /// connection).
+    inbox_subjects: Mutex<HashMap<String, async_nats::Subject>>,
 }
 
-/// How many task subjects a broker keeps built (see `Inner::task_subjects`).
-const TASK_SUBJECTS_KEPT: usize = 1024;
+/// How many task subjects, and how many inbox subjects, a broker keeps built
+/// (see `Inner::task_subjects`).
+const SUBJECTS_KEPT: usize = 1024;
 
 impl fmt::Debug for NatsBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -413,6 +418,7 @@ impl NatsBroker {
                 reader: std::sync::OnceLock::new(),
                 acks: OnceCell::new(),
                 task_subjects: Mutex::new(HashMap::new()),
+                inbox_subjects: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -475,12 +481,13 @@ impl NatsBroker {
         }
         let subject = async_nats::Subject::from(self.task_subject(queue, task)?);
         if let Ok(mut subjects) = self.inner.task_subjects.lock() {
-            if subjects.values().map(HashMap::len).sum::<usize>() < TASK_SUBJECTS_KEPT {
-                subjects
-                    .entry(queue.to_owned())
-                    .or_default()
-                    .insert(task.to_owned(), subject.clone());
+            if subjects.values().map(HashMap::len).sum::<usize>() >= SUBJECTS_KEPT {
+                subjects.clear();
             }
+            subjects
+                .entry(queue.to_owned())
+                .or_default()
+                .insert(task.to_owned(), subject.clone());
         }
         Ok(subject)
     }
@@ -1630,8 +1637,31 @@ impl NatsBroker {
     /// under this connection's inbox prefix with a plain token, so that a
     /// request cannot make workers publish anywhere else (on a task or
     /// record subject, say).
-    /// The subject of `address` if it is an inbox of this connection.
+    /// The subject of `address` if it is an inbox of this connection, built
+    /// once per inbox (see `Inner::inbox_subjects`).
     fn notify_subject(&self, address: &str) -> Result<async_nats::Subject> {
+        if let Some(subject) = self
+            .inner
+            .inbox_subjects
+            .lock()
+            .ok()
+            .and_then(|s| s.get(address).cloned())
+        {
+            return Ok(subject);
+        }
+        let subject = self.inbox_subject(address)?;
+        if let Ok(mut subjects) = self.inner.inbox_subjects.lock() {
+            if subjects.len() >= SUBJECTS_KEPT {
+                subjects.clear();
+            }
+            subjects.insert(address.to_owned(), subject.clone());
+        }
+        Ok(subject)
+    }
+
+    /// Check that `address` is an inbox of this connection, and make it a
+    /// subject.
+    fn inbox_subject(&self, address: &str) -> Result<async_nats::Subject> {
         let token = address
             .strip_prefix(self.inner.inbox_prefix.as_str())
             .and_then(|rest| rest.strip_prefix('.'));
@@ -1886,8 +1916,8 @@ impl Broker for NatsBroker {
     }
 
     fn notify(&self, address: &str, record: Bytes) -> BoxFuture<'_, Result<()>> {
-        // The address is checked and copied at once: the future does not
-        // borrow it.
+        // The address is checked (once per inbox) and its subject taken at
+        // once: the future does not borrow it.
         let subject = self.notify_subject(address);
         Box::pin(async move { self.notify_impl(subject?, record).await })
     }

@@ -179,16 +179,25 @@ impl Client {
             // a producer that keeps many in flight in one task (say, with
             // `buffer_unordered`) would otherwise have each refused a step
             // for want of budget, woken and polled again.
-            let published =
-                tokio::task::coop::unconstrained(self.broker.publish(outgoing(&request, payload)))
-                    .await?;
+            // The handle keeps the envelope (a reference count), not the
+            // request, whose names move to the broker's request uncopied.
+            let queued = Queued {
+                envelope: payload.clone(),
+                ignore_result: request.ignore_result,
+            };
+            let id = handle_id(&request, registration.as_deref());
+            let published = tokio::task::coop::unconstrained(
+                self.broker.publish(outgoing_owned(request, payload)),
+            )
+            .await?;
             if published.duplicate {
+                let request = Request::from_json(&queued.envelope)?;
                 Box::pin(self.check_duplicate(&request, published.sequence)).await?;
             }
             return Ok(TaskHandle {
                 client: self.clone(),
-                id: handle_id(&request, registration.as_deref()),
-                queued: Some(request),
+                id,
+                queued: Some(queued),
                 registration,
             });
         }
@@ -867,6 +876,20 @@ fn handle_id(request: &Request, registration: Option<&Registration>) -> Arc<str>
     }
 }
 
+/// [`outgoing`], moving the request's names rather than copying them.
+fn outgoing_owned(request: Box<Request>, payload: Bytes) -> OutgoingRequest {
+    let Request {
+        id,
+        queue,
+        task,
+        headers,
+        ..
+    } = *request;
+    let mut outgoing = OutgoingRequest::new(id, queue, task, payload);
+    outgoing.headers = headers.into_iter().collect();
+    outgoing
+}
+
 fn outgoing(request: &Request, payload: Bytes) -> OutgoingRequest {
     let mut outgoing = OutgoingRequest::new(
         request.id.clone(),
@@ -1027,15 +1050,23 @@ impl RequestBuilder {
     }
 }
 
+/// A request published without a record, as its handle keeps it.
+#[derive(Debug, Clone)]
+struct Queued {
+    /// The envelope as published: the `pending` record is made from it.
+    envelope: Bytes,
+    /// Published with `ignore_result`: no record to wait for.
+    ignore_result: bool,
+}
+
 /// A published request: its id, and ways to read its record.
 #[derive(Debug, Clone)]
 pub struct TaskHandle {
     client: Client,
     id: Arc<str>,
-    /// The `pending` record of a request this handle published without
-    /// writing it: what [`record`](Self::record) reports until a worker
-    /// writes one.
-    queued: Option<Box<Request>>,
+    /// A request this handle published without writing its record: what
+    /// [`record`](Self::record) reports (`pending`) until a worker writes one.
+    queued: Option<Queued>,
     /// Its place in the client's result inbox, if it published the request.
     registration: Option<Arc<Registration>>,
 }
@@ -1051,7 +1082,7 @@ impl TaskHandle {
     pub async fn record(&self) -> Result<Record> {
         match self.client.record(&self.id).await {
             Err(e) if e.kind() == ErrorKind::NotFound => match &self.queued {
-                Some(queued) => Ok(Record::pending(queued)),
+                Some(queued) => Ok(Record::pending(&Request::from_json(&queued.envelope)?)),
                 None => Err(e),
             },
             other => other,
