@@ -44,7 +44,7 @@ impl fmt::Debug for Shared {
 }
 
 pub(crate) struct ContextInner {
-    pub(crate) request: Request,
+    pub(crate) request: Arc<Request>,
     pub(crate) attempt: u32,
     pub(crate) max_retries: u32,
     pub(crate) worker: Arc<str>,
@@ -258,8 +258,9 @@ impl Context {
     /// `Args<T>` extracts the step's input.
     pub(crate) fn with_args(&self, args: Value) -> Context {
         let inner = &self.inner;
-        let mut request = inner.request.clone();
+        let mut request = Request::clone(&inner.request);
         request.args = args;
+        let request = Arc::new(request);
         Context {
             inner: Arc::new(ContextInner {
                 request,

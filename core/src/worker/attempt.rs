@@ -29,9 +29,10 @@ pub(super) async fn process(
     hard_stop: CancellationToken,
 ) {
     let info = delivery.info();
-    // Boxed: the attempt's future keeps a pointer, not the request.
+    // Shared: the attempt's future keeps a pointer, not the request, and its
+    // record writer and its task's context share it.
     let request = match Request::from_json(delivery.payload()) {
-        Ok(r) => Box::new(r),
+        Ok(r) => Arc::new(r),
         Err(e) => {
             let reason = format!("invalid request envelope: {e}");
             return Box::pin(poison(
@@ -233,7 +234,7 @@ pub(super) async fn process(
         let ignore_result = request.ignore_result;
         let ctx = Context {
             inner: Arc::new(ContextInner {
-                request: *request,
+                request: Arc::clone(&request),
                 attempt,
                 max_retries,
                 worker: env.name.clone(),
@@ -362,7 +363,7 @@ async fn run_watched(
         cancel,
         hard_stop,
     } = watchers;
-    let id = &*writer.id;
+    let id = writer.id();
     let run = run_attempt(&entry.chain, &entry.handler, entry.timeout, ctx);
     // Keep the delivery alive, and look at the record now and then: a
     // cancellation whose signal this worker missed, or another attempt

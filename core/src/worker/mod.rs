@@ -271,7 +271,7 @@ impl Env {
             cancelled.insert(id);
         }
         if let Ok(running) = self.running.lock() {
-            for (writer, cancel) in running.values().filter(|(w, _)| &*w.id == id) {
+            for (writer, cancel) in running.values().filter(|(w, _)| w.id() == id) {
                 info!(id, "cancelled by a client");
                 writer.cancel_by_client();
                 cancel.cancel();

@@ -17,14 +17,10 @@ use std::sync::atomic::AtomicBool;
 /// the one it wrote.
 pub(super) struct RecordWriter {
     pub(super) broker: Arc<dyn Broker>,
-    /// The request id, shared with the attempt's registration.
-    pub(super) id: Arc<str>,
+    /// The attempt's request, shared with its context: the id, where the
+    /// ended record goes (`notify`) and the workflow to wake (`parent`).
+    request: Arc<Request>,
     pub(super) state: Mutex<WriterState>,
-    /// Where the request asked its ended record to be sent.
-    pub(super) notify: Option<String>,
-    /// The request whose task published this one: woken when this one ends,
-    /// if it is a workflow waiting for it.
-    pub(super) parent: Option<String>,
     /// Set when a client cancelled the request while this attempt ran (its
     /// task's token fires with it): tells a cancellation from a shutdown.
     by_client: AtomicBool,
@@ -119,7 +115,7 @@ impl RecordWriter {
     /// `revision`).
     fn stored(
         broker: Arc<dyn Broker>,
-        request: &Request,
+        request: &Arc<Request>,
         record: Record,
         revision: u64,
         claim: ClaimStamp,
@@ -133,7 +129,7 @@ impl RecordWriter {
     /// `record` (the claimed record) is already stored.
     pub(super) fn new(
         broker: Arc<dyn Broker>,
-        request: &Request,
+        request: &Arc<Request>,
         record: Record,
         revision: Option<u64>,
         claimed: bool,
@@ -142,9 +138,7 @@ impl RecordWriter {
     ) -> Self {
         RecordWriter {
             broker,
-            id: Arc::from(request.id.as_str()),
-            notify: request.notify.clone(),
-            parent: request.parent.clone(),
+            request: Arc::clone(request),
             by_client: AtomicBool::new(false),
             state: Mutex::new(WriterState {
                 record,
@@ -156,6 +150,22 @@ impl RecordWriter {
                 attempted: false,
             }),
         }
+    }
+
+    /// The request id.
+    pub(super) fn id(&self) -> &str {
+        &self.request.id
+    }
+
+    /// Where the request asked its ended record to be sent.
+    pub(super) fn notify(&self) -> Option<&str> {
+        self.request.notify.as_deref()
+    }
+
+    /// The request whose task published this one: woken when this one
+    /// ends, if it is a workflow waiting for it.
+    pub(super) fn parent(&self) -> Option<&str> {
+        self.request.parent.as_deref()
     }
 
     /// A client cancelled the request: say so (before the task's token
@@ -237,10 +247,10 @@ impl RecordWriter {
             let written = match guard.revision {
                 Some(revision) => {
                     self.broker
-                        .update_record(&self.id, bytes.clone(), revision)
+                        .update_record(self.id(), bytes.clone(), revision)
                         .await
                 }
-                None => self.broker.create_record(&self.id, bytes.clone()).await,
+                None => self.broker.create_record(self.id(), bytes.clone()).await,
             };
             let failed = match written {
                 Ok(revision) => {
@@ -258,18 +268,18 @@ impl RecordWriter {
             match failed {
                 e if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::AlreadyExists) => {
                     let state = &mut *guard;
-                    match self.broker.get_record(&self.id).await? {
+                    match self.broker.get_record(self.id()).await? {
                         None if !state.claimed && state.base == (None, 0) => {
                             state.revision = None;
                         }
                         None => {
                             return Err(Error::new(
                                 ErrorKind::Conflict,
-                                format!("record `{}` was deleted while its task ran", self.id),
+                                format!("record `{}` was deleted while its task ran", self.id()),
                             ));
                         }
                         Some(entry) => {
-                            let mut stored = Record::decode(&self.id, &entry.value)?;
+                            let mut stored = Record::decode(self.id(), &entry.value)?;
                             if Self::own_claim(state.claimed, &state.claim, &stored) {
                                 state.claimed = true;
                                 state.base = (stored.seq, stored.attempts);
@@ -278,7 +288,7 @@ impl RecordWriter {
                                     ErrorKind::Conflict,
                                     format!(
                                         "record `{}` was taken over by another attempt, or finished",
-                                        self.id
+                                        self.id()
                                     ),
                                 ));
                             }
@@ -297,7 +307,7 @@ impl RecordWriter {
                 e if matches!(e.kind(), ErrorKind::Broker | ErrorKind::Timeout)
                     && tokio::time::Instant::now() < deadline =>
                 {
-                    warn!(id = %self.id, error = %e, "record write failed; retrying");
+                    warn!(id = %self.id(), error = %e, "record write failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
@@ -313,14 +323,14 @@ impl RecordWriter {
             let guard = self.state.lock().await;
             (guard.base, guard.claimed, guard.claim.clone())
         };
-        let Some(entry) = broker.get_record(&self.id).await? else {
+        let Some(entry) = broker.get_record(self.id()).await? else {
             return Ok(if claimed || base != (None, 0) {
                 Watch::Lost
             } else {
                 Watch::Fine
             });
         };
-        let current = Record::decode(&self.id, &entry.value)?;
+        let current = Record::decode(self.id(), &entry.value)?;
         // Its own claim, from a write whose answer was dropped, is not lost.
         let own = Self::own_claim(claimed, &claim, &current);
         Ok(
@@ -468,7 +478,7 @@ pub(super) async fn ended_before_due(env: &Env, id: &str) -> bool {
 /// claim first, so that every attempt that may have run is counted.
 pub(super) async fn claim(
     env: &Env,
-    request: &Request,
+    request: &Arc<Request>,
     delivery: &dyn Delivery,
     max_retries: u32,
 ) -> Result<Claim> {
@@ -488,7 +498,7 @@ pub(super) async fn claim(
 /// after each conflicting write.
 async fn claim_read(
     env: &Env,
-    request: &Request,
+    request: &Arc<Request>,
     delivery: &dyn Delivery,
     max_retries: u32,
     existing: Option<RecordEntry>,
@@ -797,7 +807,7 @@ impl Verdict {
 /// writes it only when it must (see [`RecordWriter`]).
 pub(super) fn lazy_claim(
     env: &Env,
-    request: &Request,
+    request: &Arc<Request>,
     mut record: Record,
     revision: Option<u64>,
     stamp: ClaimStamp,
@@ -841,7 +851,7 @@ fn first_of_its_own(request: &Request, delivery: &dyn Delivery) -> bool {
 /// The claim of a request that [`runs_unread`].
 pub(super) fn unread_claim(
     env: &Env,
-    request: &Request,
+    request: &Arc<Request>,
     delivery: &dyn Delivery,
     max_retries: u32,
 ) -> Claim {

@@ -54,7 +54,7 @@ pub(super) async fn conclude(
         Ok(status) => match how {
             // Cancelled while being failed: it is no dead letter after all.
             Settle::Term => {
-                if let Err(e) = env.broker.remove_dead_letter(&writer.id).await {
+                if let Err(e) = env.broker.remove_dead_letter(writer.id()).await {
                     warn!(error = %e, "cannot remove the dead letter of a cancelled request");
                 }
                 delivery.ack().await
@@ -126,16 +126,16 @@ async fn outcome_too_large(
 /// inbox if the request named one, and wake the workflow waiting for it if
 /// it is a workflow's child.
 async fn ended(env: &Env, writer: &RecordWriter) {
-    if let (Some(address), Some(bytes)) = (&writer.notify, writer.written().await) {
+    if let (Some(address), Some(bytes)) = (writer.notify(), writer.written().await) {
         if let Err(e) = env.broker.notify(address, bytes).await {
             debug!(error = %e, "cannot send the record to the producer's inbox");
         }
     }
-    if let Some(parent) = &writer.parent {
+    if let Some(parent) = writer.parent() {
         Box::pin(crate::workflow::wake_parent(
             &*env.broker,
             parent,
-            &writer.id,
+            writer.id(),
         ))
         .await;
     }
@@ -152,7 +152,7 @@ pub(super) async fn not_written(
     e: Error,
 ) {
     let result = if e.kind() == ErrorKind::Conflict {
-        if stored_record(env, &writer.id)
+        if stored_record(env, writer.id())
             .await
             .is_some_and(|r| r.status.is_terminal())
         {
@@ -192,7 +192,7 @@ pub(super) async fn finish_failed(
     if let Ok(Watch::Lost) = writer.check(&env.broker).await {
         let lost = Error::new(
             ErrorKind::Conflict,
-            format!("record `{}` was taken over by another attempt", writer.id),
+            format!("record `{}` was taken over by another attempt", writer.id()),
         );
         return not_written(env, writer, delivery, lost).await;
     }
