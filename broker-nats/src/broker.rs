@@ -138,19 +138,53 @@ struct Inner {
     reader: std::sync::OnceLock<RecordReader>,
     /// Publishes waiting for their acknowledgement.
     acks: OnceCell<Acks>,
-    /// Task subjects by queue and task, each built (and checked) once: a
-    /// clone of one is a reference count, a subject built per request two
-    /// allocations. At most [`SUBJECTS_KEPT`] are kept (all are forgotten
-    /// when there are more).
-    task_subjects: Mutex<HashMap<String, HashMap<String, async_nats::Subject>>>,
-    /// The same for the inboxes that records are sent to (one per producer
-    /// connection).
-    inbox_subjects: Mutex<HashMap<String, async_nats::Subject>>,
+    /// Task subjects, by queue and task.
+    task_subjects: KeptSubjects,
+    /// The subjects of the inboxes records are sent to (one per producer
+    /// connection), by inbox prefix and token.
+    inbox_subjects: KeptSubjects,
 }
 
-/// How many task subjects, and how many inbox subjects, a broker keeps built
-/// (see `Inner::task_subjects`).
-const SUBJECTS_KEPT: usize = 1024;
+/// Subjects built (and checked) once, by two names: a clone of one is a
+/// reference count, a subject built for each publish two allocations. At
+/// most [`KeptSubjects::MAX`] are kept; all are forgotten when there would
+/// be more, so that names seen once do not stay for ever.
+#[derive(Default)]
+struct KeptSubjects(Mutex<HashMap<String, HashMap<String, async_nats::Subject>>>);
+
+impl KeptSubjects {
+    const MAX: usize = 1024;
+
+    /// The subject kept for `outer` and `inner`, or the one `build` makes
+    /// (kept if it is made).
+    fn get_or_build(
+        &self,
+        outer: &str,
+        inner: &str,
+        build: impl FnOnce() -> Result<async_nats::Subject>,
+    ) -> Result<async_nats::Subject> {
+        let kept = self.0.lock().ok().and_then(|subjects| {
+            subjects
+                .get(outer)
+                .and_then(|inners| inners.get(inner))
+                .cloned()
+        });
+        if let Some(subject) = kept {
+            return Ok(subject);
+        }
+        let subject = build()?;
+        if let Ok(mut subjects) = self.0.lock() {
+            if subjects.values().map(HashMap::len).sum::<usize>() >= Self::MAX {
+                subjects.clear();
+            }
+            subjects
+                .entry(outer.to_owned())
+                .or_default()
+                .insert(inner.to_owned(), subject.clone());
+        }
+        Ok(subject)
+    }
+}
 
 impl fmt::Debug for NatsBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -417,8 +451,8 @@ impl NatsBroker {
                 inbox_prefix,
                 reader: std::sync::OnceLock::new(),
                 acks: OnceCell::new(),
-                task_subjects: Mutex::new(HashMap::new()),
-                inbox_subjects: Mutex::new(HashMap::new()),
+                task_subjects: KeptSubjects::default(),
+                inbox_subjects: KeptSubjects::default(),
             }),
         }
     }
@@ -470,26 +504,9 @@ impl NatsBroker {
 
     /// [`task_subject`](Self::task_subject), built once per queue and task.
     fn task_subject_kept(&self, queue: &str, task: &str) -> Result<async_nats::Subject> {
-        let kept = |subjects: &HashMap<String, HashMap<String, async_nats::Subject>>| {
-            subjects
-                .get(queue)
-                .and_then(|tasks| tasks.get(task))
-                .cloned()
-        };
-        if let Some(subject) = self.inner.task_subjects.lock().ok().and_then(|s| kept(&s)) {
-            return Ok(subject);
-        }
-        let subject = async_nats::Subject::from(self.task_subject(queue, task)?);
-        if let Ok(mut subjects) = self.inner.task_subjects.lock() {
-            if subjects.values().map(HashMap::len).sum::<usize>() >= SUBJECTS_KEPT {
-                subjects.clear();
-            }
-            subjects
-                .entry(queue.to_owned())
-                .or_default()
-                .insert(task.to_owned(), subject.clone());
-        }
-        Ok(subject)
+        self.inner.task_subjects.get_or_build(queue, task, || {
+            Ok(async_nats::Subject::from(self.task_subject(queue, task)?))
+        })
     }
 
     /// Subject on which the server republishes every committed change of a
@@ -1640,23 +1657,12 @@ impl NatsBroker {
     /// The subject of `address` if it is an inbox of this connection, built
     /// once per inbox (see `Inner::inbox_subjects`).
     fn notify_subject(&self, address: &str) -> Result<async_nats::Subject> {
-        if let Some(subject) = self
-            .inner
+        // Kept by prefix and token: only a checked address is kept, so one
+        // found is an inbox of this connection.
+        let (prefix, token) = address.rsplit_once('.').unwrap_or(("", address));
+        self.inner
             .inbox_subjects
-            .lock()
-            .ok()
-            .and_then(|s| s.get(address).cloned())
-        {
-            return Ok(subject);
-        }
-        let subject = self.inbox_subject(address)?;
-        if let Ok(mut subjects) = self.inner.inbox_subjects.lock() {
-            if subjects.len() >= SUBJECTS_KEPT {
-                subjects.clear();
-            }
-            subjects.insert(address.to_owned(), subject.clone());
-        }
-        Ok(subject)
+            .get_or_build(prefix, token, || self.inbox_subject(address))
     }
 
     /// Check that `address` is an inbox of this connection, and make it a

@@ -843,7 +843,6 @@ impl<'a> std::future::IntoFuture for SendBuilder<'a> {
     }
 }
 
-/// The broker's view of `request`, encoded as `payload`.
 /// What [`TaskHandle::result`] reads of a record sent to the client's inbox:
 /// its status, the value (not decoded until it is wanted, then into the
 /// caller's type) and the error. The other fields a record must have are
@@ -890,6 +889,7 @@ fn outgoing_owned(request: Box<Request>, payload: Bytes) -> OutgoingRequest {
     outgoing
 }
 
+/// The broker's view of `request`, encoded as `payload`.
 fn outgoing(request: &Request, payload: Bytes) -> OutgoingRequest {
     let mut outgoing = OutgoingRequest::new(
         request.id.clone(),
@@ -1193,18 +1193,11 @@ impl TaskHandle {
             timeout,
             |notified| {
                 let ended: Ended<'_> = serde_json::from_slice(notified).ok()?;
-                Some(
-                    self.outcome(ended.status, ended.error.as_ref(), || match ended.value {
-                        Some(value) => serde_json::from_str(value.get()),
-                        None => T::deserialize(Value::Null),
-                    }),
-                )
+                Some(self.outcome(ended.status, ended.error.as_ref(), || {
+                    Record::raw_value_as(ended.value)
+                }))
             },
-            |record| {
-                self.outcome(record.status, record.error.as_ref(), || {
-                    T::deserialize(record.value.as_ref().unwrap_or(&Value::Null))
-                })
-            },
+            |record| self.outcome(record.status, record.error.as_ref(), || record.value_as()),
         )
         .await?
     }
@@ -1215,12 +1208,10 @@ impl TaskHandle {
         &self,
         status: Status,
         error: Option<&ErrorInfo>,
-        value: impl FnOnce() -> serde_json::Result<T>,
+        value: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         match status {
-            Status::Succeeded => {
-                value().map_err(|e| Error::serialization("decoding the task's value", e))
-            }
+            Status::Succeeded => value(),
             Status::Cancelled => Err(Error::new(
                 ErrorKind::Cancelled,
                 format!("request `{}` was cancelled", self.id),

@@ -324,9 +324,25 @@ impl Record {
 
     /// Decode the value of a `succeeded` record into `T`.
     pub fn value_as<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        T::deserialize(self.value.as_ref().unwrap_or(&Value::Null))
-            .map_err(|e| Error::serialization("decoding the task's value", e))
+        T::deserialize(self.value.as_ref().unwrap_or(&Value::Null)).map_err(value_error)
     }
+
+    /// [`value_as`](Self::value_as) for a value still in its JSON text (as
+    /// a record is read without decoding its value).
+    pub(crate) fn raw_value_as<T: serde::de::DeserializeOwned>(
+        value: Option<&serde_json::value::RawValue>,
+    ) -> Result<T> {
+        match value {
+            Some(value) => serde_json::from_str(value.get()),
+            None => T::deserialize(Value::Null),
+        }
+        .map_err(value_error)
+    }
+}
+
+/// A task's value that does not decode into the type asked for.
+fn value_error(e: serde_json::Error) -> Error {
+    Error::serialization("decoding the task's value", e)
 }
 
 #[cfg(test)]
