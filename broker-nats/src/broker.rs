@@ -1885,27 +1885,28 @@ impl Broker for NatsBroker {
         })
     }
 
-    fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
-        let id = id.to_owned();
-        Box::pin(async move { self.get_record_impl(&id).await })
+    fn get_record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<RecordEntry>>> {
+        Box::pin(async move { self.get_record_impl(id).await })
     }
 
-    fn create_record(&self, id: &str, value: Bytes) -> BoxFuture<'_, Result<u64>> {
-        let id = id.to_owned();
-        Box::pin(async move { self.create_record_impl(&id, value).await })
+    fn create_record<'a>(&'a self, id: &'a str, value: Bytes) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move { self.create_record_impl(id, value).await })
     }
 
-    fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>> {
-        let id = id.to_owned();
-        Box::pin(async move { self.update_record_impl(&id, value, revision).await })
+    fn update_record<'a>(
+        &'a self,
+        id: &'a str,
+        value: Bytes,
+        revision: u64,
+    ) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(async move { self.update_record_impl(id, value, revision).await })
     }
 
-    fn delete_record(&self, id: &str, revision: u64) -> BoxFuture<'_, Result<()>> {
-        let id = id.to_owned();
+    fn delete_record<'a>(&'a self, id: &'a str, revision: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            validate_id(&id)?;
+            validate_id(id)?;
             let kv = self.bucket().await?;
-            match kv.delete_expect_revision(&id, Some(revision)).await {
+            match kv.delete_expect_revision(id, Some(revision)).await {
                 Ok(()) => Ok(()),
                 Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => Err(wrap(
                     ErrorKind::Conflict,

@@ -135,16 +135,21 @@ impl Broker for DiesAgainAtOnce {
     fn stored_request(&self, sequence: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
         self.inner.stored_request(sequence)
     }
-    fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
+    fn get_record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<RecordEntry>>> {
         self.inner.get_record(id)
     }
-    fn create_record(&self, id: &str, value: Bytes) -> BoxFuture<'_, Result<u64>> {
+    fn create_record<'a>(&'a self, id: &'a str, value: Bytes) -> BoxFuture<'a, Result<u64>> {
         self.inner.create_record(id, value)
     }
-    fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>> {
+    fn update_record<'a>(
+        &'a self,
+        id: &'a str,
+        value: Bytes,
+        revision: u64,
+    ) -> BoxFuture<'a, Result<u64>> {
         self.inner.update_record(id, value, revision)
     }
-    fn delete_record(&self, id: &str, revision: u64) -> BoxFuture<'_, Result<()>> {
+    fn delete_record<'a>(&'a self, id: &'a str, revision: u64) -> BoxFuture<'a, Result<()>> {
         self.inner.delete_record(id, revision)
     }
     fn max_payload(&self) -> Option<usize> {
@@ -192,7 +197,7 @@ async fn requeue_keeps_a_dead_letter_newer_than_the_one_it_requeued() {
     let nats = connect(&server.url()).await;
     let mut envelope = Request::new("demo.fail");
     envelope.id = "twice".to_owned();
-    envelope.args = serde_json::json!({"times": 9});
+    envelope.set_args(&serde_json::json!({"times": 9})).unwrap();
     let payload = Bytes::from(envelope.to_json().unwrap());
     nats.put_dead_letter(letter("twice", "first death", 1, payload.clone()))
         .await

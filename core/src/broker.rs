@@ -280,20 +280,25 @@ pub trait Broker: Send + Sync + Debug + 'static {
     fn stored_request(&self, sequence: u64) -> BoxFuture<'_, Result<Option<Bytes>>>;
 
     /// Read a record.
-    fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>>;
+    fn get_record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<RecordEntry>>>;
 
     /// Create a record if none exists; fails with
     /// [`ErrorKind::AlreadyExists`](crate::ErrorKind::AlreadyExists) otherwise.
-    fn create_record(&self, id: &str, value: Bytes) -> BoxFuture<'_, Result<u64>>;
+    fn create_record<'a>(&'a self, id: &'a str, value: Bytes) -> BoxFuture<'a, Result<u64>>;
 
     /// Replace a record if its revision is still `revision`; fails with
     /// [`ErrorKind::Conflict`](crate::ErrorKind::Conflict) otherwise.
-    fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>>;
+    fn update_record<'a>(
+        &'a self,
+        id: &'a str,
+        value: Bytes,
+        revision: u64,
+    ) -> BoxFuture<'a, Result<u64>>;
 
     /// Delete a record if its revision is still `revision` (a `pending`
     /// record whose publish failed); fails with
     /// [`ErrorKind::Conflict`](crate::ErrorKind::Conflict) otherwise.
-    fn delete_record(&self, id: &str, revision: u64) -> BoxFuture<'_, Result<()>>;
+    fn delete_record<'a>(&'a self, id: &'a str, revision: u64) -> BoxFuture<'a, Result<()>>;
 
     /// Open a private inbox for the records of this client's requests (one
     /// per client, shared by all its waits), if the broker has such a thing;

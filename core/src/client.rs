@@ -919,15 +919,19 @@ pub struct RequestBuilder {
 impl RequestBuilder {
     /// The task's arguments.
     pub fn args<T: Serialize + ?Sized>(mut self, args: &T) -> Self {
-        match serde_json::to_value(args) {
-            Ok(v) => self.request.args = v,
-            Err(e) => self.error = Some(Error::serialization("encoding the arguments", e)),
+        if let Err(e) = self.request.set_args(args) {
+            self.error = Some(e);
         }
         self
     }
 
-    /// The task's arguments as JSON.
-    pub fn args_json(mut self, args: Value) -> Self {
+    /// The task's arguments as a JSON value.
+    pub fn args_json(self, args: Value) -> Self {
+        self.args(&args)
+    }
+
+    /// The task's arguments as JSON text, published as they are.
+    pub fn args_raw(mut self, args: Box<serde_json::value::RawValue>) -> Self {
         self.request.args = args;
         self
     }

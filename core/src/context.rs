@@ -127,8 +127,9 @@ impl Context {
         &self.inner.request.metadata
     }
 
-    /// The raw arguments.
-    pub fn args(&self) -> &Value {
+    /// The arguments as JSON text, as published (decode them with
+    /// [`Args`](crate::Args), or [`Request::args_as`] on [`request`](Self::request)).
+    pub fn args(&self) -> &serde_json::value::RawValue {
         &self.inner.request.args
     }
 
@@ -256,7 +257,7 @@ impl Context {
     /// same cancellation tokens, record, client, shared state and
     /// extensions. A chained workflow runs each step with one, so that
     /// `Args<T>` extracts the step's input.
-    pub(crate) fn with_args(&self, args: Value) -> Context {
+    pub(crate) fn with_args(&self, args: Box<serde_json::value::RawValue>) -> Context {
         let inner = &self.inner;
         let mut request = Request::clone(&inner.request);
         request.args = args;

@@ -80,14 +80,16 @@ pub struct Args<T>(pub T);
 
 impl<T: DeserializeOwned + Send + 'static> FromContext for Args<T> {
     async fn from_context(ctx: &Context) -> Result<Self, TaskError> {
-        T::deserialize(ctx.args()).map(Args).map_err(|e| {
-            TaskError::permanent(format!(
-                "arguments of task `{}` do not match {}: {e}",
-                ctx.task(),
-                type_name::<T>()
-            ))
-            .with_kind(kinds::INVALID_ARGS)
-        })
+        serde_json::from_str(ctx.args().get())
+            .map(Args)
+            .map_err(|e| {
+                TaskError::permanent(format!(
+                    "arguments of task `{}` do not match {}: {e}",
+                    ctx.task(),
+                    type_name::<T>()
+                ))
+                .with_kind(kinds::INVALID_ARGS)
+            })
     }
 }
 

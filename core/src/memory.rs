@@ -330,13 +330,13 @@ impl Broker for MemoryBroker {
         Box::pin(async move { Ok(found) })
     }
 
-    fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
+    fn get_record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<RecordEntry>>> {
         self.inner.record_reads.fetch_add(1, Ordering::Relaxed);
         let res = names::validate_id(id).map(|()| self.inner.lock().records.get(id).cloned());
         Box::pin(async move { res })
     }
 
-    fn create_record(&self, id: &str, value: Bytes) -> BoxFuture<'_, Result<u64>> {
+    fn create_record<'a>(&'a self, id: &'a str, value: Bytes) -> BoxFuture<'a, Result<u64>> {
         let res = self.inner.write_record(id, value, |current| match current {
             None => Ok(()),
             Some(_) => Err(Error::new(
@@ -347,7 +347,12 @@ impl Broker for MemoryBroker {
         Box::pin(async move { res })
     }
 
-    fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>> {
+    fn update_record<'a>(
+        &'a self,
+        id: &'a str,
+        value: Bytes,
+        revision: u64,
+    ) -> BoxFuture<'a, Result<u64>> {
         let res = self.inner.write_record(id, value, |current| {
             if current == Some(revision) {
                 Ok(())
@@ -361,7 +366,7 @@ impl Broker for MemoryBroker {
         Box::pin(async move { res })
     }
 
-    fn delete_record(&self, id: &str, revision: u64) -> BoxFuture<'_, Result<()>> {
+    fn delete_record<'a>(&'a self, id: &'a str, revision: u64) -> BoxFuture<'a, Result<()>> {
         let res = names::validate_id(id).and_then(|()| {
             let mut st = self.inner.lock();
             match st.records.get(id) {

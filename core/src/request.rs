@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
@@ -31,7 +32,7 @@ pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(10 * 3
 
 /// A request to run a task: the versioned JSON envelope published to the
 /// task stream. See `docs/wire-format.md`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Request {
     /// Envelope version (`1`).
@@ -42,12 +43,20 @@ pub struct Request {
     pub task: String,
     /// Queue the request was published to.
     pub queue: String,
-    /// The task's arguments.
+    /// The task's arguments: JSON text, kept as published until the task
+    /// decodes it into its own type (with [`Args`](crate::Args) or
+    /// [`args_as`](Self::args_as)), so that they are decoded once, not into
+    /// a [`Value`] first. [`set_args`](Self::set_args) encodes them.
     #[serde(default)]
-    pub args: Value,
+    pub args: Box<RawValue>,
     /// Free-form metadata (a JSON object), readable in the task and copied
-    /// to the record; `null` means none.
-    #[serde(default, deserialize_with = "null_as_default")]
+    /// to the record; `null` means none. Left out of the envelope when
+    /// empty.
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Map::is_empty"
+    )]
     pub metadata: Map<String, Value>,
     /// When the producer published it.
     #[serde(with = "crate::rfc3339")]
@@ -111,7 +120,7 @@ impl Request {
             id: new_id(),
             task: task.into(),
             queue: DEFAULT_QUEUE.to_owned(),
-            args: Value::Null,
+            args: Box::default(),
             metadata: Map::new(),
             enqueued_at: OffsetDateTime::now_utc(),
             max_retries: None,
@@ -122,6 +131,21 @@ impl Request {
             parent: None,
             resume: None,
         }
+    }
+
+    /// Encode `args` as the request's arguments; an error of kind
+    /// [`ErrorKind::Serialization`] if they cannot be encoded as JSON.
+    pub fn set_args<T: Serialize + ?Sized>(&mut self, args: &T) -> Result<()> {
+        self.args = serde_json::value::to_raw_value(args)
+            .map_err(|e| Error::serialization("encoding the arguments", e))?;
+        Ok(())
+    }
+
+    /// The arguments decoded into `T`; an error of kind
+    /// [`ErrorKind::Serialization`] if they do not match it.
+    pub fn args_as<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_str(self.args.get())
+            .map_err(|e| Error::serialization("decoding the arguments", e))
     }
 
     /// Check every name that will become part of a subject or key.

@@ -375,7 +375,10 @@ async fn steps_get_state_resources_metadata_and_the_context_like_tasks() {
     ) -> Result<String, TaskError> {
         // The context is the run's, its arguments the step's input.
         assert_eq!(ctx.task(), "stamped");
-        assert_eq!(ctx.args()["n"], 22);
+        assert_eq!(
+            ctx.request().args_as::<serde_json::Value>().unwrap()["n"],
+            22
+        );
         Ok(format!(
             "{} by {} at {} via {} (run {})",
             stamped.n,

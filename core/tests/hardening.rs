@@ -197,22 +197,27 @@ impl Broker for FaultyBroker {
     fn stored_request(&self, sequence: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
         self.inner.stored_request(sequence)
     }
-    fn get_record(&self, id: &str) -> BoxFuture<'_, Result<Option<RecordEntry>>> {
+    fn get_record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<RecordEntry>>> {
         self.inner.get_record(id)
     }
-    fn create_record(&self, id: &str, value: Bytes) -> BoxFuture<'_, Result<u64>> {
+    fn create_record<'a>(&'a self, id: &'a str, value: Bytes) -> BoxFuture<'a, Result<u64>> {
         if self.faults.record_writes {
             return Box::pin(async { Err(Self::injected()) });
         }
         self.inner.create_record(id, value)
     }
-    fn update_record(&self, id: &str, value: Bytes, revision: u64) -> BoxFuture<'_, Result<u64>> {
+    fn update_record<'a>(
+        &'a self,
+        id: &'a str,
+        value: Bytes,
+        revision: u64,
+    ) -> BoxFuture<'a, Result<u64>> {
         if self.faults.record_writes {
             return Box::pin(async { Err(Self::injected()) });
         }
         self.inner.update_record(id, value, revision)
     }
-    fn delete_record(&self, id: &str, revision: u64) -> BoxFuture<'_, Result<()>> {
+    fn delete_record<'a>(&'a self, id: &'a str, revision: u64) -> BoxFuture<'a, Result<()>> {
         self.inner.delete_record(id, revision)
     }
     fn remove_delayed(&self, id: &str) -> BoxFuture<'_, Result<bool>> {
@@ -425,7 +430,7 @@ async fn a_cancelled_request_that_is_not_due_is_dropped_at_its_next_delivery() {
         .unwrap();
     let mut req = jetq::Request::new("demo.add");
     req.id = handle.id().to_owned();
-    req.args = json!([1, 2]);
+    req.set_args(&json!([1, 2])).unwrap();
     req.not_before = Some(due);
     let mut early = OutgoingRequest::new(
         handle.id(),

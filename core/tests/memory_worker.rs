@@ -651,7 +651,9 @@ async fn a_request_delivered_before_it_is_due_waits_without_counting_an_attempt(
     let broker = MemoryBroker::new();
     let w = start(Worker::builder(broker.clone()).task("demo.add", add));
     let mut request = jetq::Request::new("demo.add");
-    request.args = serde_json::json!({"a": 1, "b": 1});
+    request
+        .set_args(&serde_json::json!({"a": 1, "b": 1}))
+        .unwrap();
     let due = jetq::time::OffsetDateTime::now_utc() + Duration::from_millis(800);
     request.not_before = Some(due);
     let id = request.id.clone();
@@ -679,7 +681,9 @@ async fn a_request_whose_workers_all_died_fails_instead_of_looping() {
     let broker = MemoryBroker::new();
     let mut request = jetq::Request::new("demo.add");
     request.id = "doomed".into();
-    request.args = serde_json::json!({"a": 1, "b": 1});
+    request
+        .set_args(&serde_json::json!({"a": 1, "b": 1}))
+        .unwrap();
     let ack = broker
         .publish(OutgoingRequest::new(
             "doomed",

@@ -100,7 +100,7 @@ async fn a_long_sleep_suspends_frees_the_slot_and_resumes_without_an_attempt() {
     // A wake-up message with another token is dropped; the record keeps its own.
     let mut forged = Request::new("napper");
     forged.id = "nap-1".to_owned();
-    forged.args = serde_json::json!(secs);
+    forged.set_args(&secs).unwrap();
     forged.resume = Some("forged".to_owned());
     let mut out = OutgoingRequest::new(
         "nap-1",

@@ -77,7 +77,10 @@ async fn exhausted_retries_dead_letter_the_original_request() {
     assert_eq!(letter.attempts, 3);
     assert_eq!(letter.worker, "dl-worker");
     let original = letter.request().unwrap();
-    assert_eq!(original.args, serde_json::json!({"x": 1}));
+    assert_eq!(
+        original.args_as::<serde_json::Value>().unwrap(),
+        serde_json::json!({"x": 1})
+    );
     assert_eq!(original.metadata["tenant"], "acme");
     let listed = client.dead_letters(100).await.unwrap();
     assert_eq!(listed.len(), 1);

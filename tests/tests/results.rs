@@ -124,7 +124,7 @@ async fn a_notify_address_that_is_not_an_inbox_is_never_published_to() {
     for (i, target) in targets.iter().enumerate() {
         let mut request = jetq::Request::new("demo.add");
         request.id = format!("notify-{i}");
-        request.args = json!({"a": i, "b": 0});
+        request.set_args(&json!({"a": i, "b": 0})).unwrap();
         request.notify = Some((*target).to_owned());
         let body = request.to_json().unwrap();
         let mut headers = async_nats::HeaderMap::new();

@@ -496,7 +496,7 @@ impl Chain {
         let wf = WorkflowContext::from_context(&ctx).await?;
         let total = self.steps.len() as u64;
         let mut at = 0usize;
-        let mut input = ctx.args().clone();
+        let mut input = ctx.args().to_owned();
         for _ in 0..self.max_steps {
             let Some(step) = self.steps.get(at) else {
                 return Err(TaskError::permanent(format!(
@@ -537,7 +537,12 @@ impl Chain {
                 },
             };
             at = next;
-            input = checkpoint.value;
+            input = serde_json::value::to_raw_value(&checkpoint.value).map_err(|e| {
+                TaskError::permanent(format!(
+                    "the value of step `{}` of workflow `{}` cannot be encoded as the next step's input: {e}",
+                    step.name, self.workflow
+                ))
+            })?;
         }
         Err(TaskError::permanent(format!(
             "workflow `{}` took {} steps without ending (the most a run may take; see `Workflow::max_steps`)",
