@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::broker::{Broker, OutgoingRequest};
@@ -16,7 +16,7 @@ use crate::dead::DeadLetter;
 use crate::error::{Error, ErrorKind, Result};
 use crate::middleware::{Publish, PublishMiddleware, PublishNext};
 use crate::names;
-use crate::notify::{Notifier, Registration};
+use crate::notify::{Arrived, Notifier, Registration};
 use crate::record::{ErrorInfo, Record, Status};
 use crate::request::Request;
 use crate::workflow::WorkflowHandle;
@@ -843,30 +843,6 @@ impl<'a> std::future::IntoFuture for SendBuilder<'a> {
     }
 }
 
-/// What [`TaskHandle::result`] reads of a record sent to the client's inbox:
-/// its status, the value (not decoded until it is wanted, then into the
-/// caller's type) and the error. The other fields a record must have are
-/// required, not decoded: what lacks them is no record, and is ignored as
-/// [`TaskHandle::wait`] ignores it.
-#[derive(Deserialize)]
-struct Ended<'a> {
-    #[serde(rename = "v")]
-    _v: serde::de::IgnoredAny,
-    #[serde(rename = "id")]
-    _id: serde::de::IgnoredAny,
-    #[serde(rename = "task")]
-    _task: serde::de::IgnoredAny,
-    #[serde(rename = "queue")]
-    _queue: serde::de::IgnoredAny,
-    #[serde(rename = "enqueued_at")]
-    _enqueued_at: serde::de::IgnoredAny,
-    status: Status,
-    #[serde(borrow, default)]
-    value: Option<&'a serde_json::value::RawValue>,
-    #[serde(default)]
-    error: Option<ErrorInfo>,
-}
-
 /// A handle's id: its registration's, if it has one (no copy).
 fn handle_id(request: &Request, registration: Option<&Registration>) -> Arc<str> {
     match registration {
@@ -1107,20 +1083,19 @@ impl TaskHandle {
     pub async fn wait(&self, timeout: Duration) -> Result<Record> {
         self.wait_then(
             timeout,
-            |notified| Record::decode(&self.id, notified).ok(),
+            |arrived| Record::decode(&self.id, &arrived.bytes).ok(),
             |record| record,
         )
         .await
     }
 
     /// Wait for the terminal record: `notified` makes what the caller wants
-    /// of one sent to the client's inbox (`None` if it is not a record: it
-    /// is then ignored, and the stored one read), `read` of one read or
-    /// watched.
+    /// of one sent to the client's inbox (`None` if it cannot: it is then
+    /// dropped, and the stored one read), `read` of one read or watched.
     async fn wait_then<R>(
         &self,
         timeout: Duration,
-        notified: impl Fn(&[u8]) -> Option<R>,
+        notified: impl Fn(&Arrived) -> Option<R>,
         read: impl Fn(Record) -> R,
     ) -> Result<R> {
         if self.queued.as_ref().is_some_and(|r| r.ignore_result) {
@@ -1195,10 +1170,9 @@ impl TaskHandle {
     pub async fn result<T: DeserializeOwned>(&self, timeout: Duration) -> Result<T> {
         self.wait_then(
             timeout,
-            |notified| {
-                let ended: Ended<'_> = serde_json::from_slice(notified).ok()?;
-                Some(self.outcome(ended.status, ended.error.as_ref(), || {
-                    Record::raw_value_as(ended.value)
+            |arrived| {
+                Some(self.outcome(arrived.status, arrived.error.as_ref(), || {
+                    Record::raw_value_as(arrived.value())
                 }))
             },
             |record| self.outcome(record.status, record.error.as_ref(), || record.value_as()),

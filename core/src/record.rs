@@ -329,11 +329,9 @@ impl Record {
 
     /// [`value_as`](Self::value_as) for a value still in its JSON text (as
     /// a record is read without decoding its value).
-    pub(crate) fn raw_value_as<T: serde::de::DeserializeOwned>(
-        value: Option<&serde_json::value::RawValue>,
-    ) -> Result<T> {
+    pub(crate) fn raw_value_as<T: serde::de::DeserializeOwned>(value: Option<&str>) -> Result<T> {
         match value {
-            Some(value) => serde_json::from_str(value.get()),
+            Some(value) => serde_json::from_str(value),
             None => T::deserialize(Value::Null),
         }
         .map_err(value_error)

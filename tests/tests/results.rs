@@ -220,9 +220,9 @@ async fn waiting_creates_nothing_and_still_sees_the_record() {
 /// Guarantee: what reaches a producer's inbox and is no record (not JSON, or
 /// JSON that names the request and a terminal status but lacks a record's
 /// other fields) is ignored by both kinds of wait, which go on to read the
-/// stored record and get the real result. (The inbox decodes only the id
-/// and status of what arrives; a wait decodes the rest, and falls back to
-/// reading when it cannot.)
+/// stored record and get the real result. (The inbox checks a record's
+/// required fields as it reads what arrives; `wait` decodes the rest, and
+/// falls back to reading when it cannot.)
 #[tokio::test]
 async fn what_reaches_the_inbox_and_is_no_record_is_ignored() {
     let server = NatsServer::start();
