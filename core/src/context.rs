@@ -58,9 +58,13 @@ pub(crate) struct ContextInner {
     /// A workflow wait longer than this suspends the run.
     pub(crate) suspend_after: Duration,
     /// Values middleware gave this attempt, by type (shared with the
-    /// contexts derived from it).
-    pub(crate) extensions: Arc<Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>>,
+    /// contexts derived from it): made when the first is given, as most
+    /// attempts have none.
+    pub(crate) extensions: std::sync::OnceLock<Arc<Extensions>>,
 }
+
+/// An attempt's extensions, by type.
+pub(crate) type Extensions = Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
 
 /// The context of one attempt of a task, given to extractors and, as an
 /// extractor itself, to the handler. Cheap to clone.
@@ -234,6 +238,7 @@ impl Context {
         let mut map = self
             .inner
             .extensions
+            .get_or_init(Arc::default)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         map.insert(TypeId::of::<T>(), Box::new(value))
@@ -246,6 +251,7 @@ impl Context {
         let map = self
             .inner
             .extensions
+            .get()?
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         map.get(&TypeId::of::<T>())
@@ -274,7 +280,11 @@ impl Context {
                 timeout: inner.timeout,
                 client: inner.client.clone(),
                 suspend_after: inner.suspend_after,
-                extensions: Arc::clone(&inner.extensions),
+                // Made now if there are none yet, so that the two contexts
+                // share what is given to either later.
+                extensions: std::sync::OnceLock::from(Arc::clone(
+                    inner.extensions.get_or_init(Arc::default),
+                )),
             }),
         }
     }

@@ -217,11 +217,23 @@ fn is_absent(value: &Option<Value>) -> bool {
 impl Record {
     /// The `pending` record of a request just published.
     pub fn pending(req: &Request) -> Self {
+        let mut record = Record::pending_unnamed(req);
+        record.id.clone_from(&req.id);
+        record.task.clone_from(&req.task);
+        record.queue.clone_from(&req.queue);
+        record.parent.clone_from(&req.parent);
+        record
+    }
+
+    /// [`pending`](Self::pending) without its identity (`id`, `task`,
+    /// `queue` and `parent` left empty), for a worker that fills it in
+    /// from the request only if it writes the record.
+    pub(crate) fn pending_unnamed(req: &Request) -> Self {
         Record {
             v: RECORD_VERSION,
-            id: req.id.clone(),
-            task: req.task.clone(),
-            queue: req.queue.clone(),
+            id: String::new(),
+            task: String::new(),
+            queue: String::new(),
             status: Status::Pending,
             value: None,
             error: None,
@@ -240,7 +252,7 @@ impl Record {
             seq: None,
             waiting: None,
             resume: None,
-            parent: req.parent.clone(),
+            parent: None,
             extra: Map::new(),
         }
     }

@@ -244,7 +244,7 @@ pub(super) async fn process(
                 timeout: entry.timeout,
                 client: env.client.clone(),
                 suspend_after: env.suspend_after,
-                extensions: Arc::default(),
+                extensions: std::sync::OnceLock::new(),
             }),
         };
         debug!(attempt, "running");

@@ -27,7 +27,11 @@ pub(super) struct RecordWriter {
 }
 
 pub(super) struct WriterState {
-    /// The record as this attempt means it: the claim applied.
+    /// The record as this attempt means it: the claim applied. A claim
+    /// that read no record leaves its identity (id, task, queue, parent)
+    /// empty until a write or [`RecordWriter::current`] needs it
+    /// ([`fill_identity`]): the request holds the same, and a quick
+    /// `ignore_result` attempt never needs it.
     pub(super) record: Record,
     /// Revision of the stored record this attempt last read or wrote;
     /// `None` if there was none.
@@ -96,6 +100,17 @@ impl Identity {
         record.task = self.task;
         record.queue = self.queue;
         record.parent = self.parent;
+    }
+}
+
+/// Give `record` the identity of `request` if it has none yet (see
+/// [`WriterState::record`]; a record's id is never empty otherwise).
+fn fill_identity(record: &mut Record, request: &Request) {
+    if record.id.is_empty() {
+        record.id.clone_from(&request.id);
+        record.task.clone_from(&request.task);
+        record.queue.clone_from(&request.queue);
+        record.parent.clone_from(&request.parent);
     }
 }
 
@@ -193,7 +208,9 @@ impl RecordWriter {
 
     /// The record as this attempt means it.
     pub(super) async fn current(&self) -> Record {
-        self.state.lock().await.record.clone()
+        let mut record = self.state.lock().await.record.clone();
+        fill_identity(&mut record, &self.request);
+        record
     }
 
     /// Whether `stored` is still the record this attempt owns.
@@ -233,6 +250,7 @@ impl RecordWriter {
         change: &(dyn Fn(&mut Record) + Send + Sync),
     ) -> Result<Status> {
         let mut guard = self.state.lock().await;
+        fill_identity(&mut guard.record, &self.request);
         let deadline = tokio::time::Instant::now() + RECORD_WRITE_PATIENCE;
         let mut pause = Duration::from_millis(50);
         loop {
@@ -862,5 +880,5 @@ pub(super) fn unread_claim(
         started_at: OffsetDateTime::now_utc(),
         worker: env.name.clone(),
     };
-    lazy_claim(env, request, Record::pending(request), None, stamp)
+    lazy_claim(env, request, Record::pending_unnamed(request), None, stamp)
 }
