@@ -19,12 +19,14 @@ use async_nats::jetstream::stream::{
 };
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, consumer};
-use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, Subscriber};
+use async_nats::{
+    Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, ServerError, Subscriber,
+};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use jetq::broker::{
-    BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, Mail, Notification, Notifications,
-    OutgoingRequest, PublishAck, RecordEntry,
+    BoxFuture, BoxStream, Broker, ConsumeOptions, Consumer, Followed, Mail, Notification,
+    Notifications, OutgoingRequest, PublishAck, RecordEntry,
 };
 use jetq::names::{validate_id, validate_queue, validate_task};
 use jetq::time::format_description::well_known::Rfc3339;
@@ -143,6 +145,10 @@ struct Inner {
     /// The subjects of the inboxes records are sent to (one per producer
     /// connection), by inbox prefix and token.
     inbox_subjects: KeptSubjects,
+    /// Set once the server refused a subscription to a record's subject
+    /// (the user may not subscribe there): records are no longer followed,
+    /// rather than be refused (and logged by the server) once per wait.
+    follow_denied: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Subjects built (and checked) once, by two names: a clone of one is a
@@ -358,12 +364,20 @@ impl NatsBroker {
         }
         let (tx, rx) = watch::channel(0u64);
         let tx = Arc::new(tx);
+        let follow_denied = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let denied = Arc::clone(&follow_denied);
+        let records = format!("{}.records.", config.prefix);
         options = options
             .ping_interval(config.ping_interval)
             .connection_timeout(config.connection_timeout)
             .request_timeout(Some(config.request_timeout))
             .event_callback(move |event| {
                 let tx = Arc::clone(&tx);
+                let refused_follow = matches!(&event, Event::ServerError(ServerError::Other(text))
+                    if text.contains("Permissions Violation for Subscription") && text.contains(records.as_str()));
+                if refused_follow {
+                    denied.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 async move {
                     match event {
                         Event::Connected => {
@@ -382,7 +396,7 @@ impl NatsBroker {
                 }
             });
         let client = Self::connect_waiting(&config, options, addrs).await?;
-        Ok(Self::build(client, config, Some(rx)))
+        Ok(Self::build(client, config, Some(rx), follow_denied))
     }
 
     /// Connect; while the server cannot be reached, try again with a capped
@@ -423,10 +437,15 @@ impl NatsBroker {
     /// [`watch_resync`](NatsConfig::watch_resync) rather than on reconnect.
     pub fn from_client(client: Client, config: NatsConfig) -> Result<NatsBroker> {
         config.validate()?;
-        Ok(Self::build(client, config, None))
+        Ok(Self::build(client, config, None, Arc::default()))
     }
 
-    fn build(client: Client, config: NatsConfig, reconnects: Option<watch::Receiver<u64>>) -> Self {
+    fn build(
+        client: Client,
+        config: NatsConfig,
+        reconnects: Option<watch::Receiver<u64>>,
+        follow_denied: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(config.request_timeout);
         let inbox_prefix = client
@@ -453,6 +472,7 @@ impl NatsBroker {
                 acks: OnceCell::new(),
                 task_subjects: KeptSubjects::default(),
                 inbox_subjects: KeptSubjects::default(),
+                follow_denied,
             }),
         }
     }
@@ -1574,14 +1594,14 @@ impl NatsBroker {
         .map_err(|e| PublishError::with_source(PublishErrorKind::BrokenPipe, e))
     }
 
-    async fn create_record_impl(&self, id: &str, value: Bytes) -> Result<u64> {
+    async fn create_record_impl(&self, id: &str, value: Bytes, tag: Option<&str>) -> Result<u64> {
         validate_id(id)?;
         let kv = self.bucket().await?;
         // A write expecting no message under the key (revision 0): what
         // `create` tries first, without the larger future of its fallback.
         let what = || format!("cannot create record {id}");
         let acks = self.acks().await.map_err(|e| record(what(), e))?;
-        let written = write_expecting(acks, kv, id, value.clone(), 0, &what).await;
+        let written = write_expecting(acks, kv, id, (value.clone(), tag), 0, &what).await;
         let err = match written {
             Ok(revision) => return Ok(revision),
             Err(WriteFailure::WrongRevision(err)) => err,
@@ -1596,7 +1616,7 @@ impl NatsBroker {
             .map_err(|e| record(format!("cannot read record {id}"), e))?;
         match stored {
             Some(entry) if matches!(entry.operation, Operation::Delete | Operation::Purge) => {
-                match Box::pin(self.update_record_impl(id, value, entry.revision)).await {
+                match Box::pin(self.update_record_impl(id, value, entry.revision, tag)).await {
                     Err(e) if e.kind() == ErrorKind::Conflict => {
                         Err(Error::new(ErrorKind::AlreadyExists, exists).with_source(e))
                     }
@@ -1610,12 +1630,18 @@ impl NatsBroker {
         }
     }
 
-    async fn update_record_impl(&self, id: &str, value: Bytes, revision: u64) -> Result<u64> {
+    async fn update_record_impl(
+        &self,
+        id: &str,
+        value: Bytes,
+        revision: u64,
+        tag: Option<&str>,
+    ) -> Result<u64> {
         validate_id(id)?;
         let kv = self.bucket().await?;
         let what = || format!("cannot update record {id}");
         let acks = self.acks().await.map_err(|e| record(what(), e))?;
-        match write_expecting(acks, kv, id, value, revision, &what).await {
+        match write_expecting(acks, kv, id, (value, tag), revision, &what).await {
             Ok(revision) => Ok(revision),
             Err(WriteFailure::WrongRevision(err)) => Err(wrap(
                 ErrorKind::Conflict,
@@ -1890,7 +1916,7 @@ impl Broker for NatsBroker {
     }
 
     fn create_record<'a>(&'a self, id: &'a str, value: Bytes) -> BoxFuture<'a, Result<u64>> {
-        Box::pin(async move { self.create_record_impl(id, value).await })
+        Box::pin(async move { self.create_record_impl(id, value, None).await })
     }
 
     fn update_record<'a>(
@@ -1899,7 +1925,54 @@ impl Broker for NatsBroker {
         value: Bytes,
         revision: u64,
     ) -> BoxFuture<'a, Result<u64>> {
-        Box::pin(async move { self.update_record_impl(id, value, revision).await })
+        Box::pin(async move { self.update_record_impl(id, value, revision, None).await })
+    }
+
+    fn write_ended_record<'a>(
+        &'a self,
+        id: &'a str,
+        value: Bytes,
+        revision: Option<u64>,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Result<(u64, bool)>> {
+        Box::pin(async move {
+            // A bucket reached through another domain's API prefix is
+            // written without headers (see `write_expecting`).
+            let tagged = !self.bucket().await?.use_jetstream_prefix;
+            let revision = match revision {
+                None => self.create_record_impl(id, value, Some(tag)).await?,
+                Some(revision) => {
+                    self.update_record_impl(id, value, revision, Some(tag))
+                        .await?
+                }
+            };
+            Ok((revision, tagged))
+        })
+    }
+
+    fn follow_record<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BoxStream<'static, Followed>>>> {
+        Box::pin(async move {
+            if self
+                .inner
+                .follow_denied
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                return Ok(None);
+            }
+            let sub = self.subscribe(&self.record_subject(id)?).await?;
+            let stream: BoxStream<'static, Followed> = Box::pin(sub.map(|message| {
+                let tag = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(jetq::tag::TAG_HEADER))
+                    .map(|v| v.as_str().to_owned());
+                Followed::new(message.payload, tag)
+            }));
+            Ok(Some(stream))
+        })
     }
 
     fn delete_record<'a>(&'a self, id: &'a str, revision: u64) -> BoxFuture<'a, Result<()>> {

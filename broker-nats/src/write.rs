@@ -98,17 +98,20 @@ pub(crate) enum WriteFailure {
 
 /// Write `value` under `key` of `kv` if its last revision is `revision` (0:
 /// nothing stored under it yet); the new revision. `what` names the write
-/// in errors ("cannot update record X").
+/// in errors ("cannot update record X"). `tag`: the ended record's tag for
+/// a producer that follows it (header [`jetq::tag::TAG_HEADER`]).
 pub(crate) async fn write_expecting(
     acks: &Acks,
     kv: &kv::Store,
     key: &str,
-    value: Bytes,
+    (value, tag): (Bytes, Option<&str>),
     revision: u64,
     what: &(dyn Fn() -> String + Sync),
 ) -> Result<u64, WriteFailure> {
     let client = acks.client();
     if kv.use_jetstream_prefix {
+        // (Such a bucket's republished changes are not followed: no tag.)
+        let _ = tag;
         // A bucket reached through another domain's API prefix, which
         // async-nats keeps to itself: its own write.
         return Box::pin(kv.update(key, value, revision))
@@ -133,6 +136,9 @@ pub(crate) async fn write_expecting(
         NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
         HeaderValue::from(revision),
     );
+    if let Some(tag) = tag {
+        headers.insert(jetq::tag::TAG_HEADER, tag);
+    }
     // Boxed: inline, it would make the record write's future an allocation
     // of 1 KiB or more, which glibc's allocator serves slowly (see acks.rs).
     match Box::pin(publish_acked(

@@ -251,6 +251,24 @@ impl Notifications {
     }
 }
 
+/// A change of a record as the broker republished it, from
+/// [`Broker::follow_record`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Followed {
+    /// The record's bytes, as stored.
+    pub record: Bytes,
+    /// The tag its write carried ([`crate::tag::TAG_HEADER`]), if any.
+    pub tag: Option<String>,
+}
+
+impl Followed {
+    /// A republished change: the record's bytes and its write's tag.
+    pub fn new(record: Bytes, tag: Option<String>) -> Self {
+        Followed { record, tag }
+    }
+}
+
 impl Debug for Notifications {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Notifications")
@@ -314,6 +332,45 @@ pub trait Broker: Send + Sync + Debug + 'static {
     fn notify(&self, address: &str, record: Bytes) -> BoxFuture<'_, Result<()>> {
         let _ = (address, record);
         Box::pin(async { Ok(()) })
+    }
+
+    /// Follow record `id` as the broker republishes its changes, for a
+    /// producer waiting on few requests: each change's bytes and the tag its
+    /// write carried, as the broker stores them (NATS: a core subscription
+    /// on `{prefix}.records.<id>`, ended when the stream is dropped). `None`
+    /// if the broker does not republish records (the default). Anyone
+    /// allowed to publish there can send anything: a producer takes only a
+    /// change whose tag verifies ([`crate::tag`]).
+    fn follow_record<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BoxStream<'static, Followed>>>> {
+        let _ = id;
+        Box::pin(async { Ok(None) })
+    }
+
+    /// [`create_record`](Self::create_record) (`revision` `None`) or
+    /// [`update_record`](Self::update_record) of the write that ends a
+    /// record whose producer follows it ([`follow_record`](Self::follow_record)),
+    /// carrying `tag` ([`crate::tag::TAG_HEADER`]) with it, so that the
+    /// republished change carries it too. Returns the new revision and
+    /// whether the write carried the tag: if it did not, the worker sends
+    /// the record to the producer's inbox as for any other request. The
+    /// default writes it untagged: a broker that republishes nothing has no
+    /// followers.
+    fn write_ended_record<'a>(
+        &'a self,
+        id: &'a str,
+        value: Bytes,
+        revision: Option<u64>,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Result<(u64, bool)>> {
+        let _ = tag;
+        let written = match revision {
+            None => self.create_record(id, value),
+            Some(revision) => self.update_record(id, value, revision),
+        };
+        Box::pin(async move { written.await.map(|revision| (revision, false)) })
     }
 
     /// Send whatever the broker's connection still buffers (acknowledgements

@@ -41,6 +41,7 @@ pub mod record;
 pub mod request;
 pub mod retry;
 mod rfc3339;
+pub mod tag;
 pub mod task_error;
 pub mod worker;
 pub mod workflow;

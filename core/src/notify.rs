@@ -9,16 +9,22 @@
 //! connection was re-established.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::broker::{Broker, Notification};
+use crate::broker::{BoxStream, Broker, Followed, Notification};
 use crate::record::{ErrorInfo, Status};
+
+/// A client follows a request's republished record (besides its inbox)
+/// while it waits on at most this many requests, this one included.
+const FOLLOW_AT_MOST: usize = 4;
 
 /// What the dispatcher reads of a record sent to the inbox, in one pass:
 /// whose it is, its status, where its value is (not decoded until a wait
@@ -69,6 +75,33 @@ impl Arrived {
     }
 }
 
+/// Read what arrived (on the inbox, or followed): the slot `owner` gives for
+/// its id, and what a result needs of it; `None` if it is no ended record,
+/// or `owner` has no slot for it.
+fn arrive(
+    bytes: Bytes,
+    owner: impl FnOnce(&str) -> Option<Arc<Slot>>,
+) -> Option<(Arc<Slot>, Arrived)> {
+    let head = serde_json::from_slice::<Head<'_>>(&bytes).ok()?;
+    if !head.status.is_terminal() {
+        return None;
+    }
+    let slot = owner(&head.id)?;
+    // The value borrows from `bytes`: keep its place in them.
+    let value = match head.value {
+        Some(raw) => Some(place(&bytes, raw.get())?),
+        None => None,
+    };
+    let (status, error) = (head.status, head.error);
+    let arrived = Arrived {
+        bytes,
+        status,
+        value,
+        error,
+    };
+    Some((slot, arrived))
+}
+
 /// Where `part`, a slice of `whole`, is in it.
 fn place(whole: &[u8], part: &str) -> Option<std::ops::Range<usize>> {
     let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
@@ -80,6 +113,11 @@ fn place(whole: &[u8], part: &str) -> Option<std::ops::Range<usize>> {
 pub(crate) struct Notifier {
     address: String,
     slots: Arc<Mutex<HashMap<Arc<str>, Arc<Slot>>>>,
+    /// Whether a record's republished change has reached this client on a
+    /// subscription to follow it: only then does it ask workers to tag the
+    /// records it follows and leave its inbox out (see
+    /// [`Registration::follow_works`]).
+    follow_works: AtomicBool,
     _stop: DropGuard,
 }
 
@@ -113,6 +151,14 @@ impl Slot {
         }
     }
 
+    /// Keep an ended record that arrived, and wake the waits.
+    fn put(&self, arrived: Arrived) {
+        if let Ok(mut held) = self.record.lock() {
+            *held = Some(arrived);
+        }
+        self.changed.notify_waiters();
+    }
+
     /// Whether the waits should read the record themselves (and clear it).
     pub(crate) fn take_resync(&self) -> bool {
         self.resync.swap(false, Ordering::AcqRel)
@@ -125,9 +171,81 @@ pub(crate) struct Registration {
     /// The request id (the slots' key, and the handle's).
     id: Arc<str>,
     pub(crate) slot: Arc<Slot>,
+    /// The record's republished changes, while the request's producer
+    /// follows them ([`Request::follow`](crate::request::Request::follow)).
+    followed: Mutex<Option<BoxStream<'static, Followed>>>,
 }
 
 impl Registration {
+    /// Whether the client waits on so few requests that this one is worth
+    /// following (a subscription of its own, and a tag for the worker to make).
+    pub(crate) fn few_waiting(&self) -> bool {
+        self.notifier
+            .slots
+            .lock()
+            .is_ok_and(|slots| slots.len() <= FOLLOW_AT_MOST)
+    }
+
+    /// Whether following records works for this client: a change has
+    /// arrived on such a subscription before. Until then a request is
+    /// followed only to find that out (without `follow` in its envelope, so
+    /// its worker still sends the record to the inbox): a subscription the
+    /// server refuses, or a bucket that republishes nothing, never costs a
+    /// result.
+    pub(crate) fn follow_works(&self) -> bool {
+        self.notifier.follow_works.load(Ordering::Relaxed)
+    }
+
+    /// Follow the record's republished changes (`stream`) until it ends.
+    pub(crate) fn follow(&self, stream: BoxStream<'static, Followed>) {
+        if let Ok(mut followed) = self.followed.lock() {
+            *followed = Some(stream);
+        }
+    }
+
+    /// The next republished change of the followed record; never ready if
+    /// it is not followed (or no longer).
+    pub(crate) fn next_followed(&self) -> impl Future<Output = Followed> + '_ {
+        std::future::poll_fn(move |cx| {
+            let Ok(mut followed) = self.followed.lock() else {
+                return Poll::Pending;
+            };
+            let Some(stream) = followed.as_mut() else {
+                return Poll::Pending;
+            };
+            match stream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(change)) => Poll::Ready(change),
+                Poll::Ready(None) => {
+                    *followed = None;
+                    Poll::Pending
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    }
+
+    /// Take a republished change of the followed record if it is this
+    /// request's ended record and its tag verifies (keyed by this client's
+    /// inbox address, which the request named): it is kept for the waits
+    /// as if the inbox had it, and following ends. Anything else is ignored.
+    pub(crate) fn take_followed(&self, change: Followed) {
+        // Something arrived: following works for this client.
+        self.notifier.follow_works.store(true, Ordering::Relaxed);
+        let Some(tag) = change.tag.as_deref() else {
+            return;
+        };
+        if !crate::tag::verify(self.notifier.address(), &change.record, tag) {
+            tracing::debug!(id = %self.id, "ignoring a republished record whose tag does not verify");
+            return;
+        }
+        let owner = |id: &str| (id == &*self.id).then(|| Arc::clone(&self.slot));
+        if let Some((slot, arrived)) = arrive(change.record, owner) {
+            slot.put(arrived);
+            if let Ok(mut followed) = self.followed.lock() {
+                *followed = None;
+            }
+        }
+    }
     /// The request id registered.
     pub(crate) fn id(&self) -> &Arc<str> {
         &self.id
@@ -181,6 +299,7 @@ impl Notifier {
         Some(Arc::new(Notifier {
             address: inbox.address,
             slots,
+            follow_works: AtomicBool::new(false),
             _stop: stop.drop_guard(),
         }))
     }
@@ -207,6 +326,7 @@ impl Notifier {
             notifier: Arc::clone(self),
             id,
             slot,
+            followed: Mutex::new(None),
         }
     }
 }
@@ -223,36 +343,13 @@ async fn dispatch(
         };
         match next {
             Some(Notification::Record(bytes)) => {
-                let Ok(head) = serde_json::from_slice::<Head<'_>>(&bytes) else {
-                    tracing::debug!("ignoring a notification that is not a record");
-                    continue;
-                };
-                if !head.status.is_terminal() {
-                    continue;
+                let owner = |id: &str| slots.lock().ok().and_then(|s| s.get(id).cloned());
+                match arrive(bytes, owner) {
+                    Some((slot, arrived)) => slot.put(arrived),
+                    None => tracing::trace!(
+                        "ignoring a notification that is no ended record of a request waited for"
+                    ),
                 }
-                let slot = slots.lock().ok().and_then(|s| s.get(&*head.id).cloned());
-                let Some(slot) = slot else {
-                    continue;
-                };
-                // The value borrows from `bytes`: keep its place in them.
-                let value = match head.value {
-                    Some(raw) => match place(&bytes, raw.get()) {
-                        Some(range) => Some(range),
-                        None => continue,
-                    },
-                    None => None,
-                };
-                let (status, error) = (head.status, head.error);
-                let arrived = Arrived {
-                    bytes,
-                    status,
-                    value,
-                    error,
-                };
-                if let Ok(mut held) = slot.record.lock() {
-                    *held = Some(arrived);
-                }
-                slot.changed.notify_waiters();
             }
             Some(Notification::Resync) => resync_all(&slots),
             None => {

@@ -97,6 +97,16 @@ pub struct Request {
     /// see `docs/guarantees.md`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub ignore_result: bool,
+    /// The producer follows the request's record as the broker republishes
+    /// it (NATS: `{prefix}.records.<id>`), which reaches it before anything
+    /// the worker could send: a worker tags the write that ends the record
+    /// ([`crate::tag`]: an HMAC of the record keyed by `notify`), so that
+    /// the producer can tell it from a forged one, and sends nothing to the
+    /// inbox if the write carried the tag. Only with `notify`; a jetq client
+    /// sets it while it waits on few requests, once it has seen following
+    /// work.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub follow: bool,
     /// The id of the request whose task published this one, if a task did
     /// (through its context's client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -128,6 +138,7 @@ impl Request {
             headers: BTreeMap::new(),
             notify: None,
             ignore_result: false,
+            follow: false,
             parent: None,
             resume: None,
         }

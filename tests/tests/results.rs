@@ -57,7 +57,14 @@ async fn a_producer_that_cannot_read_records_gets_its_results_by_its_inbox() {
         .task("demo.add", add)
         .spawn()
         .unwrap();
-    let producer = Client::new(connect_as(&server, "producer", "p").await);
+    let producer_broker = connect_as(&server, "producer", "p").await;
+    let producer = Client::new(producer_broker.clone());
+    let spy = async_nats::ConnectOptions::with_user_and_password("worker".into(), "w".into())
+        .connect(server.url())
+        .await
+        .unwrap();
+    let mut requests = spy.subscribe("jetq.tasks.>").await.unwrap();
+    spy.flush().await.unwrap();
     // Reading a record is refused for this user: only the inbox can help.
     assert!(producer.record("anything").await.is_err());
     let handles: Vec<_> = futures_util::future::join_all((0..20).map(|i| {
@@ -74,6 +81,27 @@ async fn a_producer_that_cannot_read_records_gets_its_results_by_its_inbox() {
         let value: i64 = h.result(WAIT).await.unwrap();
         assert_eq!(value, i as i64 + 100);
     }
+    drop(handles);
+    // The first waits tried to follow their records, which this user may
+    // not subscribe to: nothing ever arrived there, so no request asked its
+    // worker to tag its record and leave the inbox out; and the server's
+    // refusal stopped the tries.
+    for _ in 0..20 {
+        assert_eq!(next_envelope(&mut requests).await.get("follow"), None);
+    }
+    assert!(producer_broker
+        .follow_record("next")
+        .await
+        .unwrap()
+        .is_none());
+    let lone = producer
+        .task("demo.add")
+        .args(&json!({"a": 2, "b": 2}))
+        .publish()
+        .await
+        .unwrap();
+    assert_eq!(next_envelope(&mut requests).await.get("follow"), None);
+    assert_eq!(lone.result::<i64>(WAIT).await.unwrap(), 4);
     // A request published without asking for its result is still run and
     // recorded; its producer just is not told.
     let quiet = producer
@@ -272,4 +300,197 @@ async fn what_reaches_the_inbox_and_is_no_record_is_ignored() {
         (Status::Succeeded, Some(json!(42)))
     );
     worker.shutdown().await.unwrap();
+}
+
+/// Guarantee: a producer waiting on few requests also follows each one's
+/// record where the bucket republishes it (envelope `follow`), which reaches
+/// it before the worker's message to its inbox; it takes a change from there
+/// only with the tag that the worker's write gives it (HMAC-SHA256 of the
+/// record, keyed by the producer's inbox address). A record there without
+/// a tag, or tagged with another key, is ignored; one tagged with the inbox
+/// address is taken: it is trusted as far as the inbox is. The record a
+/// worker stores for a followed request carries its tag.
+#[tokio::test]
+async fn a_followed_record_counts_only_with_its_tag() {
+    let server = NatsServer::start();
+    let broker = connect(&server).await;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let requests = nats.subscribe("jetq.tasks.>").await.unwrap();
+    nats.flush().await.unwrap();
+    let client = Client::new(broker.clone());
+    let mut requests = follow_seen_to_work(&client, &broker, requests).await;
+    // No worker now: the request waits in its queue.
+    let handle = client
+        .task("demo.add")
+        .args(&json!({"a": 40, "b": 2}))
+        .publish()
+        .await
+        .unwrap();
+    let envelope = next_envelope(&mut requests).await;
+    assert_eq!(envelope["follow"], true, "a lone wait follows its record");
+    let inbox = envelope["notify"].as_str().unwrap().to_owned();
+    let waiting = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.result::<i64>(WAIT).await }
+    });
+    let mut fake = handle.record().await.unwrap();
+    fake.status = Status::Succeeded;
+    fake.value = Some(json!(7));
+    let body = bytes::Bytes::from(fake.to_json().unwrap());
+    let subject = format!("jetq.records.{}", handle.id());
+    for tag in [
+        None,
+        jetq::tag::tag("_INBOX.someone_else", &body),
+        jetq::tag::tag(&inbox, b"other bytes"),
+    ] {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(tag) = tag {
+            headers.insert(jetq::tag::TAG_HEADER, tag.as_str());
+        }
+        nats.publish_with_headers(subject.clone(), headers, body.clone())
+            .await
+            .unwrap();
+    }
+    nats.flush().await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(500), async {
+        while !waiting.is_finished() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(early.is_err(), "a wait took a record without a valid tag");
+    let mut headers = async_nats::HeaderMap::new();
+    let tag = jetq::tag::tag(&inbox, &body).unwrap();
+    headers.insert(jetq::tag::TAG_HEADER, tag.as_str());
+    nats.publish_with_headers(subject, headers, body)
+        .await
+        .unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap(), 7);
+
+    // A worker's write that ends a followed record carries the record's
+    // tag, and the worker sends nothing to the inbox for it.
+    let mut inbox_spy = nats.subscribe(inbox.clone()).await.unwrap();
+    nats.flush().await.unwrap();
+    let followed = client
+        .task("demo.add")
+        .args(&json!({"a": 1, "b": 2}))
+        .publish()
+        .await
+        .unwrap();
+    assert_eq!(next_envelope(&mut requests).await["follow"], true);
+    let worker = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    assert_eq!(followed.result::<i64>(WAIT).await.unwrap(), 3);
+    let stored = async_nats::jetstream::new(nats.clone())
+        .get_stream("KV_JETQ_RESULTS")
+        .await
+        .unwrap()
+        .direct_get_last_for_subject(format!("$KV.JETQ_RESULTS.{}", followed.id()))
+        .await
+        .unwrap();
+    let tag = stored.headers.get(jetq::tag::TAG_HEADER).unwrap().as_str();
+    assert!(jetq::tag::verify(&inbox, &stored.payload, tag));
+    // Stopped and flushed: whatever it sent has reached the spy.
+    worker.shutdown().await.unwrap();
+    nats.flush().await.unwrap();
+    let sent = futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(&mut inbox_spy));
+    assert!(
+        sent.is_none(),
+        "the worker sent a followed record to the inbox"
+    );
+}
+
+/// Guarantee: a producer with more than a few results outstanding does not
+/// follow records (a subscription each): its requests leave `follow` out,
+/// and their results come by the inbox alone.
+#[tokio::test]
+async fn a_producer_waiting_on_many_requests_does_not_follow_them() {
+    let server = NatsServer::start();
+    let broker = connect(&server).await;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let requests = nats.subscribe("jetq.tasks.>").await.unwrap();
+    nats.flush().await.unwrap();
+    let client = Client::new(broker.clone());
+    let mut requests = follow_seen_to_work(&client, &broker, requests).await;
+    let mut handles = Vec::new();
+    let mut follows = Vec::new();
+    let mut inbox_spy = None;
+    for i in 0..6 {
+        handles.push(
+            client
+                .task("demo.add")
+                .args(&json!({"a": i, "b": 1}))
+                .publish()
+                .await
+                .unwrap(),
+        );
+        let envelope = next_envelope(&mut requests).await;
+        follows.push(envelope["follow"].as_bool());
+        if inbox_spy.is_none() {
+            let inbox = envelope["notify"].as_str().unwrap().to_owned();
+            inbox_spy = Some(nats.subscribe(inbox).await.unwrap());
+            nats.flush().await.unwrap();
+        }
+    }
+    // Four waits at most follow (this one included).
+    assert_eq!(
+        follows,
+        [Some(true), Some(true), Some(true), Some(true), None, None]
+    );
+    let worker = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    for (i, h) in handles.iter().enumerate() {
+        assert_eq!(h.result::<i64>(WAIT).await.unwrap(), i as i64 + 1);
+    }
+    // The two not followed got their records by the inbox, the others not.
+    worker.shutdown().await.unwrap();
+    nats.flush().await.unwrap();
+    let mut inbox_spy = inbox_spy.unwrap();
+    let mut sent = Vec::new();
+    while let Some(Some(message)) =
+        futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(&mut inbox_spy))
+    {
+        let record: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        sent.push(record["id"].as_str().unwrap().to_owned());
+    }
+    sent.sort();
+    let mut expected = vec![handles[4].id().to_owned(), handles[5].id().to_owned()];
+    expected.sort();
+    assert_eq!(sent, expected);
+}
+
+/// Run one request while its producer waits for it: the record's
+/// subscription shows the client that following works. Until then a worker
+/// is not asked to tag its record (and sends it to the inbox as usual).
+/// `requests` is a subscription to the task subjects; it is given back
+/// with that request's envelope taken.
+async fn follow_seen_to_work(
+    client: &Client,
+    broker: &NatsBroker,
+    mut requests: async_nats::Subscriber,
+) -> async_nats::Subscriber {
+    let worker = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    let first = client
+        .task("demo.add")
+        .args(&json!({"a": 1, "b": 1}))
+        .publish()
+        .await
+        .unwrap();
+    assert_eq!(next_envelope(&mut requests).await.get("follow"), None);
+    assert_eq!(first.result::<i64>(WAIT).await.unwrap(), 2);
+    worker.shutdown().await.unwrap();
+    requests
+}
+
+/// The next request envelope published, decoded.
+async fn next_envelope(requests: &mut async_nats::Subscriber) -> serde_json::Value {
+    let message = futures_util::StreamExt::next(requests).await.unwrap();
+    serde_json::from_slice(&message.payload).unwrap()
 }

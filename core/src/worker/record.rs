@@ -44,6 +44,9 @@ pub(super) struct WriterState {
     pub(super) claim: ClaimStamp,
     /// The record as last written, encoded.
     pub(super) written: Option<Bytes>,
+    /// Whether that write carried the record's tag for a producer that
+    /// follows it (which then needs no message on its inbox).
+    pub(super) tagged: bool,
     /// Whether a write was sent (it may have landed even if its answer was
     /// never seen).
     pub(super) attempted: bool,
@@ -162,6 +165,7 @@ impl RecordWriter {
                 base,
                 claim,
                 written: None,
+                tagged: false,
                 attempted: false,
             }),
         }
@@ -194,9 +198,16 @@ impl RecordWriter {
         self.by_client.load(Ordering::Acquire)
     }
 
-    /// The record as last written, encoded.
-    pub(super) async fn written(&self) -> Option<Bytes> {
-        self.state.lock().await.written.clone()
+    /// The record as last written, encoded, for the request's inbox: `None`
+    /// if that write carried the record's tag for a producer that follows
+    /// it (the broker's republish reaches the producer first; a message on
+    /// the inbox as well would only cost it and the worker).
+    pub(super) async fn written_for_inbox(&self) -> Option<Bytes> {
+        let state = self.state.lock().await;
+        match state.tagged {
+            true => None,
+            false => state.written.clone(),
+        }
     }
 
     /// Whether the attempt found no record and has sent no write: nothing
@@ -262,16 +273,32 @@ impl RecordWriter {
             Identity::take(&mut next).put(&mut guard.record);
             let bytes = Bytes::from(encoded?);
             guard.attempted = true;
-            let written = match guard.revision {
-                Some(revision) => {
+            // The write that ends the record of a request whose producer
+            // follows it carries the record's tag.
+            let tag = match (self.request.follow, self.notify()) {
+                (true, Some(key)) if next.status.is_terminal() => crate::tag::tag(key, &bytes),
+                _ => None,
+            };
+            let written = match (guard.revision, tag) {
+                (revision, Some(tag)) => {
                     self.broker
-                        .update_record(self.id(), bytes.clone(), revision)
+                        .write_ended_record(self.id(), bytes.clone(), revision, &tag)
                         .await
                 }
-                None => self.broker.create_record(self.id(), bytes.clone()).await,
+                (Some(revision), None) => self
+                    .broker
+                    .update_record(self.id(), bytes.clone(), revision)
+                    .await
+                    .map(|revision| (revision, false)),
+                (None, None) => self
+                    .broker
+                    .create_record(self.id(), bytes.clone())
+                    .await
+                    .map(|revision| (revision, false)),
             };
             let failed = match written {
-                Ok(revision) => {
+                Ok((revision, tagged)) => {
+                    guard.tagged = tagged;
                     let status = next.status;
                     guard.base = (next.seq, next.attempts);
                     Identity::take(&mut guard.record).put(&mut next);

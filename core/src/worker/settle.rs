@@ -126,7 +126,7 @@ async fn outcome_too_large(
 /// inbox if the request named one, and wake the workflow waiting for it if
 /// it is a workflow's child.
 async fn ended(env: &Env, writer: &RecordWriter) {
-    if let (Some(address), Some(bytes)) = (writer.notify(), writer.written().await) {
+    if let (Some(address), Some(bytes)) = (writer.notify(), writer.written_for_inbox().await) {
         if let Err(e) = env.broker.notify(address, bytes).await {
             debug!(error = %e, "cannot send the record to the producer's inbox");
         }
