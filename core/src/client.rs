@@ -165,7 +165,10 @@ impl Client {
         let now = time::OffsetDateTime::now_utc();
         let delayed = request.not_before.is_some_and(|at| at > now);
         if let Some(r) = &registration {
+            // Where the record is sent, and whether it is followed, are
+            // this client's to say.
             request.notify = Some(r.notifier_address().to_owned());
+            request.follow = false;
             // Waiting on few requests (one at a time, say): follow the
             // record's republished changes, which reach the client before
             // a message from the worker could (subscribed before the

@@ -246,6 +246,7 @@ impl Registration {
             }
         }
     }
+
     /// The request id registered.
     pub(crate) fn id(&self) -> &Arc<str> {
         &self.id
