@@ -1601,7 +1601,7 @@ impl NatsBroker {
         // `create` tries first, without the larger future of its fallback.
         let what = || format!("cannot create record {id}");
         let acks = self.acks().await.map_err(|e| record(what(), e))?;
-        let written = write_expecting(acks, kv, id, (value.clone(), tag), 0, &what).await;
+        let written = write_expecting(acks, kv, id, value.clone(), tag, 0, &what).await;
         let err = match written {
             Ok(revision) => return Ok(revision),
             Err(WriteFailure::WrongRevision(err)) => err,
@@ -1641,7 +1641,7 @@ impl NatsBroker {
         let kv = self.bucket().await?;
         let what = || format!("cannot update record {id}");
         let acks = self.acks().await.map_err(|e| record(what(), e))?;
-        match write_expecting(acks, kv, id, (value, tag), revision, &what).await {
+        match write_expecting(acks, kv, id, value, tag, revision, &what).await {
             Ok(revision) => Ok(revision),
             Err(WriteFailure::WrongRevision(err)) => Err(wrap(
                 ErrorKind::Conflict,

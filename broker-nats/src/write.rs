@@ -104,7 +104,8 @@ pub(crate) async fn write_expecting(
     acks: &Acks,
     kv: &kv::Store,
     key: &str,
-    (value, tag): (Bytes, Option<&str>),
+    value: Bytes,
+    tag: Option<&str>,
     revision: u64,
     what: &(dyn Fn() -> String + Sync),
 ) -> Result<u64, WriteFailure> {
