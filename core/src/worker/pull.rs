@@ -124,7 +124,10 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
         };
         loop {
             let item = tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    release_pulled(&mut stream).await;
+                    return;
+                }
                 item = stream.next() => item,
             };
             match item {
@@ -165,6 +168,28 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
         }
     }
 }
+
+/// Stopping with a pull under way: the deliveries the server has already
+/// sent for it are put back at once, rather than left unacknowledged (and
+/// out of every worker's reach) until the ack wait passes. Read until the
+/// pull ends or has had nothing more for [`RELEASE_IDLE`]; the server sends
+/// what a pull asked for as soon as it has it.
+async fn release_pulled(stream: &mut crate::broker::Deliveries) {
+    loop {
+        match tokio::time::timeout(RELEASE_IDLE, stream.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                if let Err(e) = delivery.nak(None).await {
+                    debug!(error = %e, "cannot release a delivery pulled while stopping");
+                }
+            }
+            Ok(Some(Err(_)) | None) | Err(_) => return,
+        }
+    }
+}
+
+/// How long a stopping pull loop waits for more of what its last pull
+/// asked for (see [`release_pulled`]).
+const RELEASE_IDLE: Duration = Duration::from_millis(50);
 
 /// How much time an attempt may spend being polled (running its own code
 /// and its handler's, not waiting) inside its pull loop's driver before it
