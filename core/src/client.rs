@@ -1137,6 +1137,7 @@ impl TaskHandle {
         };
         // The worker that ends the request sends its record to the client's
         // inbox; the record is also read now and then, in case that was lost.
+        registration.waiting();
         let slot = &registration.slot;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pause = Duration::from_secs(1);

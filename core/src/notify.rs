@@ -118,6 +118,11 @@ pub(crate) struct Notifier {
     /// records it follows and leave its inbox out (see
     /// [`Registration::follow_works`]).
     follow_works: AtomicBool,
+    /// Whether this client waits for what it follows: cleared when a
+    /// followed request's handle is dropped without a wait (a producer that
+    /// publishes and forgets would pay a subscription per request for
+    /// nothing), set again by the next wait.
+    follow_wanted: AtomicBool,
     _stop: DropGuard,
 }
 
@@ -174,16 +179,29 @@ pub(crate) struct Registration {
     /// The record's republished changes, while the request's producer
     /// follows them ([`Request::follow`](crate::request::Request::follow)).
     followed: Mutex<Option<BoxStream<'static, Followed>>>,
+    /// Whether this request was followed from its publish.
+    following: AtomicBool,
+    /// Whether a wait began for it.
+    waited: AtomicBool,
 }
 
 impl Registration {
-    /// Whether the client waits on so few requests that this one is worth
-    /// following (a subscription of its own, and a tag for the worker to make).
+    /// Whether this request is worth following: the client waits on so few
+    /// requests (a subscription each, and a tag for the worker to make),
+    /// and it waits for those it follows.
     pub(crate) fn few_waiting(&self) -> bool {
-        self.notifier
-            .slots
-            .lock()
-            .is_ok_and(|slots| slots.len() <= FOLLOW_AT_MOST)
+        self.notifier.follow_wanted.load(Ordering::Relaxed)
+            && self
+                .notifier
+                .slots
+                .lock()
+                .is_ok_and(|slots| slots.len() <= FOLLOW_AT_MOST)
+    }
+
+    /// A wait for this request begins.
+    pub(crate) fn waiting(&self) {
+        self.waited.store(true, Ordering::Relaxed);
+        self.notifier.follow_wanted.store(true, Ordering::Relaxed);
     }
 
     /// Whether following records works for this client: a change has
@@ -201,6 +219,7 @@ impl Registration {
         if let Ok(mut followed) = self.followed.lock() {
             *followed = Some(stream);
         }
+        self.following.store(true, Ordering::Relaxed);
     }
 
     /// The next republished change of the followed record; never ready if
@@ -268,6 +287,10 @@ impl std::fmt::Debug for Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        if self.following.load(Ordering::Relaxed) && !self.waited.load(Ordering::Relaxed) {
+            // Followed for nothing: follow no more until a wait begins.
+            self.notifier.follow_wanted.store(false, Ordering::Relaxed);
+        }
         if let Ok(mut slots) = self.notifier.slots.lock() {
             let last = match self.slot.users.lock() {
                 Ok(mut users) => {
@@ -301,6 +324,7 @@ impl Notifier {
             address: inbox.address,
             slots,
             follow_works: AtomicBool::new(false),
+            follow_wanted: AtomicBool::new(true),
             _stop: stop.drop_guard(),
         }))
     }
@@ -328,6 +352,8 @@ impl Notifier {
             id,
             slot,
             followed: Mutex::new(None),
+            following: AtomicBool::new(false),
+            waited: AtomicBool::new(false),
         }
     }
 }

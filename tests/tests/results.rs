@@ -312,13 +312,13 @@ async fn what_reaches_the_inbox_and_is_no_record_is_ignored() {
 /// worker stores for a followed request carries its tag.
 #[tokio::test]
 async fn a_followed_record_counts_only_with_its_tag() {
-    let server = NatsServer::start();
-    let broker = connect(&server).await;
-    let nats = async_nats::connect(server.url()).await.unwrap();
-    let requests = nats.subscribe("jetq.tasks.>").await.unwrap();
-    nats.flush().await.unwrap();
-    let client = Client::new(broker.clone());
-    let mut requests = follow_seen_to_work(&client, &broker, requests).await;
+    let Following {
+        server: _server,
+        broker,
+        nats,
+        client,
+        mut requests,
+    } = following().await;
     // No worker now: the request waits in its queue.
     let handle = client
         .task("demo.add")
@@ -407,13 +407,13 @@ async fn a_followed_record_counts_only_with_its_tag() {
 /// and their results come by the inbox alone.
 #[tokio::test]
 async fn a_producer_waiting_on_many_requests_does_not_follow_them() {
-    let server = NatsServer::start();
-    let broker = connect(&server).await;
-    let nats = async_nats::connect(server.url()).await.unwrap();
-    let requests = nats.subscribe("jetq.tasks.>").await.unwrap();
-    nats.flush().await.unwrap();
-    let client = Client::new(broker.clone());
-    let mut requests = follow_seen_to_work(&client, &broker, requests).await;
+    let Following {
+        server: _server,
+        broker,
+        nats,
+        client,
+        mut requests,
+    } = following().await;
     let mut handles = Vec::new();
     let mut follows = Vec::new();
     let mut inbox_spy = None;
@@ -461,6 +461,69 @@ async fn a_producer_waiting_on_many_requests_does_not_follow_them() {
     let mut expected = vec![handles[4].id().to_owned(), handles[5].id().to_owned()];
     expected.sort();
     assert_eq!(sent, expected);
+}
+
+/// Guarantee: a producer that publishes without waiting does not pay a
+/// subscription per request: once a followed request's handle is dropped
+/// unwaited, the next requests are not followed, until the producer waits
+/// for one again.
+#[tokio::test]
+async fn a_producer_that_does_not_wait_stops_following() {
+    let Following {
+        server: _server,
+        broker,
+        nats: _nats,
+        client,
+        mut requests,
+    } = following().await;
+    let publish = |i: i64| {
+        client
+            .task("demo.add")
+            .args(&json!({"a": i, "b": 1}))
+            .publish()
+    };
+    let forgotten = publish(1).await.unwrap();
+    assert_eq!(next_envelope(&mut requests).await["follow"], true);
+    drop(forgotten);
+    let waited = publish(2).await.unwrap();
+    assert_eq!(next_envelope(&mut requests).await.get("follow"), None);
+    let worker = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    assert_eq!(waited.result::<i64>(WAIT).await.unwrap(), 3);
+    drop(waited);
+    let followed = publish(3).await.unwrap();
+    assert_eq!(next_envelope(&mut requests).await["follow"], true);
+    assert_eq!(followed.result::<i64>(WAIT).await.unwrap(), 4);
+    worker.shutdown().await.unwrap();
+}
+
+/// A server, a producer's broker and client that have seen following work,
+/// and a plain connection with a subscription to the task subjects.
+struct Following {
+    server: NatsServer,
+    broker: NatsBroker,
+    nats: async_nats::Client,
+    client: Client,
+    requests: async_nats::Subscriber,
+}
+
+async fn following() -> Following {
+    let server = NatsServer::start();
+    let broker = connect(&server).await;
+    let nats = async_nats::connect(server.url()).await.unwrap();
+    let requests = nats.subscribe("jetq.tasks.>").await.unwrap();
+    nats.flush().await.unwrap();
+    let client = Client::new(broker.clone());
+    let requests = follow_seen_to_work(&client, &broker, requests).await;
+    Following {
+        server,
+        broker,
+        nats,
+        client,
+        requests,
+    }
 }
 
 /// Run one request while its producer waits for it: the record's
