@@ -174,7 +174,7 @@ impl Client {
             // a message from the worker could (subscribed before the
             // publish, so that none is missed). Asked of the worker
             // (`follow`) once following has been seen to work.
-            if !delayed && r.few_waiting() {
+            if !delayed && r.worth_following() {
                 match self.broker.follow_record(&request.id).await {
                     Ok(Some(changes)) => {
                         r.follow(changes);

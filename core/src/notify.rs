@@ -179,6 +179,10 @@ pub(crate) struct Registration {
     /// The record's republished changes, while the request's producer
     /// follows them ([`Request::follow`](crate::request::Request::follow)).
     followed: Mutex<Option<BoxStream<'static, Followed>>>,
+    /// Whether the client waited on at most [`FOLLOW_AT_MOST`] requests,
+    /// this one included, when it was registered (counted under the same
+    /// lock as the registration).
+    few_waiting: bool,
     /// Whether this request was followed from its publish.
     following: AtomicBool,
     /// Whether a wait began for it.
@@ -189,13 +193,8 @@ impl Registration {
     /// Whether this request is worth following: the client waits on so few
     /// requests (a subscription each, and a tag for the worker to make),
     /// and it waits for those it follows.
-    pub(crate) fn few_waiting(&self) -> bool {
-        self.notifier.follow_wanted.load(Ordering::Relaxed)
-            && self
-                .notifier
-                .slots
-                .lock()
-                .is_ok_and(|slots| slots.len() <= FOLLOW_AT_MOST)
+    pub(crate) fn worth_following(&self) -> bool {
+        self.few_waiting && self.notifier.follow_wanted.load(Ordering::Relaxed)
     }
 
     /// A wait for this request begins.
@@ -337,20 +336,21 @@ impl Notifier {
     /// Register interest in the record of `id`.
     pub(crate) fn register(self: &Arc<Self>, id: &str) -> Registration {
         let id: Arc<str> = Arc::from(id);
-        let slot = match self.slots.lock() {
+        let (slot, few_waiting) = match self.slots.lock() {
             Ok(mut slots) => {
                 let slot = Arc::clone(slots.entry(Arc::clone(&id)).or_default());
                 if let Ok(mut users) = slot.users.lock() {
                     *users += 1;
                 }
-                slot
+                (slot, slots.len() <= FOLLOW_AT_MOST)
             }
-            Err(_) => Arc::default(),
+            Err(_) => (Arc::default(), false),
         };
         Registration {
             notifier: Arc::clone(self),
             id,
             slot,
+            few_waiting,
             followed: Mutex::new(None),
             following: AtomicBool::new(false),
             waited: AtomicBool::new(false),

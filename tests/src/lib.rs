@@ -396,3 +396,15 @@ impl Drop for RecordLog {
 pub fn latest<'a>(all: &'a Revisions, id: &str) -> Option<&'a jetq::Record> {
     all.get(id).and_then(|l| l.last()).map(|s| &s.record)
 }
+
+/// Whether `task` is still running `within` from now (it is polled to its
+/// end meanwhile if it ends): to assert that something did not end a wait.
+pub async fn still_running_after<T>(task: &tokio::task::JoinHandle<T>, within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        while !task.is_finished() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .is_err()
+}
