@@ -129,12 +129,14 @@ impl Jq {
         })
     }
 
-    /// Publish `demo.add` number `i` and wait for its result.
-    async fn round_trip(&self, i: u64) -> Result<()> {
-        let sum: u64 = self
-            .client
-            .task("demo.add")
-            .args(&AddArgs { a: i, b: 1 })
+    /// Publish `demo.add` number `i` (started unchecked if `unchecked`) and
+    /// wait for its result.
+    async fn round_trip(&self, i: u64, unchecked: bool) -> Result<()> {
+        let mut builder = self.client.task("demo.add").args(&AddArgs { a: i, b: 1 });
+        if unchecked {
+            builder = builder.start_unchecked();
+        }
+        let sum: u64 = builder
             .publish()
             .await
             .context("cannot publish")?
@@ -201,7 +203,7 @@ pub(crate) async fn throughput(
         let start = Instant::now();
         timed_out(tasks, async {
             let mut runs = futures_util::stream::iter(0..tasks)
-                .map(|i| jq.round_trip(i))
+                .map(|i| jq.round_trip(i, false))
                 .buffer_unordered(env.window);
             while let Some(run) = runs.next().await {
                 run?;
@@ -280,20 +282,32 @@ pub(crate) async fn fire_and_forget(
     .await
 }
 
-/// Latency with one request in flight: publish → result read by the producer.
-pub(crate) async fn latency(env: &Env, requests: u64, concurrency: usize) -> Result<Vec<Duration>> {
-    with_jq(env, "jl", concurrency, async |jq| {
-        timed_out(requests, async {
-            let mut latencies = Vec::with_capacity(requests as usize);
-            for i in 0..requests {
-                let start = Instant::now();
-                jq.round_trip(i).await?;
-                latencies.push(start.elapsed());
-            }
-            Ok(latencies)
-        })
-        .await
-    })
+/// Latency with one request in flight: publish → result read by the
+/// producer; with `unchecked`, each request is started without the claim's
+/// record read (`start_unchecked`).
+pub(crate) async fn latency(
+    env: &Env,
+    requests: u64,
+    concurrency: usize,
+    unchecked: bool,
+) -> Result<Vec<Duration>> {
+    with_jq(
+        env,
+        if unchecked { "ju" } else { "jl" },
+        concurrency,
+        async |jq| {
+            timed_out(requests, async {
+                let mut latencies = Vec::with_capacity(requests as usize);
+                for i in 0..requests {
+                    let start = Instant::now();
+                    jq.round_trip(i, unchecked).await?;
+                    latencies.push(start.elapsed());
+                }
+                Ok(latencies)
+            })
+            .await
+        },
+    )
     .await
 }
 

@@ -454,7 +454,7 @@ async fn latency_round(
                 .context("latency (raw)")
         },
         async {
-            jq::latency(env, n, opts.concurrency)
+            jq::latency(env, n, opts.concurrency, false)
                 .await
                 .context("latency (jetq)")
         },
@@ -473,6 +473,22 @@ async fn latency_round(
     figures.push("jetq_p99_us", percentile(&jetq, 99.0));
     if let (Some(r), Some(j)) = (raw_p50, jetq_p50) {
         figures.push("p50_ratio", Some(j / r));
+    }
+    // The same with each request started unchecked (no record read before
+    // the task runs), after the pair, against the same round's raw.
+    let unchecked = jq::latency(env, n, opts.concurrency, true)
+        .await
+        .context("latency (jetq, start_unchecked)")?;
+    let unchecked = micros(&unchecked);
+    let unchecked_p50 = percentile(&unchecked, 50.0);
+    eprintln!(
+        "  latency, one in flight, start_unchecked: jetq p50 {:.0} µs",
+        unchecked_p50.unwrap_or(f64::NAN)
+    );
+    figures.push("jetq_unchecked_p50_us", unchecked_p50);
+    figures.push("jetq_unchecked_p99_us", percentile(&unchecked, 99.0));
+    if let (Some(r), Some(j)) = (raw_p50, unchecked_p50) {
+        figures.push("unchecked_p50_ratio", Some(j / r));
     }
     if opts.rate > 0.0 && opts.rate_seconds > 0.0 {
         let requests = ((opts.rate * opts.rate_seconds).round() as u64).max(1);

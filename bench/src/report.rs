@@ -196,6 +196,21 @@ pub(crate) fn lines(opts: &Opts, figures: &Figures, ran: &dyn Fn(Bench) -> bool)
         b.same("jetq_p99_us", "jetq p99, µs", Unit::Micros);
         b.same("raw_p99_us", "raw p99, µs", Unit::Micros);
         b.same("p50_ratio", "jetq p50 / raw p50", Unit::Ratio);
+        b.same(
+            "jetq_unchecked_p50_us",
+            "jetq start_unchecked p50, µs",
+            Unit::Micros,
+        );
+        b.same(
+            "jetq_unchecked_p99_us",
+            "jetq start_unchecked p99, µs",
+            Unit::Micros,
+        );
+        b.same(
+            "unchecked_p50_ratio",
+            "jetq start_unchecked p50 / raw p50",
+            Unit::Ratio,
+        );
         let mut settings = vec![("requests", opts.latency_requests.into())];
         if opts.rate > 0.0 && opts.rate_seconds > 0.0 {
             let r = opts.rate;

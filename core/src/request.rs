@@ -95,8 +95,25 @@ pub struct Request {
     /// retries, cancellations and attempts still running after a while are
     /// recorded as usual. Such a request runs at least once rather than once:
     /// see `docs/guarantees.md`.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_false"
+    )]
     pub ignore_result: bool,
+    /// A worker starts the request at its first delivery without reading
+    /// its record first (the read that finds a cancellation made while it
+    /// was queued, or the record of an earlier request under the same id):
+    /// one server round trip less before the task runs. Its outcome is
+    /// recorded as usual, and never over a record that another message
+    /// owns or that was cancelled; but it runs at least once rather than
+    /// once, as an `ignore_result` request does: see `docs/guarantees.md`.
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_false"
+    )]
+    pub start_unchecked: bool,
     /// The producer follows the request's record as the broker republishes
     /// it (NATS: `{prefix}.records.<id>`), which reaches it before anything
     /// the worker could send: a worker tags the write that ends the record
@@ -105,7 +122,11 @@ pub struct Request {
     /// inbox if the write carried the tag. Only with `notify`; a jetq client
     /// sets it while it waits on few requests, once it has seen following
     /// work.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_false"
+    )]
     pub follow: bool,
     /// The id of the request whose task published this one, if a task did
     /// (through its context's client).
@@ -138,6 +159,7 @@ impl Request {
             headers: BTreeMap::new(),
             notify: None,
             ignore_result: false,
+            start_unchecked: false,
             follow: false,
             parent: None,
             resume: None,
@@ -286,6 +308,26 @@ pub fn new_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn null_in_an_optional_field_is_its_default() {
+        let json = br#"{"v":1,"id":"r1","task":"t","queue":"default","args":null,"metadata":null,"enqueued_at":"2026-01-01T00:00:00Z","max_retries":null,"not_before":null,"headers":null,"notify":null,"ignore_result":null,"start_unchecked":null,"follow":null,"parent":null,"resume":null}"#;
+        let r = Request::from_json(json).unwrap();
+        assert!(!r.ignore_result && !r.start_unchecked && !r.follow);
+        assert!(r.metadata.is_empty() && r.headers.is_empty());
+        assert_eq!((r.max_retries, r.not_before, r.notify), (None, None, None));
+        let set = br#"{"v":1,"id":"r1","task":"t","queue":"default","enqueued_at":"2026-01-01T00:00:00Z","start_unchecked":true}"#;
+        assert!(Request::from_json(set).unwrap().start_unchecked);
+        // Left out when false, written when set.
+        let mut r = Request::new("t");
+        assert!(!String::from_utf8(r.to_json().unwrap())
+            .unwrap()
+            .contains("start_unchecked"));
+        r.start_unchecked = true;
+        assert!(String::from_utf8(r.to_json().unwrap())
+            .unwrap()
+            .contains(r#""start_unchecked":true"#));
+    }
 
     #[test]
     fn new_ids_are_hyphenated_lowercase_uuids_v7_and_valid_ids() {

@@ -1,5 +1,7 @@
-//! `ignore_result` requests: a success at the first delivery costs no
-//! record read and no record write; anything else is recorded as usual.
+//! Requests that start without a record read: `ignore_result` (a success
+//! at the first delivery costs no record read and no record write; anything
+//! else is recorded as usual) and `start_unchecked` (no read, every outcome
+//! recorded).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -33,8 +35,8 @@ async fn count(State(runs): State<Runs>, Args(n): Args<u32>) -> Result<u32, Task
     Ok(n)
 }
 
-#[tokio::test]
-async fn a_success_reads_and_writes_no_record() {
+/// A memory broker and a worker running `count` on it.
+fn counting_worker() -> (MemoryBroker, jetq::RunningWorker, Runs) {
     let broker = MemoryBroker::new();
     let runs = Runs::default();
     let w = Worker::builder(broker.clone())
@@ -42,6 +44,12 @@ async fn a_success_reads_and_writes_no_record() {
         .task("count", count)
         .spawn()
         .unwrap();
+    (broker, w, runs)
+}
+
+#[tokio::test]
+async fn a_success_reads_and_writes_no_record() {
+    let (broker, w, runs) = counting_worker();
     let client = Client::new(broker.clone());
     let mut ids = Vec::new();
     for n in 0..50u32 {
@@ -264,4 +272,91 @@ async fn an_unread_attempt_never_writes_over_another_tasks_record() {
     w.shutdown().await.unwrap();
     let after = broker.get_record("ir-shared").await.unwrap().unwrap();
     assert_eq!(after.value, bytes, "the other task's record is untouched");
+}
+
+#[tokio::test]
+async fn a_start_unchecked_request_reads_no_record_and_its_result_is_recorded() {
+    let (broker, w, runs) = counting_worker();
+    let client = Client::new(broker.clone());
+    let mut handles = Vec::new();
+    for n in 0..20u32 {
+        let handle = client
+            .task("count")
+            .args(&n)
+            .start_unchecked()
+            .publish()
+            .await
+            .unwrap();
+        handles.push((n, handle));
+    }
+    drained(&broker).await;
+    assert_eq!(runs.0.load(Ordering::SeqCst), 20);
+    assert_eq!(broker.record_reads(), 0, "no record is read before a run");
+    assert_eq!(broker.record_writes(), 20, "each outcome is written once");
+    for (n, handle) in &handles {
+        assert_eq!(handle.result::<u32>(WAIT).await.unwrap(), *n);
+        let rec = client.record(handle.id()).await.unwrap();
+        assert_eq!((rec.status, rec.attempts), (Status::Succeeded, 1));
+    }
+    // Without it, each claim reads the record first.
+    let reads = broker.record_reads();
+    let handle = client.task("count").args(&7u32).publish().await.unwrap();
+    assert_eq!(handle.result::<u32>(WAIT).await.unwrap(), 7);
+    assert!(broker.record_reads() > reads, "a checked start reads");
+    w.shutdown().await.unwrap();
+}
+
+/// The price of `start_unchecked`: a cancellation made while no worker
+/// listened, or an earlier request's record under the id, does not stop it
+/// from running. Its outcome is never written over such a record.
+#[tokio::test]
+async fn a_start_unchecked_request_never_writes_over_a_cancelled_or_finished_record() {
+    let broker = MemoryBroker::new();
+    let client = Client::new(broker.clone());
+    // Cancelled before any worker ran, so no worker heard the signal.
+    let rec = client.cancel("su-cancelled").await.unwrap();
+    assert_eq!(rec.status, Status::Cancelled);
+    let cancelled = broker.get_record("su-cancelled").await.unwrap().unwrap();
+    // An earlier request's outcome under another id, also written long ago.
+    let mut earlier = jetq::Record::pending(&jetq::Request::new("count"));
+    earlier.id = "su-finished".to_owned();
+    earlier.status = Status::Succeeded;
+    earlier.value = Some(serde_json::json!(99));
+    let finished = bytes::Bytes::from(earlier.to_json().unwrap());
+    broker
+        .create_record("su-finished", finished.clone())
+        .await
+        .unwrap();
+    let runs = Runs::default();
+    let w = Worker::builder(broker.clone())
+        .state(runs.clone())
+        .task("count", count)
+        .spawn()
+        .unwrap();
+    let mut handles = Vec::new();
+    for id in ["su-cancelled", "su-finished"] {
+        let handle = client
+            .task("count")
+            .id(id)
+            .args(&1u32)
+            .start_unchecked()
+            .publish()
+            .await
+            .unwrap();
+        handles.push(handle);
+    }
+    drained(&broker).await;
+    assert_eq!(runs.0.load(Ordering::SeqCst), 2, "both ran unchecked");
+    let after = broker.get_record("su-cancelled").await.unwrap().unwrap();
+    assert_eq!(
+        after.value, cancelled.value,
+        "the cancelled record is untouched"
+    );
+    let after = broker.get_record("su-finished").await.unwrap().unwrap();
+    assert_eq!(after.value, finished, "the finished record is untouched");
+    // The waits see the records as they are.
+    let rec = handles[0].wait(WAIT).await.unwrap();
+    assert_eq!(rec.status, Status::Cancelled);
+    assert_eq!(handles[1].result::<u32>(WAIT).await.unwrap(), 99);
+    w.shutdown().await.unwrap();
 }

@@ -21,6 +21,34 @@ pub async fn server_and_broker() -> (NatsServer, NatsBroker) {
     (server, broker)
 }
 
+/// Start a nats-server with the configuration file text `conf` (users and
+/// their permissions, limits); the directory holding the file goes with the
+/// returned one.
+pub fn server_with_config(conf: &str) -> (NatsServer, tempfile::TempDir) {
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("cannot make a temporary directory: {e}"),
+    };
+    let path = dir.path().join("nats.conf");
+    if let Err(e) = std::fs::write(&path, conf) {
+        panic!("cannot write {}: {e}", path.display());
+    }
+    let server = NatsServer::start_with_args(&["-c", &path.to_string_lossy()]);
+    (server, dir)
+}
+
+/// Connect a broker to `server` as `user`, with a request timeout of 1 s (a
+/// read the user may not make fails quickly).
+pub async fn connect_as(server: &NatsServer, user: &str, password: &str) -> NatsBroker {
+    let config = jetq_nats::NatsConfig::new(&server.url())
+        .user_and_password(user, password)
+        .request_timeout(Duration::from_secs(1));
+    match NatsBroker::connect_with(config).await {
+        Ok(b) => b,
+        Err(e) => panic!("cannot connect to {} as {user}: {e}", server.url()),
+    }
+}
+
 /// Requests still stored in the task stream `JETQ_TASKS` (a work queue:
 /// settled ones are gone), read with plain async-nats.
 pub async fn stored_requests(server: &NatsServer) -> u64 {

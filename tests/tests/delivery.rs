@@ -570,19 +570,10 @@ async fn an_oversized_request_is_refused_naming_the_limit() {
 }
 
 /// A broker on a server whose `max_payload` is small.
-async fn small_payload_server() -> (NatsServer, NatsBroker) {
-    let dir = tempfile_dir();
-    let conf = dir.join("small.conf");
-    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
-    let server = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
+async fn small_payload_server() -> (NatsServer, NatsBroker, tempfile::TempDir) {
+    let (server, dir) = jetq_tests::server_with_config("max_payload: 4096\n");
     let broker = connect(&server).await;
-    (server, broker)
-}
-
-fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("jetq-delivery-{}", jetq::request::new_id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    (server, broker, dir)
 }
 
 async fn big_value(Args(n): Args<usize>) -> Result<String, TaskError> {
@@ -593,7 +584,7 @@ async fn big_value(Args(n): Args<usize>) -> Result<String, TaskError> {
 /// `too_large` (and a dead letter) instead of being retried for ever.
 #[tokio::test]
 async fn a_value_too_large_for_a_record_fails_once_with_a_clear_reason() {
-    let (_server, broker) = small_payload_server().await;
+    let (_server, broker, _conf) = small_payload_server().await;
     assert_eq!(broker.max_payload(), Some(4096));
     let worker = Worker::builder(broker.clone())
         .task("big.value", big_value)
@@ -679,5 +670,84 @@ async fn a_delivery_of_a_message_whose_attempt_runs_here_is_left_to_that_attempt
         "the message was never delivered again, so this tested nothing: {info:?}"
     );
     assert_eq!(stored_requests(&server).await, 0);
+    worker.shutdown().await.unwrap();
+}
+
+/// A `start_unchecked` request runs without the record read a checked start
+/// makes: here on a worker whose user may not read records at all (direct
+/// and stream gets denied), where a checked start could never claim.
+#[tokio::test]
+async fn a_start_unchecked_request_runs_without_reading_its_record() {
+    let (server, _conf) = jetq_tests::server_with_config(
+        r#"
+authorization {
+  users = [
+    { user: producer, password: p }
+    { user: worker, password: w, permissions: {
+        publish: { deny: ["$JS.API.DIRECT.GET.>", "$JS.API.STREAM.MSG.GET.>"] } } }
+  ]
+}
+"#,
+    );
+    let producer = jetq_tests::connect_as(&server, "producer", "p").await;
+    let worker = Worker::builder(jetq_tests::connect_as(&server, "worker", "w").await)
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    let client = Client::new(producer.clone());
+    for (a, b) in [(1, 2), (40, 2)] {
+        let handle = client
+            .task("demo.add")
+            .args(&serde_json::json!({ "a": a, "b": b }))
+            .start_unchecked()
+            .publish()
+            .await
+            .unwrap();
+        assert_eq!(handle.result::<i64>(WAIT).await.unwrap(), a + b);
+        let record = client.record(handle.id()).await.unwrap();
+        assert_eq!((record.status, record.attempts), (Status::Succeeded, 1));
+    }
+    worker.shutdown().await.unwrap();
+}
+
+/// The price of `start_unchecked`, and its limit: a request cancelled while
+/// no worker listened runs all the same, and its record stays `cancelled`.
+#[tokio::test]
+async fn a_start_unchecked_request_never_writes_over_its_cancelled_record() {
+    let (_server, broker) = server_and_broker().await;
+    let client = Client::new(broker.clone());
+    let cancelled = client.cancel("unchecked-1").await.unwrap();
+    assert_eq!(cancelled.status, Status::Cancelled);
+    let stored = broker.get_record("unchecked-1").await.unwrap().unwrap();
+    let runs = Runs::default();
+    let worker = Worker::builder(broker.clone())
+        .state(runs.clone())
+        .task("flaky", flaky)
+        .spawn()
+        .unwrap();
+    let handle = client
+        .task("flaky")
+        .id("unchecked-1")
+        .start_unchecked()
+        .publish()
+        .await
+        .unwrap();
+    // A request published after it completes, so the worker has been
+    // through the unchecked one (one queue, in order).
+    let after = client.task("flaky").publish().await.unwrap();
+    assert_eq!(after.result::<u32>(WAIT).await.unwrap(), 2);
+    assert_eq!(
+        runs.count.load(Ordering::SeqCst),
+        2,
+        "the unchecked one ran"
+    );
+    let err = handle.result::<u32>(WAIT).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled);
+    let now = broker.get_record("unchecked-1").await.unwrap().unwrap();
+    assert_eq!(
+        (now.revision, now.value),
+        (stored.revision, stored.value),
+        "the cancelled record is untouched"
+    );
     worker.shutdown().await.unwrap();
 }

@@ -218,11 +218,7 @@ async fn forged_record_notifications_are_only_hints() {
 
 /// A server that accepts messages of at most `max` bytes.
 fn small_server(max: usize) -> (NatsServer, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("nats.conf");
-    std::fs::write(&conf, format!("max_payload: {max}\n")).unwrap();
-    let server = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
-    (server, dir)
+    jetq_tests::server_with_config(&format!("max_payload: {max}\n"))
 }
 
 /// Cases 3 and 4: a dead letter that does not fit with its request is stored

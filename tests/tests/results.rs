@@ -8,18 +8,15 @@ use std::time::Duration;
 
 use jetq::broker::Broker;
 use jetq::{Client, Status, Worker};
-use jetq_nats::{NatsBroker, NatsConfig};
-use jetq_tests::{add, connect, stored_requests, NatsServer, WAIT};
+use jetq_nats::NatsBroker;
+use jetq_tests::{add, connect, connect_as, server_with_config, stored_requests, NatsServer, WAIT};
 use serde_json::json;
 
 /// A server with two users: `worker` may do anything; `producer` may publish
 /// requests and use its inbox, but may not read records (no direct or
 /// stream gets, no KV subjects, no record notifications).
 fn server_with_a_blind_producer() -> (NatsServer, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("nats.conf");
-    std::fs::write(
-        &conf,
+    server_with_config(
         r#"
 authorization {
   users = [
@@ -31,19 +28,6 @@ authorization {
 }
 "#,
     )
-    .unwrap();
-    let server = NatsServer::start_with_args(&["-c", conf.to_str().unwrap()]);
-    (server, dir)
-}
-
-async fn connect_as(server: &NatsServer, user: &str, password: &str) -> NatsBroker {
-    NatsBroker::connect_with(
-        NatsConfig::new(&server.url())
-            .user_and_password(user, password)
-            .request_timeout(Duration::from_secs(1)),
-    )
-    .await
-    .unwrap()
 }
 
 /// Guarantee: a producer waiting for the requests it published gets each

@@ -873,13 +873,14 @@ pub(super) fn lazy_claim(
 }
 
 /// Whether `request`, just delivered, may run without reading its record
-/// first: an `ignore_result` request at its first delivery, stored under its
-/// own id, not delayed (a delayed request has a pending record) and not
-/// cancelled lately as far as this worker heard. It is taken to have no
-/// record; if it has one after all (a cancellation), the first write finds
-/// it and the attempt yields to it.
+/// first: an `ignore_result` or `start_unchecked` request at its first
+/// delivery, stored under its own id, not delayed (a delayed request has a
+/// pending record) and not cancelled lately as far as this worker heard. It
+/// is taken to have no record; if it has one after all (a cancellation, a
+/// pending record, an earlier request's), the first write finds it and the
+/// attempt builds on it or yields to it.
 pub(super) fn runs_unread(env: &Env, request: &Request, delivery: &dyn Delivery) -> bool {
-    request.ignore_result
+    (request.ignore_result || request.start_unchecked)
         && request.not_before.is_none()
         && first_of_its_own(request, delivery)
         && !env.cancelled_lately(&request.id)
