@@ -360,3 +360,40 @@ async fn a_start_unchecked_request_never_writes_over_a_cancelled_or_finished_rec
     assert_eq!(handles[1].result::<u32>(WAIT).await.unwrap(), 99);
     w.shutdown().await.unwrap();
 }
+
+async fn counted_until_cancelled(State(runs): State<Runs>, ctx: Context) -> Result<(), TaskError> {
+    runs.0.fetch_add(1, Ordering::SeqCst);
+    ctx.cancelled().await;
+    Err(TaskError::new("stopped"))
+}
+
+/// A `start_unchecked` attempt that outlives `running_after` writes its
+/// claim, finds the cancellation it was not told of, and has its token
+/// fired: a cancellation it missed stops it then, and the record stays
+/// `cancelled`.
+#[tokio::test]
+async fn a_slow_start_unchecked_request_finds_a_missed_cancellation_when_it_says_running() {
+    let broker = MemoryBroker::new();
+    let client = Client::new(broker.clone());
+    // Cancelled before any worker ran, so no worker heard the signal.
+    client.cancel("su-slow").await.unwrap();
+    let runs = Runs::default();
+    let w = Worker::builder(broker.clone())
+        .running_after(Duration::from_millis(20))
+        .state(runs.clone())
+        .task("block", counted_until_cancelled)
+        .spawn()
+        .unwrap();
+    let handle = client
+        .task("block")
+        .id("su-slow")
+        .start_unchecked()
+        .publish()
+        .await
+        .unwrap();
+    // `block` ends only when its token fires.
+    drained(&broker).await;
+    assert_eq!(runs.0.load(Ordering::SeqCst), 1, "it started unchecked");
+    assert_eq!(handle.wait(WAIT).await.unwrap().status, Status::Cancelled);
+    w.shutdown().await.unwrap();
+}
