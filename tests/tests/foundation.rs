@@ -500,6 +500,59 @@ async fn a_request_published_as_a_worker_stops_is_not_stranded() {
     second.shutdown().await.unwrap();
 }
 
+/// Requests delivered to the pull of a worker that is stopping are put back
+/// at once, marked as never run: the next worker runs each as its first
+/// attempt, not its second, and well before the ack wait (30 s).
+#[tokio::test]
+async fn requests_delivered_to_a_stopping_worker_run_next_as_their_first_attempt() {
+    let (server, broker) = server_and_broker().await;
+    let client = Client::new(broker.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = Worker::builder(broker.clone())
+        .task("demo.add", add)
+        .build()
+        .unwrap();
+    let first = tokio::spawn(first.run_until(async {
+        let _ = stopped.await;
+    }));
+    // Idle, with a pull open on the server.
+    let warm = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 0, "b": 0}))
+        .publish()
+        .await
+        .unwrap();
+    warm.wait(WAIT).await.unwrap();
+    // Published as it stops: the server hands them to its open pull (they
+    // may also come before it sees the stop, and run there).
+    stop.send(()).unwrap();
+    let mut handles = Vec::new();
+    for (n, pending) in [(1, false), (2, true)] {
+        let mut builder = client
+            .task("demo.add")
+            .args(&serde_json::json!({"a": n, "b": n}));
+        if pending {
+            builder = builder.pending_record();
+        }
+        handles.push((n, builder.publish().await.unwrap()));
+    }
+    first.await.unwrap().unwrap();
+    let second = Worker::builder(connect(&server).await)
+        .task("demo.add", add)
+        .spawn()
+        .unwrap();
+    for (n, h) in &handles {
+        let rec = h.wait(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            (rec.status, rec.attempts),
+            (Status::Succeeded, 1),
+            "{rec:?}"
+        );
+        assert_eq!(rec.value, Some(serde_json::json!(2 * n)));
+    }
+    second.shutdown().await.unwrap();
+}
+
 /// Reads asked for together go out as one batch direct get: each gets its
 /// own entry (with its revision), `None` for a key never written or deleted,
 /// and a key asked for twice gets its entry both times.

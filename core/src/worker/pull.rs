@@ -125,7 +125,7 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
         loop {
             let item = tokio::select! {
                 _ = stop.cancelled() => {
-                    release_pulled(&mut stream).await;
+                    release_pulled(&env, &mut stream).await;
                     return;
                 }
                 item = stream.next() => item,
@@ -135,6 +135,7 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
                 Some(Ok(delivery)) => {
                     let Some(permit) = held.split(1) else {
                         // The broker sent more than asked for: release it at once.
+                        release_unrun(&env, &*delivery).await;
                         let _ = delivery.nak(None).await;
                         continue;
                     };
@@ -174,10 +175,11 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
 /// out of every worker's reach) until the ack wait passes. Read until the
 /// pull ends or has had nothing more for [`RELEASE_IDLE`]; the server sends
 /// what a pull asked for as soon as it has it.
-async fn release_pulled(stream: &mut crate::broker::Deliveries) {
+async fn release_pulled(env: &Env, stream: &mut crate::broker::Deliveries) {
     loop {
         match tokio::time::timeout(RELEASE_IDLE, stream.next()).await {
             Ok(Some(Ok(delivery))) => {
+                release_unrun(env, &*delivery).await;
                 if let Err(e) = delivery.nak(None).await {
                     debug!(error = %e, "cannot release a delivery pulled while stopping");
                 }

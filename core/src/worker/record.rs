@@ -894,6 +894,42 @@ fn first_of_its_own(request: &Request, delivery: &dyn Delivery) -> bool {
         && may_start_record(delivery, request)
 }
 
+/// Before a delivery this worker never ran is put back: write down that its
+/// message owns the request (`seq`, attempts unchanged) if nothing claimed
+/// it yet, so that the next delivery, counted again by the server, does not
+/// count an attempt that may have run unseen (see [`claim`]). Only for a
+/// message that may start the record (stored under the id), into a record
+/// that is missing or `pending` for the same task and queue; anything else,
+/// or a failed write, is left as it is (the next delivery then counts one
+/// attempt more than ran, as for a worker that died).
+pub(super) async fn release_unrun(env: &Env, delivery: &dyn Delivery) {
+    let seq = delivery.info().sequence;
+    let Ok(request) = Request::from_json(delivery.payload()) else {
+        return;
+    };
+    if request.resume.is_some()
+        || request.not_before.is_some()
+        || !may_start_record(delivery, &request)
+    {
+        return;
+    }
+    let id = &request.id;
+    let (mut record, revision) = match env.broker.get_record(id).await {
+        Ok(None) => (Record::pending(&request), None),
+        Ok(Some(entry)) => match Record::decode(id, &entry.value) {
+            Ok(r) if r.status == Status::Pending && r.seq.is_none() && owns(&r, &request, seq) => {
+                (r, Some(entry.revision))
+            }
+            _ => return,
+        },
+        Err(_) => return,
+    };
+    record.seq = Some(seq);
+    if let Err(e) = put_record(env, id, &record, revision).await {
+        debug!(id = %id, error = %e, "cannot mark a released delivery's record; its next delivery counts one attempt more");
+    }
+}
+
 /// The claim of a request that [`runs_unread`].
 pub(super) fn unread_claim(
     env: &Env,
