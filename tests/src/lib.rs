@@ -137,8 +137,12 @@ pub async fn wait_for_record(
     }
 }
 
-/// Wait (on a subscription to its subject, not polling) for the dead letter
-/// stored under `key`; panics after [`WAIT`].
+/// Wait (on an ordered consumer of its subject, not polling) for the dead
+/// letter stored under `key`; panics after [`WAIT`].
+///
+/// A consumer, not a core subscription: a letter published before a
+/// subscription reaches the server, but stored only after a read, would
+/// escape both.
 pub async fn wait_for_dead_letter(broker: &NatsBroker, key: &str) -> jetq::DeadLetter {
     use futures_util::StreamExt;
     use jetq::broker::Broker;
@@ -146,19 +150,29 @@ pub async fn wait_for_dead_letter(broker: &NatsBroker, key: &str) -> jetq::DeadL
         .dead_letter_subject(key)
         .unwrap_or_else(|e| panic!("invalid dead letter key {key}: {e}"));
     let wait = async {
-        let mut sub = broker
-            .client()
-            .subscribe(subject)
+        let js = async_nats::jetstream::new(broker.client().clone());
+        let stream = js
+            .get_stream(broker.config().dead_stream_name())
             .await
-            .unwrap_or_else(|e| panic!("cannot subscribe for dead letter {key}: {e}"));
+            .unwrap_or_else(|e| panic!("no dead-letter stream: {e}"));
+        let mut stored = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("cannot follow dead letter {key}: {e}"))
+            .messages()
+            .await
+            .unwrap_or_else(|e| panic!("cannot follow dead letter {key}: {e}"));
         loop {
             match broker.get_dead_letter(key).await {
                 Ok(Some(letter)) => return letter,
                 Ok(None) => {}
                 Err(e) => panic!("cannot read dead letter {key}: {e}"),
             }
-            if sub.next().await.is_none() {
-                panic!("the subscription for dead letter {key} ended");
+            if stored.next().await.is_none() {
+                panic!("the consumer for dead letter {key} ended");
             }
         }
     };

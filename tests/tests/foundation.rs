@@ -553,6 +553,78 @@ async fn requests_delivered_to_a_stopping_worker_run_next_as_their_first_attempt
     second.shutdown().await.unwrap();
 }
 
+async fn until_cancelled(ctx: Context) -> Result<(), TaskError> {
+    ctx.cancelled().await;
+    Err(TaskError::new("stopped"))
+}
+
+/// A delivery that a stopping worker holds for a task slot (it read ahead
+/// while the slot was busy) is put back unrun, not started with its token
+/// fired: the next worker runs it, as its first attempt.
+#[tokio::test]
+async fn a_delivery_waiting_for_a_slot_when_its_worker_stops_is_put_back_unrun() {
+    let (server, broker) = server_and_broker().await;
+    let client = Client::new(broker.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = Worker::builder(broker.clone())
+        .name("stopping")
+        .concurrency(1)
+        .task("demo.add", add)
+        .task("block", until_cancelled)
+        .build()
+        .unwrap();
+    let first = tokio::spawn(first.run_until(async {
+        let _ = stopped.await;
+    }));
+    // A quick task first: then the worker reads ahead while its slot is busy.
+    let warm = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 0, "b": 0}))
+        .publish()
+        .await
+        .unwrap();
+    warm.wait(WAIT).await.unwrap();
+    client.task("block").publish().await.unwrap();
+    let waiting = client
+        .task("demo.add")
+        .args(&serde_json::json!({"a": 2, "b": 3}))
+        .publish()
+        .await
+        .unwrap();
+    // Both handed to the worker: one runs, one waits for the slot.
+    let js = async_nats::jetstream::new(broker.client().clone());
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("JETQ_TASKS")
+        .await
+        .unwrap()
+        .get_consumer("jetq-default")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while consumer.info().await.unwrap().num_ack_pending < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker did not take both requests"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.send(()).unwrap();
+    first.await.unwrap().unwrap();
+    let next = Worker::builder(connect(&server).await)
+        .name("next")
+        .task("demo.add", add)
+        .task("block", until_cancelled)
+        .spawn()
+        .unwrap();
+    let rec = waiting.wait(WAIT).await.unwrap();
+    assert_eq!(
+        (rec.status, rec.attempts, rec.worker.as_deref()),
+        (Status::Succeeded, 1, Some("next")),
+        "{rec:?}"
+    );
+    next.shutdown().await.unwrap();
+}
+
 /// Reads asked for together go out as one batch direct get: each gets its
 /// own entry (with its revision), `None` for a key never written or deleted,
 /// and a key asked for twice gets its entry both times.

@@ -215,6 +215,9 @@ pub(super) async fn process(
         // A place to run: at once, unless the worker read ahead while every
         // slot was busy; the delivery is kept alive meanwhile.
         let Taken { reading, slot } = taken;
+        if Box::pin(released_at_stop(&env, &stop, &writer, &*delivery)).await {
+            return;
+        }
         let slot = match slot.or_else(|| Arc::clone(&env.slots).try_acquire_owned().ok()) {
             Some(slot) => slot,
             // Boxed: only a delivery that waits pays for the wait's future.
@@ -224,6 +227,9 @@ pub(super) async fn process(
             },
         };
         drop(reading);
+        if Box::pin(released_at_stop(&env, &stop, &writer, &*delivery)).await {
+            return;
+        }
         if writer.is_cancelled_by_client() {
             // Cancelled while it waited for a slot: it does not start.
             let now = OffsetDateTime::now_utc();
@@ -423,6 +429,27 @@ async fn run_watched(
     };
     env.task_took(started.elapsed());
     outcome
+}
+
+/// The worker is stopping and this attempt has not started, nor written
+/// anything (a first delivery's claim is written lazily): put the delivery
+/// back unrun, its record marked as its message's ([`release_unrun`]),
+/// rather than start the task with its token fired. Whether it was put back.
+async fn released_at_stop(
+    env: &Env,
+    stop: &CancellationToken,
+    writer: &RecordWriter,
+    delivery: &dyn Delivery,
+) -> bool {
+    if !stop.is_cancelled() || !writer.sent_nothing().await {
+        return false;
+    }
+    debug!("the worker is stopping: putting back a delivery that has not started");
+    release_unrun(env, delivery).await;
+    if let Err(e) = delivery.nak(None).await {
+        warn!(error = %e, "cannot put back a delivery that has not started; it comes back after the ack wait");
+    }
+    true
 }
 
 /// Wait for a task slot, keeping the delivery alive meanwhile; `None` when

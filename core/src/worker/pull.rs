@@ -125,7 +125,19 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
         loop {
             let item = tokio::select! {
                 _ = stop.cancelled() => {
-                    release_pulled(&env, &mut stream).await;
+                    let pulled = take_pulled(&mut stream).await;
+                    // This worker pulls no more (the consumer's pull
+                    // subscription goes with it) before anything is put
+                    // back: a delivery put back into a pull still open
+                    // here would come straight back, again and again.
+                    drop(stream);
+                    drop(consumer);
+                    for delivery in pulled {
+                        release_unrun(&env, &*delivery).await;
+                        if let Err(e) = delivery.nak(None).await {
+                            debug!(error = %e, "cannot release a delivery pulled while stopping");
+                        }
+                    }
                     return;
                 }
                 item = stream.next() => item,
@@ -170,27 +182,24 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
     }
 }
 
-/// Stopping with a pull under way: the deliveries the server has already
-/// sent for it are put back at once, rather than left unacknowledged (and
-/// out of every worker's reach) until the ack wait passes. Read until the
-/// pull ends or has had nothing more for [`RELEASE_IDLE`]; the server sends
-/// what a pull asked for as soon as it has it.
-async fn release_pulled(env: &Env, stream: &mut crate::broker::Deliveries) {
+/// Stopping with a pull under way: take the deliveries the server has
+/// already sent for it, to be put back at once rather than left
+/// unacknowledged (and out of every worker's reach) until the ack wait
+/// passes. Read until the pull ends or has had nothing more for
+/// [`RELEASE_IDLE`]; the server sends what a pull asked for as soon as it
+/// has it.
+async fn take_pulled(stream: &mut crate::broker::Deliveries) -> Vec<Box<dyn Delivery>> {
+    let mut pulled = Vec::new();
     loop {
         match tokio::time::timeout(RELEASE_IDLE, stream.next()).await {
-            Ok(Some(Ok(delivery))) => {
-                release_unrun(env, &*delivery).await;
-                if let Err(e) = delivery.nak(None).await {
-                    debug!(error = %e, "cannot release a delivery pulled while stopping");
-                }
-            }
-            Ok(Some(Err(_)) | None) | Err(_) => return,
+            Ok(Some(Ok(delivery))) => pulled.push(delivery),
+            Ok(Some(Err(_)) | None) | Err(_) => return pulled,
         }
     }
 }
 
 /// How long a stopping pull loop waits for more of what its last pull
-/// asked for (see [`release_pulled`]).
+/// asked for (see [`take_pulled`]).
 const RELEASE_IDLE: Duration = Duration::from_millis(50);
 
 /// How much time an attempt may spend being polled (running its own code

@@ -210,6 +210,11 @@ impl RecordWriter {
         }
     }
 
+    /// Whether the attempt has sent no write: its claim is not stored.
+    pub(super) async fn sent_nothing(&self) -> bool {
+        !self.state.lock().await.attempted
+    }
+
     /// Whether the attempt found no record and has sent no write: nothing
     /// of it is stored.
     pub(super) async fn untouched(&self) -> bool {
