@@ -500,22 +500,23 @@ async fn a_request_published_as_a_worker_stops_is_not_stranded() {
     second.shutdown().await.unwrap();
 }
 
-/// Requests delivered to the pull of a worker that is stopping are put back
-/// at once, marked as never run: the next worker runs each as its first
-/// attempt, not its second, and well before the ack wait (30 s).
-#[tokio::test]
-async fn requests_delivered_to_a_stopping_worker_run_next_as_their_first_attempt() {
-    let (server, broker) = server_and_broker().await;
-    let client = Client::new(broker.clone());
+/// Run the worker `builder` makes until the returned sender fires.
+fn run_until_told(
+    builder: jetq::WorkerBuilder,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<jetq::Result<()>>,
+) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let first = Worker::builder(broker.clone())
-        .task("demo.add", add)
-        .build()
-        .unwrap();
-    let first = tokio::spawn(first.run_until(async {
+    let worker = builder.build().unwrap();
+    let running = tokio::spawn(worker.run_until(async {
         let _ = stopped.await;
     }));
-    // Idle, with a pull open on the server.
+    (stop, running)
+}
+
+/// One `demo.add` request through, waited for.
+async fn one_through(client: &Client) {
     let warm = client
         .task("demo.add")
         .args(&serde_json::json!({"a": 0, "b": 0}))
@@ -523,6 +524,18 @@ async fn requests_delivered_to_a_stopping_worker_run_next_as_their_first_attempt
         .await
         .unwrap();
     warm.wait(WAIT).await.unwrap();
+}
+
+/// Requests delivered to the pull of a worker that is stopping are put back
+/// at once, marked as never run: the next worker runs each as its first
+/// attempt, not its second, and well before the ack wait (30 s).
+#[tokio::test]
+async fn requests_delivered_to_a_stopping_worker_run_next_as_their_first_attempt() {
+    let (server, broker) = server_and_broker().await;
+    let client = Client::new(broker.clone());
+    let (stop, first) = run_until_told(Worker::builder(broker.clone()).task("demo.add", add));
+    // Idle, with a pull open on the server.
+    one_through(&client).await;
     // Published as it stops: the server hands them to its open pull (they
     // may also come before it sees the stop, and run there).
     stop.send(()).unwrap();
@@ -565,25 +578,15 @@ async fn until_cancelled(ctx: Context) -> Result<(), TaskError> {
 async fn a_delivery_waiting_for_a_slot_when_its_worker_stops_is_put_back_unrun() {
     let (server, broker) = server_and_broker().await;
     let client = Client::new(broker.clone());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let first = Worker::builder(broker.clone())
-        .name("stopping")
-        .concurrency(1)
-        .task("demo.add", add)
-        .task("block", until_cancelled)
-        .build()
-        .unwrap();
-    let first = tokio::spawn(first.run_until(async {
-        let _ = stopped.await;
-    }));
+    let (stop, first) = run_until_told(
+        Worker::builder(broker.clone())
+            .name("stopping")
+            .concurrency(1)
+            .task("demo.add", add)
+            .task("block", until_cancelled),
+    );
     // A quick task first: then the worker reads ahead while its slot is busy.
-    let warm = client
-        .task("demo.add")
-        .args(&serde_json::json!({"a": 0, "b": 0}))
-        .publish()
-        .await
-        .unwrap();
-    warm.wait(WAIT).await.unwrap();
+    one_through(&client).await;
     client.task("block").publish().await.unwrap();
     let waiting = client
         .task("demo.add")
