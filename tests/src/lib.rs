@@ -81,6 +81,19 @@ pub async fn add(jetq::Args(args): jetq::Args<AddArgs>) -> Result<i64, jetq::Tas
     Ok(args.a + args.b)
 }
 
+/// Publish a `demo.add` request of `a` and `b` with `client`.
+pub async fn publish_add(client: &jetq::Client, a: i64, b: i64) -> jetq::TaskHandle {
+    match client
+        .task("demo.add")
+        .args(&serde_json::json!({ "a": a, "b": b }))
+        .publish()
+        .await
+    {
+        Ok(h) => h,
+        Err(e) => panic!("cannot publish demo.add: {e}"),
+    }
+}
+
 /// Connect a new broker to `server`.
 pub async fn connect(server: &NatsServer) -> NatsBroker {
     match NatsBroker::connect(&server.url()).await {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jetq::{Args, Client, Context, ErrorKind, RetryPolicy, State, Status, Task, TaskError, Worker};
-use jetq_tests::{add, connect, server_and_broker, WAIT};
+use jetq_tests::{add, connect, publish_add, server_and_broker, WAIT};
 use tokio::sync::Notify;
 
 #[tokio::test]
@@ -170,12 +170,7 @@ async fn bad_input_fails_at_once_and_the_worker_keeps_running() {
     );
 
     // Still serving.
-    let ok = client
-        .task("demo.add")
-        .args(&serde_json::json!({"a": 20, "b": 22}))
-        .publish()
-        .await
-        .unwrap();
+    let ok = publish_add(&client, 20, 22).await;
     assert_eq!(ok.result::<i64>(WAIT).await.unwrap(), 42);
 
     // Nothing is left to be redelivered forever.
@@ -477,20 +472,9 @@ async fn a_request_published_as_a_worker_stops_is_not_stranded() {
         .spawn()
         .unwrap();
     let client = Client::new(broker.clone());
-    let warm = client
-        .task("demo.add")
-        .args(&serde_json::json!({"a": 0, "b": 0}))
-        .publish()
-        .await
-        .unwrap();
-    warm.wait(WAIT).await.unwrap();
+    one_through(&client).await;
     first.shutdown().await.unwrap();
-    let h = client
-        .task("demo.add")
-        .args(&serde_json::json!({"a": 1, "b": 1}))
-        .publish()
-        .await
-        .unwrap();
+    let h = publish_add(&client, 1, 1).await;
     let second = Worker::builder(connect(&server).await)
         .task("demo.add", add)
         .spawn()
@@ -517,12 +501,7 @@ fn run_until_told(
 
 /// One `demo.add` request through, waited for.
 async fn one_through(client: &Client) {
-    let warm = client
-        .task("demo.add")
-        .args(&serde_json::json!({"a": 0, "b": 0}))
-        .publish()
-        .await
-        .unwrap();
+    let warm = publish_add(client, 0, 0).await;
     warm.wait(WAIT).await.unwrap();
 }
 
@@ -588,12 +567,7 @@ async fn a_delivery_waiting_for_a_slot_when_its_worker_stops_is_put_back_unrun()
     // A quick task first: then the worker reads ahead while its slot is busy.
     one_through(&client).await;
     client.task("block").publish().await.unwrap();
-    let waiting = client
-        .task("demo.add")
-        .args(&serde_json::json!({"a": 2, "b": 3}))
-        .publish()
-        .await
-        .unwrap();
+    let waiting = publish_add(&client, 2, 3).await;
     // Both handed to the worker: one runs, one waits for the slot.
     let js = async_nats::jetstream::new(broker.client().clone());
     let mut consumer: async_nats::jetstream::consumer::PullConsumer = js

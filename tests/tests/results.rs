@@ -9,7 +9,9 @@ use std::time::Duration;
 use jetq::broker::Broker;
 use jetq::{Client, Status, Worker};
 use jetq_nats::NatsBroker;
-use jetq_tests::{add, connect, connect_as, server_with_config, stored_requests, NatsServer, WAIT};
+use jetq_tests::{
+    add, connect, connect_as, publish_add, server_with_config, stored_requests, NatsServer, WAIT,
+};
 use serde_json::json;
 
 /// A server with two users: `worker` may do anything; `producer` may publish
@@ -78,12 +80,7 @@ async fn a_producer_that_cannot_read_records_gets_its_results_by_its_inbox() {
         .await
         .unwrap()
         .is_none());
-    let lone = producer
-        .task("demo.add")
-        .args(&json!({"a": 2, "b": 2}))
-        .publish()
-        .await
-        .unwrap();
+    let lone = publish_add(&producer, 2, 2).await;
     assert_eq!(next_envelope(&mut requests).await.get("follow"), None);
     assert_eq!(lone.result::<i64>(WAIT).await.unwrap(), 4);
     // A request published without asking for its result is still run and
@@ -243,12 +240,7 @@ async fn what_reaches_the_inbox_and_is_no_record_is_ignored() {
     let mut requests = nats.subscribe("jetq.tasks.>").await.unwrap();
     nats.flush().await.unwrap();
     let client = Client::new(broker.clone());
-    let handle = client
-        .task("demo.add")
-        .args(&json!({"a": 40, "b": 2}))
-        .publish()
-        .await
-        .unwrap();
+    let handle = publish_add(&client, 40, 2).await;
     let envelope: serde_json::Value = serde_json::from_slice(
         &futures_util::StreamExt::next(&mut requests)
             .await
@@ -304,12 +296,7 @@ async fn a_followed_record_counts_only_with_its_tag() {
         mut requests,
     } = following().await;
     // No worker now: the request waits in its queue.
-    let handle = client
-        .task("demo.add")
-        .args(&json!({"a": 40, "b": 2}))
-        .publish()
-        .await
-        .unwrap();
+    let handle = publish_add(&client, 40, 2).await;
     let envelope = next_envelope(&mut requests).await;
     assert_eq!(envelope["follow"], true, "a lone wait follows its record");
     let inbox = envelope["notify"].as_str().unwrap().to_owned();
@@ -352,12 +339,7 @@ async fn a_followed_record_counts_only_with_its_tag() {
     // tag, and the worker sends nothing to the inbox for it.
     let mut inbox_spy = nats.subscribe(inbox.clone()).await.unwrap();
     nats.flush().await.unwrap();
-    let followed = client
-        .task("demo.add")
-        .args(&json!({"a": 1, "b": 2}))
-        .publish()
-        .await
-        .unwrap();
+    let followed = publish_add(&client, 1, 2).await;
     assert_eq!(next_envelope(&mut requests).await["follow"], true);
     let worker = Worker::builder(broker.clone())
         .task("demo.add", add)
@@ -399,14 +381,7 @@ async fn a_producer_waiting_on_many_requests_does_not_follow_them() {
     let mut follows = Vec::new();
     let mut inbox_spy = None;
     for i in 0..6 {
-        handles.push(
-            client
-                .task("demo.add")
-                .args(&json!({"a": i, "b": 1}))
-                .publish()
-                .await
-                .unwrap(),
-        );
+        handles.push(publish_add(&client, i, 1).await);
         let envelope = next_envelope(&mut requests).await;
         follows.push(envelope["follow"].as_bool());
         if inbox_spy.is_none() {
@@ -521,12 +496,7 @@ async fn follow_seen_to_work(
         .task("demo.add", add)
         .spawn()
         .unwrap();
-    let first = client
-        .task("demo.add")
-        .args(&json!({"a": 1, "b": 1}))
-        .publish()
-        .await
-        .unwrap();
+    let first = publish_add(client, 1, 1).await;
     assert_eq!(next_envelope(&mut requests).await.get("follow"), None);
     assert_eq!(first.result::<i64>(WAIT).await.unwrap(), 2);
     worker.shutdown().await.unwrap();

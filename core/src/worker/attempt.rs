@@ -215,7 +215,7 @@ pub(super) async fn process(
         // A place to run: at once, unless the worker read ahead while every
         // slot was busy; the delivery is kept alive meanwhile.
         let Taken { reading, slot } = taken;
-        if stop.is_cancelled() && Box::pin(released_at_stop(&env, &writer, &*delivery)).await {
+        if stop.is_cancelled() && Box::pin(released_at_stop(&env, &writer, &*delivery, &request)).await {
             return;
         }
         let slot = match slot.or_else(|| Arc::clone(&env.slots).try_acquire_owned().ok()) {
@@ -227,7 +227,7 @@ pub(super) async fn process(
             },
         };
         drop(reading);
-        if stop.is_cancelled() && Box::pin(released_at_stop(&env, &writer, &*delivery)).await {
+        if stop.is_cancelled() && Box::pin(released_at_stop(&env, &writer, &*delivery, &request)).await {
             return;
         }
         if writer.is_cancelled_by_client() {
@@ -433,18 +433,20 @@ async fn run_watched(
 
 /// Called once the worker is stopping (boxed only then). If this attempt
 /// has not started, nor written anything (a first delivery's claim is
-/// written lazily): put the delivery back unrun, its record marked as its
-/// message's ([`release_unrun`]), rather than start the task with its
-/// token fired. Whether it was put back.
-async fn released_at_stop(env: &Env, writer: &RecordWriter, delivery: &dyn Delivery) -> bool {
+/// written lazily): put the delivery back unrun ([`put_back_unrun`])
+/// rather than start the task with its token fired. Whether it was put
+/// back.
+async fn released_at_stop(
+    env: &Env,
+    writer: &RecordWriter,
+    delivery: &dyn Delivery,
+    request: &Request,
+) -> bool {
     if !writer.sent_nothing().await {
         return false;
     }
     debug!("the worker is stopping: putting back a delivery that has not started");
-    release_unrun(env, delivery).await;
-    if let Err(e) = delivery.nak(None).await {
-        warn!(error = %e, "cannot put back a delivery that has not started; it comes back after the ack wait");
-    }
+    put_back_unrun(env, delivery, Some(request)).await;
     true
 }
 

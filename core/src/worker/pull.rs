@@ -133,10 +133,7 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
                     drop(stream);
                     drop(consumer);
                     for delivery in pulled {
-                        release_unrun(&env, &*delivery).await;
-                        if let Err(e) = delivery.nak(None).await {
-                            debug!(error = %e, "cannot release a delivery pulled while stopping");
-                        }
+                        put_back_unrun(&env, &*delivery, None).await;
                     }
                     return;
                 }
@@ -147,8 +144,7 @@ async fn pull_loop(server: QueueServer, attempts: tokio::sync::mpsc::UnboundedSe
                 Some(Ok(delivery)) => {
                     let Some(permit) = held.split(1) else {
                         // The broker sent more than asked for: release it at once.
-                        release_unrun(&env, &*delivery).await;
-                        let _ = delivery.nak(None).await;
+                        put_back_unrun(&env, &*delivery, None).await;
                         continue;
                     };
                     let slot = reserved.as_mut().and_then(|s| s.split(1));

@@ -899,30 +899,48 @@ fn first_of_its_own(request: &Request, delivery: &dyn Delivery) -> bool {
         && may_start_record(delivery, request)
 }
 
-/// Before a delivery this worker never ran is put back: write down that its
-/// message owns the request (`seq`, attempts unchanged) if nothing claimed
-/// it yet, so that the next delivery, counted again by the server, does not
-/// count an attempt that may have run unseen (see [`claim`]). Only for a
-/// message that may start the record (stored under the id), into a record
-/// that is missing or `pending` for the same task and queue; anything else,
-/// or a failed write, is left as it is (the next delivery then counts one
-/// attempt more than ran, as for a worker that died).
-pub(super) async fn release_unrun(env: &Env, delivery: &dyn Delivery) {
-    let seq = delivery.info().sequence;
-    let Ok(request) = Request::from_json(delivery.payload()) else {
-        return;
+/// Put back (nak, for redelivery at once) a delivery this worker never ran,
+/// first writing down that its message owns the request (`seq`, attempts
+/// unchanged) if nothing claimed it yet, so that the next delivery, counted
+/// again by the server, does not count an attempt that may have run unseen
+/// (see [`claim`]). `request`: the delivery's, if already decoded.
+///
+/// The mark is made only for a message that may start the record (stored
+/// under the id), into a record that is missing or `pending` for the same
+/// task and queue; anything else, or a failed write, is left as it is (the
+/// next delivery then counts one attempt more than ran, as for a worker
+/// that died).
+pub(super) async fn put_back_unrun(env: &Env, delivery: &dyn Delivery, request: Option<&Request>) {
+    let decoded;
+    let request = match request {
+        Some(r) => Some(r),
+        None => {
+            decoded = Request::from_json(delivery.payload()).ok();
+            decoded.as_ref()
+        }
     };
+    if let Some(request) = request {
+        mark_unrun(env, delivery, request).await;
+    }
+    if let Err(e) = delivery.nak(None).await {
+        warn!(error = %e, "cannot put back a delivery that has not run; it comes back after the ack wait");
+    }
+}
+
+/// The mark of [`put_back_unrun`].
+async fn mark_unrun(env: &Env, delivery: &dyn Delivery, request: &Request) {
+    let seq = delivery.info().sequence;
     if request.resume.is_some()
         || request.not_before.is_some()
-        || !may_start_record(delivery, &request)
+        || !may_start_record(delivery, request)
     {
         return;
     }
     let id = &request.id;
     let (mut record, revision) = match env.broker.get_record(id).await {
-        Ok(None) => (Record::pending(&request), None),
+        Ok(None) => (Record::pending(request), None),
         Ok(Some(entry)) => match Record::decode(id, &entry.value) {
-            Ok(r) if r.status == Status::Pending && r.seq.is_none() && owns(&r, &request, seq) => {
+            Ok(r) if r.status == Status::Pending && r.seq.is_none() && owns(&r, request, seq) => {
                 (r, Some(entry.revision))
             }
             _ => return,
